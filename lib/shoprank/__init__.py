@@ -1,0 +1,3 @@
+"""shoprank: fine-tune language models to rank products, on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Data: the Parquet contract, readers, validation, text templates, examples and tokens."""

@@ -1,0 +1,54 @@
+"""The canonical Parquet contract (DESIGN.md): one place that names every column and type."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+EVENT_TYPES = ("impression", "click", "add_to_cart", "purchase")
+# Events that count as a positive signal for ranking and retrieval.
+POSITIVE_EVENTS = ("click", "add_to_cart", "purchase")
+
+CATALOG_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("title", pa.string(), nullable=False),
+        pa.field("description", pa.string()),
+        pa.field("brand", pa.string()),
+        pa.field("category", pa.string()),  # path joined by " > "
+        pa.field("price", pa.float64()),
+        pa.field("in_stock", pa.bool_()),
+    ]
+)
+CATALOG_REQUIRED = ("item_id", "title")
+
+EVENTS_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("ts", pa.timestamp("us")),
+        pa.field("event", pa.string(), nullable=False),
+        pa.field("query", pa.string()),  # null when browsing
+        pa.field("session_id", pa.string()),
+        pa.field("position", pa.int64()),
+    ]
+)
+EVENTS_REQUIRED = ("user_id", "item_id", "ts", "event")
+# Optional column: `split` in {"train", "valid", "test"} pins a dataset's published split
+# (the Amazon importer writes it); without it the leave-one-out split is derived from `ts`.
+SPLITS = ("train", "valid", "test")
+
+JUDGMENTS_SCHEMA = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("query", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("label", pa.float64(), nullable=False),  # graded gain (0..3, or ESCI gains)
+    ]
+)
+JUDGMENTS_REQUIRED = ("query_id", "query", "item_id", "label")
+
+# ESCI letters to gains, as DESIGN.md states them.
+ESCI_GAINS = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}
+
+# Name of the column that validation adds to quarantined rows.
+REASON = "reason"
