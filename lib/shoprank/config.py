@@ -1,0 +1,158 @@
+"""One typed config schema for every job, loaded from YAML with `key=value` overrides.
+
+Every job prints the resolved config and saves it next to its outputs, so a run can always be
+repeated exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo in a YAML file must not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunConfig(Section):
+    name: str = "synthetic-ranker"
+    # Where checkpoints, reports and exports go: a local path or a pyarrow filesystem URI.
+    storage: str = "runs"
+    seed: int = 0
+
+
+class DataConfig(Section):
+    catalog: str = "data/synthetic/catalog.parquet"
+    events: str = "data/synthetic/events"
+    judgments: str | None = "data/synthetic/judgments.parquet"
+    # When the catalog is missing and this names a built-in generator, the job writes it first.
+    generate_if_missing: Literal["synthetic"] | None = "synthetic"
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    task: Literal["recommend", "search"] = "recommend"
+    # Python format string over catalog columns; missing fields render as empty.
+    item_template: str = "{title}. {category}. {brand}."
+    # Most recent items in a context, newest first.
+    history_len: int = Field(10, ge=1)
+    history_separator: str = " | "
+    # Sampled negatives per training positive (never the positive itself).
+    negatives: int = Field(3, ge=1)
+    # Candidates per validation / test user: 1 positive + (eval_candidates - 1) sampled.
+    eval_candidates: int = Field(100, ge=2)
+    # Validation users scored during training (cross-encoder scoring is the costly part).
+    val_users: int = Field(300, ge=1)
+    test_users: int | None = 1000
+    # Cap on training positives (None = all); used by quick runs and tests.
+    max_train_positives: int | None = None
+
+
+class ModelConfig(Section):
+    # A Hugging Face model id or path; "minilm" is the bundled all-MiniLM-L6-v2.
+    name: str = "minilm"
+    max_length: int = Field(128, ge=8)
+    # "eager" attention and no dropout make bf16 autocast pay off on CPU (DESIGN.md).
+    attn_implementation: str | None = "eager"
+    dropout: float | None = 0.0
+
+
+class LoraConfig(Section):
+    enabled: bool = True
+    r: int = Field(8, ge=1)
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = ["query", "key", "value", "dense"]
+    # Trained in full and saved with the adapter; names absent from the model are skipped.
+    modules_to_save: list[str] = ["classifier", "pooler"]
+
+
+class TrainConfig(Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    bf16: bool = True
+    batch_size: int = Field(32, ge=1)  # per worker, per micro step
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = 0.01
+    epochs: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.06, ge=0, le=1)
+    max_steps: int | None = None  # optimizer steps, across epochs
+    # Validate and checkpoint every N optimizer steps (None = once per epoch).
+    eval_every_steps: int | None = None
+    loss: Literal["bce", "listwise"] = "bce"
+    metric: str = "ndcg@10"
+    metric_mode: Literal["max", "min"] = "max"
+    keep_checkpoints: int = Field(2, ge=1)
+    # Stop after this many validations without improvement (None = never).
+    early_stopping_patience: int | None = 2
+    eval_batch_size: int = 128
+    log_every_steps: int = 10
+
+
+class EvalConfig(Section):
+    baselines: list[Literal["popularity", "tfidf"]] = ["popularity", "tfidf"]
+    tfidf_decay: float = 0.5
+    zero_shot: bool = True
+    split: Literal["valid", "test"] = "test"
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("train")
+    @classmethod
+    def _steps_positive(cls, v: TrainConfig) -> TrainConfig:
+        if v.max_steps is not None and v.max_steps < 1:
+            raise ValueError(f"train.max_steps={v.max_steps}: use a positive number or null")
+        return v
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _set_path(tree: dict, dotted: str, raw: str) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}={raw}: '{key}' is not a section")
+    # YAML parsing gives numbers, booleans, null and lists their natural types.
+    node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or the built-in defaults) and apply `section.key=value` overrides."""
+    tree: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        tree = yaml.safe_load(text) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected section.key=value, e.g. train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), raw)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+        source = path or "defaults"
+        raise ConfigError(f"invalid config ({source}):\n" + "\n".join(lines)) from None

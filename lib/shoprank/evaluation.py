@@ -1,0 +1,132 @@
+"""Evaluation: score held-out groups with each model via Ray Data batch inference.
+
+Every scorer is a callable class for `map_batches` (the model loads once per actor) that adds a
+[G] `scores` column to each group; metrics then come from the one metrics module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from shoprank import metrics
+from shoprank.baselines import Popularity, TfidfHistory
+from shoprank.config import Config, ModelConfig
+from shoprank.models.encoder import embed_texts, load_encoder, load_tokenizer
+from shoprank.models.ranker import flatten_groups
+
+
+class CrossEncoderScorer:
+    """A fine-tuned ranker exported as a plain Hugging Face folder."""
+
+    def __init__(self, model_dir: str, bf16: bool):
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        self.bf16 = bf16
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tensors = {k: torch.from_numpy(v) for k, v in batch.items() if v.dtype == np.int32}
+        b, g = batch["labels"].shape
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(**flatten_groups(tensors)).logits
+        return {"labels": batch["labels"], "scores": logits.float().view(b, g).numpy()}
+
+
+class ZeroShotScorer:
+    """The pretrained encoder with no training: cosine of mean-pooled context and item."""
+
+    def __init__(self, model: ModelConfig, bf16: bool):
+        self.encoder = load_encoder(model).eval()
+        self.tokenizer = load_tokenizer(model.name)
+        self.max_length = model.max_length
+        self.bf16 = bf16
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ctx = embed_texts(
+            self.encoder, self.tokenizer, list(batch["context"]), self.max_length, bf16=self.bf16
+        )
+        flat = [t for texts in batch["item_texts"] for t in texts]
+        items = embed_texts(self.encoder, self.tokenizer, flat, self.max_length, bf16=self.bf16)
+        b, g = batch["labels"].shape
+        scores = np.einsum("bd,bgd->bg", ctx, items.reshape(b, g, -1))
+        return {"labels": batch["labels"], "scores": scores}
+
+
+class BaselineScorer:
+    """Popularity or TF-IDF over the history, on the same candidate groups."""
+
+    def __init__(self, baseline: Popularity | TfidfHistory):
+        self.baseline = baseline
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        items = [list(ids) for ids in batch["item_ids"]]
+        if isinstance(self.baseline, Popularity):
+            scores = np.stack([self.baseline.score(ids) for ids in items])
+        else:
+            histories = [list(h) for h in batch["history_ids"]]
+            scores = np.stack(self.baseline.score_pairs(histories, items))
+        return {"labels": batch["labels"], "scores": scores.astype(np.float32)}
+
+
+def collect_scores(
+    ds: ray.data.Dataset, scorer, kwargs: dict, batch_size: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run a scorer over every group; returns (scores, labels), both [n_groups, G]."""
+    scored = ds.map_batches(
+        scorer,
+        fn_constructor_kwargs=kwargs,
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=1,
+    )
+    scores, labels = [], []
+    for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+        scores.append(batch["scores"])
+        labels.append(batch["labels"])
+    return np.concatenate(scores), np.concatenate(labels)
+
+
+def group_metrics(scores: np.ndarray, labels: np.ndarray, probabilistic: bool) -> dict[str, float]:
+    """AUC, NDCG@10, Recall@10 (and logloss when scores are logits of a probability)."""
+    groups = np.repeat(np.arange(len(scores)), scores.shape[1])
+    out = metrics.pointwise_and_ranking(groups, labels.ravel(), scores.ravel(), ks=(10,))
+    if not probabilistic:
+        out["logloss"] = float("nan")
+    return out
+
+
+def fit_baselines(cfg: Config, catalog, train_positive_ids: list[str]) -> dict:
+    """Baselines fitted on the training part only."""
+    from shoprank.data.text import render_items
+
+    fitted = {}
+    if "popularity" in cfg.eval.baselines:
+        fitted["popularity"] = Popularity().fit(
+            train_positive_ids, catalog=catalog["item_id"].to_pylist()
+        )
+    if "tfidf" in cfg.eval.baselines:
+        fitted["tfidf"] = TfidfHistory(decay=cfg.eval.tfidf_decay).fit(
+            catalog["item_id"].to_pylist(), render_items(catalog, cfg.data.item_template)
+        )
+    return fitted
+
+
+def evaluate_groups(
+    cfg: Config, groups: ray.data.Dataset, model_dir: str, baselines: dict
+) -> tuple[dict[str, dict[str, float]], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Metrics for zero-shot, fine-tuned and baselines on the same groups, plus raw scores."""
+    bf16 = cfg.train.bf16
+    runs: dict[str, tuple] = {}
+    if cfg.eval.zero_shot:
+        runs["zero-shot " + cfg.model.name] = (ZeroShotScorer, {"model": cfg.model, "bf16": bf16})
+    runs["fine-tuned ranker"] = (CrossEncoderScorer, {"model_dir": model_dir, "bf16": bf16})
+    for name, fitted in baselines.items():
+        runs[name] = (BaselineScorer, {"baseline": fitted})
+    table, raw = {}, {}
+    for name, (scorer, kwargs) in runs.items():
+        scores, labels = collect_scores(groups, scorer, kwargs)
+        raw[name] = (scores, labels)
+        table[name] = group_metrics(scores, labels, probabilistic=scorer is CrossEncoderScorer)
+    return table, raw

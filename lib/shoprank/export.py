@@ -1,0 +1,69 @@
+"""Export: the best checkpoint as a plain Hugging Face folder that needs neither DeepSpeed
+nor peft to load (LoRA merged into the weights), with a metadata file saying where it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from torch import nn
+
+from shoprank import __version__
+from shoprank.config import Config
+from shoprank.models.encoder import load_sequence_scorer, load_tokenizer
+from shoprank.training import MODEL_DIR
+
+METADATA = "shoprank.json"
+
+
+def code_version() -> dict:
+    """Package version and, when run from a git checkout, the commit and whether it was dirty."""
+    here = Path(__file__).resolve().parent
+    info: dict = {"shoprank": __version__}
+    git = shutil.which("git")
+    if git:
+        run = subprocess.run(
+            [git, "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True
+        )
+        if run.returncode == 0:
+            info["commit"] = run.stdout.strip()
+            status = subprocess.run(
+                [git, "-C", str(here), "status", "--porcelain"], capture_output=True, text=True
+            )
+            info["dirty"] = bool(status.stdout.strip())
+    return info
+
+
+def load_checkpoint_model(checkpoint_dir: str, cfg: Config, merge: bool = True) -> nn.Module:
+    """The ranker saved in a checkpoint; LoRA merged into the base weights when `merge`."""
+    model_dir = os.path.join(checkpoint_dir, MODEL_DIR)
+    if not cfg.lora.enabled:
+        return load_sequence_scorer(model_dir, cfg.model).eval()
+    from peft import PeftModel
+
+    base = load_sequence_scorer(cfg.model.name, cfg.model)
+    model = PeftModel.from_pretrained(base, model_dir)
+    return (model.merge_and_unload() if merge else model).eval()
+
+
+def export_ranker(checkpoint_dir: str, cfg: Config, out_dir: str, metadata: dict) -> str:
+    """Write `out_dir` with weights, tokenizer and `shoprank.json`; returns the folder."""
+    model = load_checkpoint_model(checkpoint_dir, cfg, merge=True)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    load_tokenizer(cfg.model.name).save_pretrained(out_dir)
+    meta = {
+        "kind": "ranker",
+        "base_model": cfg.model.name,
+        "max_length": cfg.model.max_length,
+        "config": cfg.model_dump(mode="json"),
+        "code": code_version(),
+        **metadata,
+    }
+    with open(os.path.join(out_dir, METADATA), "w") as f:
+        json.dump(meta, f, indent=2, default=str)
+    return out_dir

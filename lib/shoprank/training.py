@@ -1,0 +1,314 @@
+"""The one training loop: Ray Train workers running a DeepSpeed ZeRO engine.
+
+The ranker and the retriever differ only in their `Task` (how to build the model, its loss and
+its validation scores); everything else, from ZeRO sharding and bf16 to checkpoints, resume,
+early stopping and reporting, lives here once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from shoprank import metrics
+from shoprank.config import Config, TrainConfig
+from shoprank.data.read import uri
+from shoprank.models import ranker
+
+DS_TAG = "deepspeed"
+STATE_FILE = "train_state.json"
+MODEL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class Task:
+    """What differs between models trained by the loop."""
+
+    build: Callable[[Config], nn.Module]
+    # (model, batch, cfg) -> scalar loss
+    loss: Callable[[nn.Module, dict, Config], torch.Tensor]
+    # (model, batch) -> [B, G] scores for groups whose first item is the positive
+    scores: Callable[[nn.Module, dict], torch.Tensor]
+
+
+TASKS: dict[str, Task] = {
+    "ranker": Task(
+        build=ranker.build_ranker,
+        loss=lambda m, b, c: ranker.ranker_loss(
+            ranker.ranker_logits(m, b), b["labels"], c.train.loss
+        ),
+        scores=ranker.ranker_logits,
+    ),
+}
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    step: int = 0
+    best: float | None = None
+    bad_evals: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def save(self, directory: str) -> None:
+        with open(os.path.join(directory, STATE_FILE), "w") as f:
+            json.dump(asdict(self), f)
+
+    @classmethod
+    def load(cls, directory: str) -> TrainState:
+        with open(os.path.join(directory, STATE_FILE)) as f:
+            return cls(**json.load(f))
+
+
+def deepspeed_config(cfg: TrainConfig, total_steps: int) -> dict:
+    """The DeepSpeed config for one run: ZeRO stage, bf16 autocast, warmup then linear decay."""
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        # Autocast keeps fp32 master weights; on AMX CPUs and GPUs bf16 matmuls run far faster.
+        "torch_autocast": {"enabled": cfg.bf16, "dtype": "bfloat16"},
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "total_num_steps": max(total_steps, 1),
+                "warmup_num_steps": int(cfg.warmup_ratio * total_steps),
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": cfg.lr,
+                "warmup_type": "linear",
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def plan_steps(cfg: TrainConfig, train_rows: int, world_size: int) -> tuple[int, int]:
+    """Optimizer steps per epoch and in total; every worker computes the same numbers."""
+    per_worker = train_rows // world_size
+    steps_per_epoch = per_worker // (cfg.batch_size * cfg.grad_accum)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{train_rows} training groups are too few for {world_size} workers x batch "
+            f"{cfg.batch_size} x accumulation {cfg.grad_accum}; lower train.batch_size"
+        )
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    return steps_per_epoch, total
+
+
+def _gathered(engine, zero_stage: int):
+    """Full parameters on every rank under ZeRO-3 (else a no-op): avoids empty saved weights."""
+    import contextlib
+
+    import deepspeed
+
+    if zero_stage == 3:
+        return deepspeed.zero.GatheredParameters(
+            list(engine.module.parameters()), modifier_rank=None
+        )
+    return contextlib.nullcontext()
+
+
+def save_trainable(engine, directory: str, zero_stage: int, rank: int) -> None:
+    """The model in Hugging Face form: a peft adapter (head included) or the full weights."""
+    with _gathered(engine, zero_stage):
+        if rank == 0:
+            state = {k: v.detach().clone().cpu() for k, v in engine.module.state_dict().items()}
+            engine.module.save_pretrained(directory, state_dict=_peft_state(engine.module, state))
+
+
+def _peft_state(model: nn.Module, state: dict) -> dict:
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model, state_dict=state)
+    return state
+
+
+@torch.no_grad()
+def evaluate(engine, task: Task, shard, cfg: Config) -> dict[str, float]:
+    """Validation metrics over every worker's shard, identical on all ranks."""
+    import torch.distributed as dist
+
+    engine.eval()
+    scores, labels = [], []
+    group_size = cfg.data.eval_candidates
+    batch_groups = max(1, cfg.train.eval_batch_size // group_size)
+    for batch in shard.iter_torch_batches(batch_size=batch_groups):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
+            scores.append(task.scores(engine.module, batch).float().cpu().numpy())
+        labels.append(batch["labels"].cpu().numpy())
+    engine.train()
+    local = (np.concatenate(scores), np.concatenate(labels))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    s = np.concatenate([g[0] for g in gathered])
+    y = np.concatenate([g[1] for g in gathered])
+    groups = np.repeat(np.arange(len(s)), s.shape[1])
+    return metrics.pointwise_and_ranking(groups, y.ravel(), s.ravel(), ks=(10,))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import deepspeed  # imported here: it initialises accelerator state on import
+
+    cfg = Config.model_validate(config["cfg"])
+    task = TASKS[config["task"]]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.run.seed)
+
+    steps_per_epoch, total_steps = plan_steps(cfg.train, config["train_rows"], world)
+    model = task.build(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg.train, total_steps)
+    )
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=not cfg.lora.enabled)
+            state = TrainState.load(d)
+        if rank == 0:
+            print(f"[shoprank] resumed at step {state.step} (epoch {state.epoch})")
+
+    def validate_and_checkpoint(train_loss: float, samples_per_s: float) -> bool:
+        """Report metrics with a checkpoint; True when early stopping says to stop."""
+        val = evaluate(engine, task, ray.train.get_dataset_shard("valid"), cfg)
+        value = val[cfg.train.metric]
+        better = state.best is None or (
+            value > state.best if cfg.train.metric_mode == "max" else value < state.best
+        )
+        state.best, state.bad_evals = (value, 0) if better else (state.best, state.bad_evals + 1)
+        report = {
+            "epoch": state.epoch,
+            "step": state.step,
+            "train_loss": train_loss,
+            "samples_per_s": samples_per_s,
+            **{f"val_{k}": v for k, v in val.items()},
+        }
+        state.history.append(report)
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=cfg.lora.enabled)
+            save_trainable(engine, os.path.join(d, MODEL_DIR), cfg.train.zero_stage, rank)
+            if rank == 0:
+                state.save(d)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+        if rank == 0:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in report.items() if isinstance(v, float))
+            print(f"[shoprank] step {state.step}/{total_steps} epoch {state.epoch}: {shown}")
+        patience = cfg.train.early_stopping_patience
+        return patience is not None and state.bad_evals >= patience
+
+    train_shard = ray.train.get_dataset_shard("train")
+    stop = False
+    while state.step < total_steps and not stop:
+        # On resume mid-epoch, skip the micro-batches this epoch already trained on.
+        skip = (state.step - state.epoch * steps_per_epoch) * cfg.train.grad_accum
+        losses, pairs, started = [], 0, time.perf_counter()
+        for batch in train_shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=256,
+            local_shuffle_seed=cfg.run.seed + state.epoch,
+        ):
+            if skip > 0:
+                skip -= 1
+                continue
+            loss = task.loss(engine, batch, cfg)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            pairs += batch["labels"].numel()
+            if engine.global_steps == state.step:
+                continue  # inside a gradient-accumulation window
+            state.step = engine.global_steps
+            rate = pairs * world / (time.perf_counter() - started)
+            if rank == 0 and state.step % cfg.train.log_every_steps == 0:
+                print(
+                    f"[shoprank] step {state.step}/{total_steps} "
+                    f"loss={np.mean(losses[-cfg.train.log_every_steps :]):.4f} "
+                    f"lr={engine.get_lr()[0]:.2e} pairs/s={rate:.1f}"
+                )
+            end_of_epoch = state.step % steps_per_epoch == 0
+            every = cfg.train.eval_every_steps
+            if end_of_epoch or state.step >= total_steps or (every and state.step % every == 0):
+                state.epoch = state.step // steps_per_epoch
+                stop = validate_and_checkpoint(float(np.mean(losses)), rate)
+                losses, pairs, started = [], 0, time.perf_counter()
+            if stop or end_of_epoch or state.step >= total_steps:
+                break
+
+
+def fit(
+    cfg: Config,
+    task: str,
+    train: ray.data.Dataset,
+    valid: ray.data.Dataset,
+    train_rows: int,
+):
+    """Run (or resume, when `run.name` already has checkpoints) one training run."""
+    metric = f"val_{cfg.train.metric}"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "task": task,
+            "train_rows": train_rows,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=uri(cfg.run.storage),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=cfg.train.metric_mode,
+            ),
+        ),
+        datasets={"train": train, "valid": valid},
+    )
+    return trainer.fit()
+
+
+def best_checkpoint(result, cfg: Config):
+    """The kept checkpoint with the best validation metric, and its metrics."""
+    metric = f"val_{cfg.train.metric}"
+    sign = 1 if cfg.train.metric_mode == "max" else -1
+    ranked = sorted(result.best_checkpoints, key=lambda cm: sign * cm[1][metric], reverse=True)
+    if not ranked:
+        raise RuntimeError(f"run {cfg.run.name} produced no checkpoint")
+    return ranked[0]
+
+
+def run_history(result) -> list[dict]:
+    """Every validation report of the run, read from its latest checkpoint."""
+    if result.checkpoint is None:
+        return []
+    with result.checkpoint.as_directory() as d:
+        return TrainState.load(d).history
