@@ -65,7 +65,8 @@ class LoraConfig(Section):
     dropout: float = 0.0
     target_modules: list[str] = ["query", "key", "value", "dense"]
     # Trained in full and saved with the adapter; names absent from the model are skipped.
-    modules_to_save: list[str] = ["classifier", "pooler"]
+    # (BERT's pooler is adapted through its `dense` layer, a target module.)
+    modules_to_save: list[str] = ["classifier"]
 
 
 class TrainConfig(Section):

@@ -88,7 +88,7 @@ def deepspeed_config(cfg: TrainConfig, total_steps: int) -> dict:
             "type": "WarmupDecayLR",
             "params": {
                 "total_num_steps": max(total_steps, 1),
-                "warmup_num_steps": int(cfg.warmup_ratio * total_steps),
+                "warmup_num_steps": max(1, int(cfg.warmup_ratio * total_steps)),
                 "warmup_min_lr": 0.0,
                 "warmup_max_lr": cfg.lr,
                 "warmup_type": "linear",
@@ -131,16 +131,7 @@ def save_trainable(engine, directory: str, zero_stage: int, rank: int) -> None:
     """The model in Hugging Face form: a peft adapter (head included) or the full weights."""
     with _gathered(engine, zero_stage):
         if rank == 0:
-            state = {k: v.detach().clone().cpu() for k, v in engine.module.state_dict().items()}
-            engine.module.save_pretrained(directory, state_dict=_peft_state(engine.module, state))
-
-
-def _peft_state(model: nn.Module, state: dict) -> dict:
-    if hasattr(model, "peft_config"):
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(model, state_dict=state)
-    return state
+            engine.module.save_pretrained(directory)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.data.expressions import col
 
 from shoprank.config import DataConfig
 from shoprank.data.contract import POSITIVE_EVENTS, SPLITS
@@ -97,7 +98,10 @@ def build_examples(
     events: ray.data.Dataset, catalog: pa.Table, cfg: DataConfig, seed: int
 ) -> dict[str, ray.data.Dataset]:
     """Per-split example datasets, materialised in the object store (not on the driver)."""
-    grouped = positive_events(events, cfg.task).groupby("user_id")
+    positives = positive_events(events, cfg.task)
+    # A few hash partitions suffice for small logs; big ones get one per ~20k events.
+    partitions = int(min(200, max(2, positives.count() // 20_000)))
+    grouped = positives.groupby("user_id", num_partitions=partitions)
     examples = grouped.map_groups(
         ExampleBuilder,
         fn_constructor_kwargs={"catalog": catalog, "cfg": cfg, "seed": seed},
@@ -106,7 +110,7 @@ def build_examples(
     ).materialize()
     out = {}
     for split in SPLITS:
-        part = examples.filter(expr=f"split == '{split}'")
+        part = examples.filter(expr=col("split") == split)
         if split == "train":
             part = part.random_shuffle(seed=seed)
             if cfg.max_train_positives:

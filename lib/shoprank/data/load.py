@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from ray.data.expressions import col
 
 from shoprank.config import DataConfig
 from shoprank.data import read, validate
@@ -59,14 +60,14 @@ def load_validated(cfg: DataConfig, quarantine_dir: str) -> Validated:
     checked = events.map_batches(
         _check_events, fn_kwargs={"catalog_ids": ids}, batch_format="pyarrow"
     ).materialize()
-    bad = checked.filter(expr=f"{REASON} is not null")
+    bad = checked.filter(expr=col(REASON).is_not_null())
     reasons = {row[REASON]: int(row["count()"]) for row in bad.groupby(REASON).count().take_all()}
     total = checked.count()
     if reasons:
         bad.write_parquet(os.path.join(quarantine_dir, "events"))
     counts["events"] = _summary(total, reasons)
     validate.enforce_bad_fraction("events", reasons, total, cfg.max_bad_fraction)
-    good_events = checked.filter(expr=f"{REASON} is null").drop_columns([REASON])
+    good_events = checked.filter(expr=col(REASON).is_null()).drop_columns([REASON])
 
     judgments = None
     if cfg.judgments and read.exists(cfg.judgments):

@@ -35,7 +35,7 @@ def read_table(path: str) -> pa.Table:
 
 def read_events(path: str) -> ray.data.Dataset:
     """Events stay a distributed Dataset; `dt=YYYY-MM-DD/` partitions become a `dt` column."""
-    return ray.data.read_parquet(uri(path), partitioning="hive")
+    return ray.data.read_parquet(uri(path))  # Hive partitioning is the default
 
 
 def snapshot(paths: list[str]) -> dict:

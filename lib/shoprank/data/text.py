@@ -30,10 +30,11 @@ def render_items(catalog: pa.Table, template: str) -> list[str]:
     for i in range(catalog.num_rows):
         values = {f: "" if columns[f][i] is None else str(columns[f][i]) for f in fields}
         text = template.format(**values)
-        text = _EMPTY_SEGMENTS.sub(". ", text)
-        texts.append(_SPACES.sub(" ", text).strip(" ."))
-        if template.rstrip().endswith(".") and texts[-1]:
-            texts[-1] += "."
+        if all(values.values()):
+            texts.append(text.strip())  # a full row renders verbatim
+            continue
+        text = _SPACES.sub(" ", _EMPTY_SEGMENTS.sub(". ", text)).strip(" .")
+        texts.append(text + "." if text and template.rstrip().endswith(".") else text)
     return texts
 
 

@@ -190,7 +190,7 @@ def _parse_iso(strings: pa.Array) -> pa.Array:
         # those values to null, vectorised, instead of failing the whole batch.
         import pandas as pd
 
-        both = pc.if_else(pc.or_(naive_ok, offset_ok), s, pa.scalar(None, pa.string()))
+        both = pc.if_else(pc.or_kleene(naive_ok, offset_ok), s, pa.scalar(None, pa.string()))
         parsed = pd.to_datetime(
             both.to_pandas(), format="ISO8601", utc=True, errors="coerce"
         ).dt.tz_localize(None)
@@ -258,7 +258,7 @@ def _conform(table: pa.Table, kind: str) -> pa.Table:
 def _missing(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     """Null or blank."""
     blank = pc.equal(pc.utf8_trim_whitespace(col), "")
-    return pc.fill_null(pc.or_(pc.is_null(col), blank), True)
+    return pc.fill_null(pc.or_kleene(pc.is_null(col), blank), True)
 
 
 def _not_in(col: pa.ChunkedArray | pa.Array, values: pa.Array) -> pa.ChunkedArray | pa.Array:
@@ -304,7 +304,7 @@ def check_catalog(table: pa.Table) -> pa.Table:
     check_schema(table.schema, "catalog")
     t = _conform(table, "catalog")
     price = t.column("price")
-    bad_price = pc.or_(pc.or_(pc.is_nan(price), pc.less(price, 0.0)), pc.is_inf(price))
+    bad_price = pc.or_kleene(pc.or_kleene(pc.is_nan(price), pc.less(price, 0.0)), pc.is_inf(price))
     checks = [
         ("missing_item_id", _missing(t.column("item_id"))),
         ("empty_title", _missing(t.column("title"))),
@@ -344,9 +344,9 @@ def check_judgments(table: pa.Table, catalog_ids: pa.Array) -> pa.Table:
     check_schema(table.schema, "judgments")
     t = _conform(table, "judgments")
     label = t.column("label")
-    bad_label = pc.or_(
-        pc.or_(pc.is_null(label), pc.is_nan(label)),
-        pc.or_(pc.is_inf(label), pc.less(label, 0.0)),
+    bad_label = pc.or_kleene(
+        pc.or_kleene(pc.is_null(label), pc.is_nan(label)),
+        pc.or_kleene(pc.is_inf(label), pc.less(label, 0.0)),
     )
     checks = [
         ("missing_query_id", _missing(t.column("query_id"))),
