@@ -62,7 +62,7 @@ def main() -> None:
     # 5. Evaluate on the test split: zero-shot vs fine-tuned vs baselines.
     test = tokenize(examples["test"], cfg.model.name, cfg.model.max_length, keep_text=True)
     baselines = fit_baselines(cfg, data.catalog, pipeline.train_positive_ids(examples["train"]))
-    table, raw = evaluate_groups(cfg, test.materialize(), export_dir, baselines)
+    table, raw = evaluate_groups(cfg, test.materialize(), data.catalog, export_dir, baselines)
     report = pipeline.write_eval_report(
         out / "report",
         f"shoprank ranker: {cfg.run.name}",

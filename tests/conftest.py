@@ -16,8 +16,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A randomly initialised 2-layer BERT with the bundled MiniLM tokenizer."""
-    from shoprank.models.encoder import load_tokenizer
     from transformers import BertConfig, BertModel
+
+    from shoprank.models.encoder import load_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = load_tokenizer("minilm")
@@ -46,6 +47,7 @@ def tiny_shop(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
+
     from shoprank.runtime import init_ray
 
     init_ray(num_cpus=4)

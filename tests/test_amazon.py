@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+
 from shoprank.data import contract
 from shoprank.data.amazon import TEXT, import_amazon
 from shoprank.data.validate import check_catalog, check_events, reason_counts, split_quarantine

@@ -1,4 +1,5 @@
 import pytest
+
 from shoprank.config import ConfigError, load_config
 
 

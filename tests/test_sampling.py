@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from shoprank.data.sampling import sample_negatives, user_rng
 
 

@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+
 from shoprank.data import contract
 from shoprank.data.synthetic import generate_shop
 from shoprank.data.validate import (

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
 from conftest import shop_overrides
 from shoprank import pipeline
 from shoprank.config import load_config
@@ -94,7 +96,8 @@ def test_lora_zero_trains_checkpoints_and_resumes(
         merged = AutoModelForSequenceClassification.from_pretrained(export).eval()
         b = ranker_logits(merged, batch)
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
-    assert json.load(open(os.path.join(export, METADATA)))["kind"] == "ranker"
+    meta = json.loads(Path(export, METADATA).read_text())
+    assert meta["kind"] == "ranker"
 
     # The exported model reproduces the validation metric the worker reported.
     scores, labels = collect_scores(valid, CrossEncoderScorer, {"model_dir": export, "bf16": False})

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+
 from shoprank.data import contract
 from shoprank.data.validate import (
     DataQualityError,

@@ -13,6 +13,9 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 
+# TfidfVectorizer settings that reproduce the README reference rows (see TfidfHistory).
+DEFAULT_TFIDF: dict[str, object] = {"sublinear_tf": True}
+
 # Users scored per block in TfidfHistory: 1024 x 4385 float32 is ~18 MB.
 _USER_CHUNK = 1024
 
@@ -58,15 +61,17 @@ class TfidfHistory:
 
     The user vector is ``sum_i decay**i * tfidf(history[i])`` with the history NEWEST FIRST,
     then L2-normalised; item vectors are the L2-normalised TF-IDF rows. ``decay=0`` keeps only
-    the newest item (0**0 == 1). The vectorizer uses scikit-learn's defaults, which reproduce
-    the reference rows of data/amazon-scientific/README.md; pass ``vectorizer_kwargs`` to vary.
+    the newest item (0**0 == 1). The vectorizer is scikit-learn's default plus
+    ``sublinear_tf=True`` (1 + log tf): that setting reproduces the recall of the reference rows
+    in data/amazon-scientific/README.md exactly (plain tf is ~0.0007 lower). Keyword arguments
+    override or extend the TfidfVectorizer settings.
     """
 
     def __init__(self, decay: float = 0.5, **vectorizer_kwargs: object) -> None:
         if decay < 0:
             raise ValueError(f"decay must be >= 0, got {decay}")
         self.decay = decay
-        self.vectorizer = TfidfVectorizer(**vectorizer_kwargs)
+        self.vectorizer = TfidfVectorizer(**(DEFAULT_TFIDF | vectorizer_kwargs))
         self.item_ids: list[str] = []
         self._index: dict[str, int] = {}
         self._items: sp.csr_matrix | None = None

@@ -43,10 +43,11 @@ class DataConfig(Section):
     # Candidates per validation / test user: 1 positive + (eval_candidates - 1) sampled.
     eval_candidates: int = Field(100, ge=2)
     # Validation users scored during training (cross-encoder scoring is the costly part).
-    val_users: int = Field(300, ge=1)
-    test_users: int | None = 1000
-    # Cap on training positives (None = all); used by quick runs and tests.
-    max_train_positives: int | None = None
+    # The defaults keep the built-in run short on a 2-core laptop; real runs raise them.
+    val_users: int = Field(100, ge=1)
+    test_users: int | None = 500
+    # Cap on training groups (None = all).
+    max_train_positives: int | None = 4000
 
 
 class ModelConfig(Section):

@@ -7,6 +7,7 @@ Every scorer is a callable class for `map_batches` (the model loads once per act
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -14,6 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from shoprank import metrics
 from shoprank.baselines import Popularity, TfidfHistory
 from shoprank.config import Config, ModelConfig
+from shoprank.data.text import render_items
 from shoprank.models.encoder import embed_texts, load_encoder, load_tokenizer
 from shoprank.models.ranker import flatten_groups
 
@@ -35,22 +37,26 @@ class CrossEncoderScorer:
 
 
 class ZeroShotScorer:
-    """The pretrained encoder with no training: cosine of mean-pooled context and item."""
+    """The pretrained encoder with no training: cosine of mean-pooled context and item.
 
-    def __init__(self, model: ModelConfig, bf16: bool):
+    Item embeddings are computed once per actor for the whole catalog, then looked up.
+    """
+
+    def __init__(self, model: ModelConfig, item_ids: list[str], item_texts: list[str], bf16: bool):
         self.encoder = load_encoder(model).eval()
         self.tokenizer = load_tokenizer(model.name)
         self.max_length = model.max_length
         self.bf16 = bf16
+        self.index = {item: i for i, item in enumerate(item_ids)}
+        self.items = self._embed(item_texts)
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        return embed_texts(self.encoder, self.tokenizer, texts, self.max_length, bf16=self.bf16)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ctx = embed_texts(
-            self.encoder, self.tokenizer, list(batch["context"]), self.max_length, bf16=self.bf16
-        )
-        flat = [t for texts in batch["item_texts"] for t in texts]
-        items = embed_texts(self.encoder, self.tokenizer, flat, self.max_length, bf16=self.bf16)
-        b, g = batch["labels"].shape
-        scores = np.einsum("bd,bgd->bg", ctx, items.reshape(b, g, -1))
+        ctx = self._embed(list(batch["context"]))
+        rows = np.array([[self.index[i] for i in ids] for ids in batch["item_ids"]])
+        scores = np.einsum("bd,bgd->bg", ctx, self.items[rows])
         return {"labels": batch["labels"], "scores": scores}
 
 
@@ -99,8 +105,6 @@ def group_metrics(scores: np.ndarray, labels: np.ndarray, probabilistic: bool) -
 
 def fit_baselines(cfg: Config, catalog, train_positive_ids: list[str]) -> dict:
     """Baselines fitted on the training part only."""
-    from shoprank.data.text import render_items
-
     fitted = {}
     if "popularity" in cfg.eval.baselines:
         fitted["popularity"] = Popularity().fit(
@@ -114,13 +118,21 @@ def fit_baselines(cfg: Config, catalog, train_positive_ids: list[str]) -> dict:
 
 
 def evaluate_groups(
-    cfg: Config, groups: ray.data.Dataset, model_dir: str, baselines: dict
+    cfg: Config, groups: ray.data.Dataset, catalog: pa.Table, model_dir: str, baselines: dict
 ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Metrics for zero-shot, fine-tuned and baselines on the same groups, plus raw scores."""
     bf16 = cfg.train.bf16
     runs: dict[str, tuple] = {}
     if cfg.eval.zero_shot:
-        runs["zero-shot " + cfg.model.name] = (ZeroShotScorer, {"model": cfg.model, "bf16": bf16})
+        runs["zero-shot " + cfg.model.name] = (
+            ZeroShotScorer,
+            {
+                "model": cfg.model,
+                "item_ids": catalog["item_id"].to_pylist(),
+                "item_texts": render_items(catalog, cfg.data.item_template),
+                "bf16": bf16,
+            },
+        )
     runs["fine-tuned ranker"] = (CrossEncoderScorer, {"model_dir": model_dir, "bf16": bf16})
     for name, fitted in baselines.items():
         runs[name] = (BaselineScorer, {"baseline": fitted})

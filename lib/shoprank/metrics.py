@@ -52,6 +52,10 @@ def target_ranks(
     repeated in the row (same score as the target) pushes the target down. Rows are compared
     ``chunk_rows`` at a time, so the temporary boolean matrix stays a few MB even for the full
     catalog; ``scores`` may be a read-only broadcast view (e.g. popularity). NaN scores rank last.
+
+    Note: a stable descending sort (ties broken by column index, as ``argsort``/``topk`` based
+    evaluators do) ranks higher. The README reference rows of data/amazon-scientific match that
+    variant; with ties against, TF-IDF NDCG comes out ~0.0025 lower (recall is unchanged).
     """
     scores = np.asarray(scores)
     target = np.asarray(target, dtype=np.int64)

@@ -1,0 +1,180 @@
+"""Metrics: agreement with scikit-learn, hand-computed ranks, and ties counted against the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import expit
+from sklearn.metrics import log_loss, ndcg_score, roc_auc_score
+
+from shoprank.metrics import (
+    auc,
+    graded_ndcg,
+    grouped_ranks,
+    logloss,
+    pointwise_and_ranking,
+    ranking_metrics,
+    target_ranks,
+)
+
+
+def test_auc_and_logloss_equal_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    probs = rng.random(200)
+    assert auc(labels, probs) == pytest.approx(roc_auc_score(labels, probs))
+    assert logloss(labels, probs) == pytest.approx(log_loss(labels, probs))
+
+
+def test_logloss_clips_certain_mistakes() -> None:
+    value = logloss([1, 0], [0.0, 1.0])
+    assert np.isfinite(value)
+    assert value == pytest.approx(-np.log(1e-7), rel=1e-6)
+
+
+def test_target_ranks_ties_count_against_model() -> None:
+    scores = np.array(
+        [
+            [0.9, 0.5, 0.1, 0.3],  # target 0: best, rank 0
+            [0.5, 0.5, 0.1, 0.3],  # target 1: tied with col 0 -> rank 1
+            [0.2, 0.2, 0.2, 0.2],  # constant scorer: target ranks last -> 3
+            [0.1, 0.4, 0.4, 0.4],  # target 2 tied with 1 and 3 -> 2
+        ]
+    )
+    target = np.array([0, 1, 3, 2])
+    np.testing.assert_array_equal(target_ranks(scores, target), [0, 1, 3, 2])
+    # The same in tiny chunks (chunking must not change anything).
+    np.testing.assert_array_equal(target_ranks(scores, target, chunk_rows=1), [0, 1, 3, 2])
+
+
+def test_target_ranks_repeated_candidate_counts_against_model() -> None:
+    # Candidate list with the true item listed twice (ids a, b, a, c): the duplicate has the
+    # target's score and must push it down one place.
+    item_ids = np.array(["a", "b", "a", "c"])
+    item_score = {"a": 0.8, "b": 0.9, "c": 0.1}
+    scores = np.array([[item_score[i] for i in item_ids]])
+    assert target_ranks(scores, np.array([0]))[0] == 2
+    assert target_ranks(scores, np.array([2]))[0] == 2
+
+
+def test_target_ranks_nan_ranks_last_and_checks_shapes() -> None:
+    scores = np.array([[np.nan, 0.1, 0.2]])
+    assert target_ranks(scores, np.array([0]))[0] == 2
+    with pytest.raises(ValueError):
+        target_ranks(scores, np.array([3]))
+    with pytest.raises(ValueError):
+        target_ranks(scores[0], np.array([0]))
+
+
+def test_target_ranks_broadcast_view_chunked() -> None:
+    row = np.array([3.0, 1.0, 2.0, 2.0])
+    scores = np.broadcast_to(row, (5000, 4))
+    target = np.tile([0, 1, 2, 3], 1250)
+    ranks = target_ranks(scores, target, chunk_rows=777)
+    np.testing.assert_array_equal(ranks, np.tile([0, 3, 2, 2], 1250))
+
+
+def test_ranking_metrics_by_hand() -> None:
+    ranks = np.array([0, 1, 9, 10, 49, 50])
+    m = ranking_metrics(ranks, ks=(10, 50))
+    assert m["recall@10"] == pytest.approx(3 / 6)
+    assert m["recall@50"] == pytest.approx(5 / 6)
+    gains = 1 / np.log2(np.array([0, 1, 9, 10, 49]) + 2)
+    assert m["ndcg@10"] == pytest.approx(gains[:3].sum() / 6)
+    assert m["ndcg@50"] == pytest.approx(gains.sum() / 6)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / np.log2(3) + 1 / np.log2(11)) / 6)
+
+
+def _naive_grouped_ranks(group_ids, labels, scores) -> np.ndarray:
+    out = []
+    for g in np.unique(group_ids):
+        rows = group_ids == g
+        s, lab = scores[rows], labels[rows]
+        pos = s[lab == 1][0]
+        out.append(int((s >= pos).sum()) - 1)
+    return np.array(out)
+
+
+def test_grouped_ranks_matches_naive_loop_on_shuffled_rows() -> None:
+    rng = np.random.default_rng(1)
+    group_ids, labels, scores = [], [], []
+    for g in range(50):
+        n = int(rng.integers(2, 12))
+        group_ids += [f"u{g}"] * n
+        lab = np.zeros(n, dtype=int)
+        lab[rng.integers(n)] = 1
+        labels += lab.tolist()
+        scores += rng.integers(0, 4, n).astype(float).tolist()  # coarse scores: many ties
+    perm = rng.permutation(len(labels))
+    group_ids = np.array(group_ids)[perm]
+    labels = np.array(labels)[perm]
+    scores = np.array(scores)[perm]
+    np.testing.assert_array_equal(
+        grouped_ranks(group_ids, labels, scores),
+        _naive_grouped_ranks(group_ids, labels, scores),
+    )
+
+
+def test_grouped_ranks_tie_and_duplicate_against_model() -> None:
+    ranks = grouped_ranks(
+        ["q", "q", "q", "r", "r"],
+        [0, 1, 0, 1, 0],
+        [0.5, 0.5, 0.2, 0.3, 0.3],
+    )
+    np.testing.assert_array_equal(ranks, [1, 1])
+
+
+def test_grouped_ranks_requires_exactly_one_positive() -> None:
+    with pytest.raises(ValueError, match="'b'"):
+        grouped_ranks(["a", "a", "b", "b"], [1, 0, 1, 1], [0.1, 0.2, 0.3, 0.4])
+    with pytest.raises(ValueError, match="'b'"):
+        grouped_ranks(["a", "a", "b", "b"], [1, 0, 0, 0], [0.1, 0.2, 0.3, 0.4])
+
+
+def test_pointwise_and_ranking_bundle() -> None:
+    group_ids = np.repeat(np.arange(4), 3)
+    labels = np.tile([1, 0, 0], 4)
+    logits = np.array([2.0, 0.0, 1.0, -1.0, 0.5, 0.0, 3.0, 3.0, 0.0, 1.0, 0.0, -2.0])
+    out = pointwise_and_ranking(group_ids, labels, logits)
+    assert set(out) == {"auc", "logloss", "ndcg@10", "recall@10"}
+    assert out["auc"] == pytest.approx(roc_auc_score(labels, logits))
+    assert out["logloss"] == pytest.approx(log_loss(labels, expit(logits)))
+    ranks = np.array([0, 2, 1, 0])
+    assert out["ndcg@10"] == pytest.approx(np.mean(1 / np.log2(ranks + 2)))
+    assert out["recall@10"] == 1.0
+
+
+def test_graded_ndcg_equals_sklearn_on_hand_case() -> None:
+    # q1 has a tie between a gain-3 and a gain-0 document; q3 has no relevant item (skipped).
+    query_ids = ["q1"] * 4 + ["q2"] * 3 + ["q3"] * 2
+    gains = [3, 0, 1, 2, 0, 1, 0.1, 0, 0]
+    scores = [0.9, 0.9, 0.1, 0.5, 0.3, 0.2, 0.8, 0.5, 0.4]
+    for k in (1, 2, 10):
+        expected = np.mean(
+            [
+                ndcg_score([[3, 0, 1, 2]], [[0.9, 0.9, 0.1, 0.5]], k=k),
+                ndcg_score([[0, 1, 0.1]], [[0.3, 0.2, 0.8]], k=k),
+            ]
+        )
+        assert graded_ndcg(query_ids, gains, scores, k=k) == pytest.approx(expected)
+
+
+def test_graded_ndcg_random_cases_match_sklearn() -> None:
+    rng = np.random.default_rng(2)
+    qids, gains, scores, per_query = [], [], [], []
+    for q in range(30):
+        n = int(rng.integers(2, 9))
+        g = rng.integers(0, 4, n).astype(float)
+        s = rng.integers(0, 4, n).astype(float)
+        qids += [q] * n
+        gains += g.tolist()
+        scores += s.tolist()
+        if g.sum() > 0:
+            per_query.append(ndcg_score([g], [s], k=5))
+    perm = rng.permutation(len(gains))
+    got = graded_ndcg(np.array(qids)[perm], np.array(gains)[perm], np.array(scores)[perm], k=5)
+    assert got == pytest.approx(np.mean(per_query))
+
+
+def test_graded_ndcg_all_zero_is_nan() -> None:
+    assert np.isnan(graded_ndcg(["a", "a"], [0, 0], [0.1, 0.2]))
