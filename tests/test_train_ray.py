@@ -88,7 +88,7 @@ def test_lora_zero_trains_checkpoints_and_resumes(
         # Loads back to the same logits: merged (exported) and unmerged agree.
         unmerged = load_checkpoint_model(d, cfg, merge=False)
         export = export_ranker(d, cfg, str(tmp_path / f"export{stage}"), {"metrics": best})
-    batch = next(valid.iter_torch_batches(batch_size=4))
+    batch = next(iter(valid.iter_torch_batches(batch_size=4)))
     with torch.no_grad():
         a = ranker_logits(unmerged, batch)
         from transformers import AutoModelForSequenceClassification
