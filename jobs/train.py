@@ -12,10 +12,8 @@ import time
 
 from shoprank import pipeline
 from shoprank.config import load_config
-from shoprank.data.load import counts_table
 from shoprank.data.read import snapshot
 from shoprank.data.tokenize import tokenize
-from shoprank.evaluation import evaluate_groups, fit_baselines
 from shoprank.export import export_ranker
 from shoprank.runtime import init_ray
 from shoprank.training import best_checkpoint, fit, run_history
@@ -44,6 +42,7 @@ def main() -> None:
     result = fit(cfg, "ranker", train, valid, n_train)
     wall = time.perf_counter() - started
     checkpoint, best = best_checkpoint(result, cfg)
+    history = run_history(result)
 
     # 4. Export the best checkpoint as a plain Hugging Face folder.
     with checkpoint.as_directory() as ckpt_dir:
@@ -56,21 +55,12 @@ def main() -> None:
                 "data": {p: snapshot([p]) for p in (cfg.data.catalog, cfg.data.events)},
                 "data_quality": data.counts,
                 "train_wall_s": wall,
+                "history": history,
             },
         )
 
     # 5. Evaluate on the test split: zero-shot vs fine-tuned vs baselines.
-    test = tokenize(examples["test"], cfg.model.name, cfg.model.max_length, keep_text=True)
-    baselines = fit_baselines(cfg, data.catalog, pipeline.train_positive_ids(examples["train"]))
-    table, raw = evaluate_groups(cfg, test.materialize(), data.catalog, export_dir, baselines)
-    report = pipeline.write_eval_report(
-        out / "report",
-        f"shoprank ranker: {cfg.run.name}",
-        table,
-        raw,
-        run_history(result),
-        [("Data quality", counts_table(data.counts))],
-    )
+    table, report = pipeline.evaluate_and_report(cfg, out, data, examples, export_dir, history)
     pipeline.print_table(table)
     value = best[f"val_{cfg.train.metric}"]
     print(f"\n[shoprank] best checkpoint: {checkpoint.path} ({cfg.train.metric}={value:.4f})")

@@ -44,10 +44,10 @@ class DataConfig(Section):
     eval_candidates: int = Field(100, ge=2)
     # Validation users scored during training (cross-encoder scoring is the costly part).
     # The defaults keep the built-in run short on a 2-core laptop; real runs raise them.
-    val_users: int = Field(100, ge=1)
-    test_users: int | None = 500
+    val_users: int = Field(64, ge=1)
+    test_users: int | None = 200
     # Cap on training groups (None = all).
-    max_train_positives: int | None = 4000
+    max_train_positives: int | None = 2000
 
 
 class ModelConfig(Section):
@@ -76,9 +76,9 @@ class TrainConfig(Section):
     cpus_per_worker: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 2
     bf16: bool = True
-    batch_size: int = Field(32, ge=1)  # per worker, per micro step
+    batch_size: int = Field(8, ge=1)  # groups per worker and micro step (x (1 + negatives) pairs)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)  # LoRA; full fine-tuning wants ~1e-4
     weight_decay: float = 0.01
     epochs: int = Field(1, ge=1)
     warmup_ratio: float = Field(0.06, ge=0, le=1)
@@ -91,11 +91,13 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     # Stop after this many validations without improvement (None = never).
     early_stopping_patience: int | None = 2
-    eval_batch_size: int = 128
+    eval_batch_size: int = 200  # pairs per validation forward pass
     log_every_steps: int = 10
 
 
 class EvalConfig(Section):
+    # CPUs for each scoring actor (its torch threads); GPUs when train.use_gpu.
+    num_cpus: float = 2
     baselines: list[Literal["popularity", "tfidf"]] = ["popularity", "tfidf"]
     tfidf_decay: float = 0.5
     zero_shot: bool = True

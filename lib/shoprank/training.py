@@ -208,7 +208,10 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
         if rank == 0:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in report.items() if isinstance(v, float))
-            print(f"[shoprank] step {state.step}/{total_steps} epoch {state.epoch}: {shown}")
+            print(
+                f"[shoprank] step {state.step}/{total_steps} epoch {state.epoch}: {shown}",
+                flush=True,
+            )
         patience = cfg.train.early_stopping_patience
         return patience is not None and state.bad_evals >= patience
 
@@ -240,7 +243,8 @@ def train_loop_per_worker(config: dict) -> None:
                 print(
                     f"[shoprank] step {state.step}/{total_steps} "
                     f"loss={np.mean(losses[-cfg.train.log_every_steps :]):.4f} "
-                    f"lr={engine.get_lr()[0]:.2e} pairs/s={rate:.1f}"
+                    f"lr={engine.get_lr()[0]:.2e} pairs/s={rate:.1f}",
+                    flush=True,
                 )
             end_of_epoch = state.step % steps_per_epoch == 0
             every = cfg.train.eval_every_steps
