@@ -67,4 +67,3 @@ def test_minilm_fine_tuned_beats_zero_shot(ray_local, tmp_path, tiny_shop):
     )
     print(f"zero-shot {zero_shot}\nfine-tuned {tuned}")
     assert tuned["auc"] > zero_shot["auc"]
-
