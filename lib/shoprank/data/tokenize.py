@@ -38,9 +38,18 @@ class PairTokenizer:
         out = {k: v.astype(np.int32).reshape(n, size, -1) for k, v in tok.items()}
         out["labels"] = np.stack(batch["labels"]).astype(np.float32)
         if self.keep_text:
-            for key in ("user_id", "context", "history_ids", "item_ids", "item_texts"):
-                out[key] = batch[key]
+            out["user_id"], out["context"] = batch["user_id"], batch["context"]
+            for key in ("history_ids", "item_ids", "item_texts"):
+                out[key] = _list_column(batch[key])
         return out
+
+
+def _list_column(values: np.ndarray) -> np.ndarray:
+    """Ragged lists as a 1-D object array of Python lists, which Arrow stores as list<string>."""
+    column = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        column[i] = value.tolist()
+    return column
 
 
 def tokenize(ds, model_name: str, max_length: int, keep_text: bool = False, batch_size: int = 64):
