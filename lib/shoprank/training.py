@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import ray
 import ray.train
+import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -143,8 +144,9 @@ def evaluate(engine, task: Task, shard, cfg: Config) -> dict[str, float]:
     scores, labels = [], []
     group_size = cfg.data.eval_candidates
     batch_groups = max(1, cfg.train.eval_batch_size // group_size)
-    for batch in shard.iter_torch_batches(batch_size=batch_groups):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
+    device = ray.train.torch.get_device()
+    for batch in shard.iter_torch_batches(batch_size=batch_groups, device=device):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
             scores.append(task.scores(engine.module, batch).float().cpu().numpy())
         labels.append(batch["labels"].cpu().numpy())
     engine.train()
@@ -222,6 +224,7 @@ def train_loop_per_worker(config: dict) -> None:
         skip = (state.step - state.epoch * steps_per_epoch) * cfg.train.grad_accum
         losses, pairs, started = [], 0, time.perf_counter()
         for batch in train_shard.iter_torch_batches(
+            device=ray.train.torch.get_device(),
             batch_size=cfg.train.batch_size,
             drop_last=True,
             local_shuffle_buffer_size=256,

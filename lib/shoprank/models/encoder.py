@@ -72,6 +72,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
             f"lora.target_modules={cfg.target_modules}: none of these module names exist in the "
             f"model; pick from {sorted(n for n in names if n)[:30]}"
         )
+    if missing:
+        print(f"[shoprank] lora.target_modules: {missing} not in this model, adapting the rest")
     to_save = [m for m in cfg.modules_to_save if m in names]
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
