@@ -1,8 +1,10 @@
-"""Fine-tune the ranker: Parquet -> Ray Data -> Ray Train + DeepSpeed -> export -> report.
+"""Fine-tune the ranker or the retriever: Parquet -> Ray Data -> Ray Train + DeepSpeed ->
+export -> report.
 
     python jobs/train.py [--config configs/FILE.yaml] [section.key=value ...]
 
-Run it again with the same run.name to resume from the last checkpoint.
+`model.kind=retriever` trains the bi-encoder (configs/amazon-retriever.yaml); the default is
+the cross-encoder ranker. Run it again with the same run.name to resume from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ import time
 from shoprank import pipeline
 from shoprank.config import load_config
 from shoprank.data.read import snapshot
-from shoprank.data.tokenize import tokenize
-from shoprank.export import export_ranker
+from shoprank.export import export_model
 from shoprank.runtime import init_ray
 from shoprank.training import best_checkpoint, fit, run_history
 
@@ -32,21 +33,20 @@ def main() -> None:
 
     # 2. Data: validate, build example groups, tokenize (all inside Ray Data).
     data, examples = pipeline.prepare(cfg, out)
-    train = tokenize(examples["train"], cfg.model.name, cfg.model.max_length).materialize()
-    valid = tokenize(examples["valid"], cfg.model.name, cfg.model.max_length).materialize()
-    n_train = train.count()
-    print(f"[shoprank] {n_train} training groups, {valid.count()} validation groups")
+    datasets = pipeline.training_datasets(cfg, data, examples)
+    n_train = datasets["train"].count()
+    print(f"[shoprank] {n_train} training groups, {datasets['valid'].count()} validation groups")
 
     # 3. Train (resumes when this run name already has checkpoints).
     started = time.perf_counter()
-    result = fit(cfg, "ranker", train, valid, n_train)
+    result = fit(cfg, cfg.model.kind, datasets, n_train)
     wall = time.perf_counter() - started
     checkpoint, best = best_checkpoint(result, cfg)
     history = run_history(result)
 
     # 4. Export the best checkpoint as a plain Hugging Face folder.
     with checkpoint.as_directory() as ckpt_dir:
-        export_dir = export_ranker(
+        export_dir = export_model(
             ckpt_dir,
             cfg,
             str(out / "export"),
@@ -59,9 +59,15 @@ def main() -> None:
             },
         )
 
-    # 5. Evaluate on the test split: zero-shot vs fine-tuned vs baselines.
-    table, report = pipeline.evaluate_and_report(cfg, out, data, examples, export_dir, history)
-    pipeline.print_table(table)
+    # 5. Evaluate on eval.split: zero-shot vs fine-tuned vs baselines (a retriever by the
+    #    full-catalog protocol, through its freshly built ANN index).
+    if cfg.model.kind == "retriever":
+        _, report = pipeline.full_catalog_report(
+            cfg, out, data, examples, export_dir, cfg.eval.ranker, history
+        )
+    else:
+        table, report = pipeline.evaluate_and_report(cfg, out, data, examples, export_dir, history)
+        pipeline.print_table(table)
     value = best[f"val_{cfg.train.metric}"]
     print(f"\n[shoprank] best checkpoint: {checkpoint.path} ({cfg.train.metric}={value:.4f})")
     print(f"[shoprank] exported model: {export_dir}")

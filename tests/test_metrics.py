@@ -7,6 +7,7 @@ import pytest
 from scipy.special import expit
 from sklearn.metrics import log_loss, ndcg_score, roc_auc_score
 
+from shoprank import metrics
 from shoprank.metrics import (
     auc,
     graded_ndcg,
@@ -178,3 +179,54 @@ def test_graded_ndcg_random_cases_match_sklearn() -> None:
 
 def test_graded_ndcg_all_zero_is_nan() -> None:
     assert np.isnan(graded_ndcg(["a", "a"], [0, 0], [0.1, 0.2]))
+
+
+def test_candidate_ranks_by_hand_with_ties_repeats_and_misses() -> None:
+    # Catalog rows as candidates, -1 = padding from the index.
+    candidates = np.array(
+        [
+            [7, 3, 5, 9],  # target 3 at score 0.8: one item above -> rank 1
+            [4, 2, 6, 1],  # target 6 ties with 2 (0.5): ties count against -> rank 2
+            [8, 8, 2, -1],  # target 2 below a repeated item 8: each copy counts -> rank 2
+            [1, 2, 3, 4],  # target 0 not retrieved -> missing rank
+            [5, 5, 1, 0],  # repeated target: its copies do not count against it -> rank 0
+        ]
+    )
+    scores = np.array(
+        [
+            [0.9, 0.8, 0.7, 0.1],
+            [0.9, 0.5, 0.5, 0.4],
+            [0.6, 0.6, 0.3, 0.0],
+            [0.9, 0.8, 0.7, 0.6],
+            [0.9, 0.9, 0.2, 0.1],
+        ]
+    )
+    target = np.array([3, 6, 2, 0, 5])
+    ranks = metrics.candidate_ranks(candidates, scores, target, missing_rank=100)
+    assert ranks.tolist() == [1, 2, 2, 100, 0]
+    got = metrics.ranking_metrics(ranks, ks=(1, 3))
+    assert got["recall@1"] == pytest.approx(1 / 5)
+    assert got["recall@3"] == pytest.approx(4 / 5)
+    by_hand = (1 / np.log2(3) + 1 / np.log2(4) + 1 / np.log2(4) + 0 + 1) / 5
+    assert got["ndcg@3"] == pytest.approx(by_hand)
+
+
+def test_candidate_ranks_agree_with_full_catalog_ranks() -> None:
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 20, size=(50, 200)).astype(np.float32)  # many ties
+    target = rng.integers(0, 200, size=50)
+    full = metrics.target_ranks(scores, target)
+    # Top 30 by score (ties in any order), as an index would return them.
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :30]
+    part = metrics.candidate_ranks(top, np.take_along_axis(scores, top, 1), target, 200)
+    # Exact for every target whose true rank is inside the list...
+    assert (part[full < 30] == full[full < 30]).all() and (full < 30).sum() > 5
+    # ...and a target that was not retrieved is never a hit.
+    retrieved = (top == target[:, None]).any(1)
+    assert (part[~retrieved] == 200).all() and (full[~retrieved] >= 29).all()
+
+
+def test_recall_curve_is_cumulative() -> None:
+    ks, recall = metrics.recall_curve(np.array([0, 0, 2, 5, 99]), max_k=5)
+    assert ks.tolist() == [1, 2, 3, 4, 5]
+    assert recall.tolist() == pytest.approx([0.4, 0.4, 0.6, 0.6, 0.6])

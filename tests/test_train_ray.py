@@ -15,7 +15,7 @@ from shoprank import pipeline
 from shoprank.config import load_config
 from shoprank.data.tokenize import tokenize
 from shoprank.evaluation import CrossEncoderScorer, collect_scores, group_metrics
-from shoprank.export import METADATA, export_ranker, load_checkpoint_model
+from shoprank.export import METADATA, export_model, load_checkpoint_model
 from shoprank.models.ranker import ranker_logits
 from shoprank.training import MODEL_DIR, best_checkpoint, fit, run_history
 
@@ -64,7 +64,7 @@ def test_lora_zero_trains_checkpoints_and_resumes(
     cfg = _config(tmp_path, tiny_shop, tiny_model_dir, stage, f"zero{stage}", max_steps=8)
     out = pipeline.output_dir(cfg)
     train, valid = _data(cfg, out)
-    result = fit(cfg, "ranker", train, valid, train.count())
+    result = fit(cfg, "ranker", {"train": train, "valid": valid}, train.count())
     history = run_history(result)
     assert [h["step"] for h in history] == [4, 8]
 
@@ -87,7 +87,7 @@ def test_lora_zero_trains_checkpoints_and_resumes(
 
         # Loads back to the same logits: merged (exported) and unmerged agree.
         unmerged = load_checkpoint_model(d, cfg, merge=False)
-        export = export_ranker(d, cfg, str(tmp_path / f"export{stage}"), {"metrics": best})
+        export = export_model(d, cfg, str(tmp_path / f"export{stage}"), {"metrics": best})
     batch = next(iter(valid.iter_torch_batches(batch_size=4)))
     with torch.no_grad():
         a = ranker_logits(unmerged, batch)
@@ -100,13 +100,15 @@ def test_lora_zero_trains_checkpoints_and_resumes(
     assert meta["kind"] == "ranker"
 
     # The exported model reproduces the validation metric the worker reported.
-    scores, labels = collect_scores(valid, CrossEncoderScorer, {"model_dir": export, "bf16": False})
+    scores, labels, _ = collect_scores(
+        valid, CrossEncoderScorer, {"model_dir": export, "bf16": False}
+    )
     again = group_metrics(scores, labels, probabilistic=True)
     assert again["auc"] == pytest.approx(best["val_auc"], abs=1e-4)
 
     # Running the same run name again resumes at the saved step, not at step 0.
     cfg2 = _config(tmp_path, tiny_shop, tiny_model_dir, stage, f"zero{stage}", max_steps=12)
-    result2 = fit(cfg2, "ranker", train, valid, train.count())
+    result2 = fit(cfg2, "ranker", {"train": train, "valid": valid}, train.count())
     steps = [h["step"] for h in run_history(result2)]
     assert steps == [4, 8, 12]
     assert np.isfinite(run_history(result2)[-1]["train_loss"])

@@ -38,19 +38,29 @@ class DataConfig(Section):
     # Most recent items in a context, newest first.
     history_len: int = Field(10, ge=1)
     history_separator: str = " | "
-    # Sampled negatives per training positive (never the positive itself).
-    negatives: int = Field(3, ge=1)
-    # Candidates per validation / test user: 1 positive + (eval_candidates - 1) sampled.
-    eval_candidates: int = Field(100, ge=2)
+    # Sampled negatives per training positive (never the positive itself); the retriever can
+    # use 0, since every other item of its batch is a negative already.
+    negatives: int = Field(3, ge=0)
+    # Candidates per validation / test user: 1 positive + (eval_candidates - 1) sampled;
+    # 1 keeps only the positive (the full-catalog protocol ranks every item anyway).
+    eval_candidates: int = Field(100, ge=1)
+    # Hard negatives per training positive, mined with an exported retriever (its folder,
+    # holding an index from jobs/embed.py) from ranks [hard_negative_ranks) of its results.
+    hard_negatives: int = Field(0, ge=0)
+    hard_negatives_from: str | None = None
+    hard_negative_ranks: tuple[int, int] = (10, 100)
     # Validation users scored during training (cross-encoder scoring is the costly part).
     # The defaults keep the built-in run short on a 2-core laptop; real runs raise them.
-    val_users: int = Field(64, ge=1)
-    test_users: int | None = 200
+    # None = every user (what the full-catalog protocol reports).
+    val_users: int | None = Field(64, ge=1)
+    test_users: int | None = Field(200, ge=1)
     # Cap on training groups (None = all).
     max_train_positives: int | None = 2000
 
 
 class ModelConfig(Section):
+    # ranker: cross-encoder over (context, item); retriever: bi-encoder with two shared towers.
+    kind: Literal["ranker", "retriever"] = "ranker"
     # A Hugging Face model id or path; "minilm" is the bundled all-MiniLM-L6-v2.
     name: str = "minilm"
     max_length: int = Field(128, ge=8)
@@ -68,6 +78,27 @@ class LoraConfig(Section):
     # Trained in full and saved with the adapter; names absent from the model are skipped.
     # (BERT's pooler is adapted through its `dense` layer, a target module.)
     modules_to_save: list[str] = ["classifier"]
+
+
+class RetrieverConfig(Section):
+    pooling: Literal["mean", "cls"] = "mean"
+    # Softmax temperature of the contrastive loss; learned (from this start) when asked.
+    temperature: float = Field(0.05, gt=0)
+    learn_temperature: bool = True
+    # Contexts (histories) are longer than items; items use model.max_length.
+    context_max_length: int = Field(256, ge=8)
+
+
+class IndexConfig(Section):
+    # auto: exact inner product below `exact_below` items, HNSW above.
+    kind: Literal["auto", "flat", "hnsw"] = "auto"
+    exact_below: int = 50_000
+    hnsw_m: int = Field(32, ge=4)
+    ef_construction: int = Field(200, ge=8)
+    ef_search: int = Field(256, ge=8)
+    # Ray Data batch inference over the catalog: items per batch and embedding actors.
+    embed_batch_size: int = Field(256, ge=1)
+    embed_actors: int = Field(1, ge=1)
 
 
 class TrainConfig(Section):
@@ -102,6 +133,17 @@ class EvalConfig(Section):
     tfidf_decay: float = 0.5
     zero_shot: bool = True
     split: Literal["valid", "test"] = "test"
+    # sampled: rank 1 positive + sampled candidates per user (the ranker's protocol);
+    # full_catalog: retrieve from every item, then rerank (two-stage, Recall/NDCG@ks).
+    protocol: Literal["sampled", "full_catalog"] = "sampled"
+    ks: list[int] = [10, 50]
+    # Exported models for the full-catalog protocol (folders written by jobs/train.py).
+    retriever: str | None = None
+    ranker: str | None = None
+    retrieve_top: int = Field(100, ge=1)  # N candidates from stage one
+    rerank_top: int | None = None  # how many of them the ranker rescores (None = all N)
+    # Users reranked by the cross-encoder (None = all); a seeded sample keeps CPU runs short.
+    rerank_users: int | None = None
 
 
 class Config(Section):
@@ -109,6 +151,8 @@ class Config(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
+    retriever: RetrieverConfig = RetrieverConfig()
+    index: IndexConfig = IndexConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 

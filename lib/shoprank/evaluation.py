@@ -16,8 +16,16 @@ from shoprank import metrics
 from shoprank.baselines import Popularity, TfidfHistory
 from shoprank.config import Config, ModelConfig
 from shoprank.data.text import render_items
+from shoprank.data.tokenize import KEY
 from shoprank.models.encoder import embed_texts, load_encoder, load_tokenizer
 from shoprank.models.ranker import flatten_groups
+
+
+def _scored(batch: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, np.ndarray]:
+    out = {"labels": batch["labels"], "scores": scores}
+    if KEY in batch:
+        out[KEY] = batch[KEY]
+    return out
 
 
 class CrossEncoderScorer:
@@ -34,7 +42,7 @@ class CrossEncoderScorer:
         tensors = {k: torch.from_numpy(v) for k, v in batch.items() if v.dtype == np.int32}
         b, g = batch["labels"].shape
         logits = self.model(**flatten_groups(tensors)).logits
-        return {"labels": batch["labels"], "scores": logits.float().view(b, g).numpy()}
+        return _scored(batch, logits.float().view(b, g).numpy())
 
 
 class ZeroShotScorer:
@@ -58,7 +66,7 @@ class ZeroShotScorer:
         ctx = self._embed(list(batch["context"]))
         rows = np.array([[self.index[i] for i in ids] for ids in batch["item_ids"]])
         scores = np.einsum("bd,bgd->bg", ctx, self.items[rows])
-        return {"labels": batch["labels"], "scores": scores}
+        return _scored(batch, scores)
 
 
 class BaselineScorer:
@@ -74,13 +82,14 @@ class BaselineScorer:
         else:
             histories = [list(h) for h in batch["history_ids"]]
             scores = np.stack(self.baseline.score_pairs(histories, items))
-        return {"labels": batch["labels"], "scores": scores.astype(np.float32)}
+        return _scored(batch, scores.astype(np.float32))
 
 
 def collect_scores(
     ds: ray.data.Dataset, scorer, kwargs: dict, num_cpus: float = 1, batch_size: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run a scorer over every group; returns (scores, labels), both [n_groups, G]."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Run a scorer over every group: (scores, labels), both [n_groups, G], and the groups'
+    `key` column when they carry one (Ray Data does not promise to keep row order)."""
     scored = ds.map_batches(
         scorer,
         fn_constructor_kwargs=kwargs,
@@ -89,11 +98,13 @@ def collect_scores(
         concurrency=1,
         num_cpus=num_cpus,  # Ray sets the actor's torch threads to this
     )
-    scores, labels = [], []
+    scores, labels, keys = [], [], []
     for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
         scores.append(batch["scores"])
         labels.append(batch["labels"])
-    return np.concatenate(scores), np.concatenate(labels)
+        if KEY in batch:
+            keys.append(batch[KEY])
+    return np.concatenate(scores), np.concatenate(labels), np.concatenate(keys) if keys else None
 
 
 def group_metrics(scores: np.ndarray, labels: np.ndarray, probabilistic: bool) -> dict[str, float]:
@@ -140,7 +151,7 @@ def evaluate_groups(
         runs[name] = (BaselineScorer, {"baseline": fitted})
     table, raw = {}, {}
     for name, (scorer, kwargs) in runs.items():
-        scores, labels = collect_scores(groups, scorer, kwargs, num_cpus=cfg.eval.num_cpus)
+        scores, labels, _ = collect_scores(groups, scorer, kwargs, num_cpus=cfg.eval.num_cpus)
         raw[name] = (scores, labels)
         table[name] = group_metrics(scores, labels, probabilistic=scorer is CrossEncoderScorer)
     return table, raw

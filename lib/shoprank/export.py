@@ -14,10 +14,16 @@ from torch import nn
 
 from shoprank import __version__
 from shoprank.config import Config
-from shoprank.models.encoder import load_sequence_scorer, load_tokenizer
+from shoprank.models.encoder import (
+    METADATA,
+    load_encoder,
+    load_sequence_scorer,
+    load_tokenizer,
+)
+from shoprank.models.retriever import SETTINGS
 from shoprank.training import MODEL_DIR
 
-METADATA = "shoprank.json"
+__all__ = ["METADATA", "code_version", "export_model", "load_checkpoint_model"]
 
 
 def code_version() -> dict:
@@ -39,31 +45,43 @@ def code_version() -> dict:
 
 
 def load_checkpoint_model(checkpoint_dir: str, cfg: Config, merge: bool = True) -> nn.Module:
-    """The ranker saved in a checkpoint; LoRA merged into the base weights when `merge`."""
+    """The trained network saved in a checkpoint: the ranker, or the retriever's encoder.
+
+    LoRA adapters are merged into the base weights when `merge`.
+    """
     model_dir = os.path.join(checkpoint_dir, MODEL_DIR)
+    retriever = cfg.model.kind == "retriever"
+
+    def load(path: str) -> nn.Module:
+        if retriever:
+            return load_encoder(cfg.model, path)
+        return load_sequence_scorer(path, cfg.model)
+
     if not cfg.lora.enabled:
-        return load_sequence_scorer(model_dir, cfg.model).eval()
+        return load(model_dir).eval()
     from peft import PeftModel
 
-    base = load_sequence_scorer(cfg.model.name, cfg.model)
-    model = PeftModel.from_pretrained(base, model_dir)
+    model = PeftModel.from_pretrained(load(cfg.model.name), model_dir)
     return (model.merge_and_unload() if merge else model).eval()
 
 
-def export_ranker(checkpoint_dir: str, cfg: Config, out_dir: str, metadata: dict) -> str:
+def export_model(checkpoint_dir: str, cfg: Config, out_dir: str, metadata: dict) -> str:
     """Write `out_dir` with weights, tokenizer and `shoprank.json`; returns the folder."""
     model = load_checkpoint_model(checkpoint_dir, cfg, merge=True)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     load_tokenizer(cfg.model.name).save_pretrained(out_dir)
     meta = {
-        "kind": "ranker",
+        "kind": cfg.model.kind,
         "base_model": cfg.model.name,
         "max_length": cfg.model.max_length,
-        "config": cfg.model_dump(mode="json"),
-        "code": code_version(),
-        **metadata,
     }
+    if cfg.model.kind == "retriever":
+        with open(os.path.join(checkpoint_dir, MODEL_DIR, SETTINGS)) as f:
+            meta.update(json.load(f))  # pooling and the (learned) temperature
+        meta["context_max_length"] = cfg.retriever.context_max_length
+        meta["item_max_length"] = cfg.model.max_length
+    meta.update({"config": cfg.model_dump(mode="json"), "code": code_version(), **metadata})
     with open(os.path.join(out_dir, METADATA), "w") as f:
         json.dump(meta, f, indent=2, default=str)
     return out_dir

@@ -193,3 +193,34 @@ def graded_ndcg(
     if not keep.any():
         return float("nan")
     return float(np.mean(dcg[keep] / idcg[keep]))
+
+
+def candidate_ranks(
+    candidates: np.ndarray, scores: np.ndarray, target: np.ndarray, missing_rank: int
+) -> np.ndarray:
+    """0-based rank of each row's target within its own candidate list, ties against.
+
+    ``candidates`` [U, N] holds catalog rows (-1 = padding, ignored); ``scores`` [U, N] their
+    scores. The rank counts every OTHER candidate scoring >= the target (a repeated non-target
+    item counts each time it appears; repeats of the target itself do not). A target absent
+    from its list gets ``missing_rank`` (use the catalog size: never a hit at any k <= N).
+    For a top-N list this equals `target_ranks` over the full catalog whenever that rank is
+    below N (tested); only ties straddling the cut can differ.
+    """
+    candidates = np.asarray(candidates)
+    scores = _finite_scores(np.asarray(scores, dtype=np.float64))
+    target = np.asarray(target, dtype=np.int64)
+    if candidates.shape != scores.shape or candidates.ndim != 2:
+        raise ValueError(f"candidates {candidates.shape} and scores {scores.shape} must match")
+    is_target = candidates == target[:, None]
+    found = is_target.any(axis=1)
+    t = np.where(is_target, scores, -np.inf).max(axis=1)
+    others = (~is_target) & (candidates >= 0) & (scores >= t[:, None])
+    return np.where(found, others.sum(axis=1), missing_rank).astype(np.int64)
+
+
+def recall_curve(ranks: np.ndarray, max_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Recall@k for k = 1..max_k: the fraction of targets ranked in the top k."""
+    ks = np.arange(1, max_k + 1)
+    counts = np.bincount(np.minimum(np.asarray(ranks), max_k), minlength=max_k + 1)[:max_k]
+    return ks, np.cumsum(counts) / max(len(ranks), 1)

