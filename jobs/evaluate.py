@@ -8,14 +8,13 @@ eval.protocol=sampled (ranker runs): each user's held-out item among sampled can
 ranker read from runs/<run.name>/export (or --model DIR).
 eval.protocol=full_catalog (retriever runs): every item is a candidate; the retriever (its ANN
 index built or refreshed first) retrieves eval.retrieve_top, the ranker, when given, reranks
-them. Held-out examples are rebuilt from the same data and seed as the training job.
+them. data.task=search: NDCG@10 over data.judgments for the model (ranker or retriever).
+Held-out examples are rebuilt from the same data and seed as the training job.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from shoprank import pipeline
 from shoprank.config import load_config
@@ -32,38 +31,32 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args()
 
-    # 1. Config and the models to compare.
+    # 1. Config and the models to compare (the run's own export unless told otherwise).
     cfg = load_config(args.config, args.overrides)
     out = pipeline.start(cfg)
-    export_dir = Path(args.model or out / "export")
+    model = args.model or (str(out / "export") if (out / "export" / METADATA).exists() else None)
+    history = read_metadata(model).get("history", []) if model else []
     full = cfg.eval.protocol == "full_catalog"
-    if full:
-        own = str(export_dir) if (export_dir / METADATA).exists() else None
-        retriever = args.retriever or cfg.eval.retriever or own
-        ranker = args.ranker or cfg.eval.ranker
-        if own and read_metadata(own)["kind"] != "retriever" and retriever == own:
-            raise SystemExit(f"{own} is a ranker; pass the retriever with --retriever DIR")
-    elif not (export_dir / METADATA).exists():
-        raise SystemExit(f"{export_dir} holds no exported model; run jobs/train.py first")
-    history = (
-        json.loads((export_dir / METADATA).read_text()).get("history", [])
-        if (export_dir / METADATA).exists()
-        else []
-    )
+    if not (model or args.retriever or args.ranker or cfg.eval.retriever):
+        raise SystemExit(f"{out / 'export'} holds no exported model; run jobs/train.py first")
     init_ray()
 
     # 2. Data: the same validated events and held-out examples as training.
     data, examples = pipeline.prepare(cfg, out)
 
     # 3. Evaluate and report.
-    if full:
+    if cfg.data.task == "search":
+        chosen = args.ranker or args.retriever or model
+        _, report = pipeline.search_report(cfg, out, data, examples, chosen, history)
+    elif full:
+        retriever = args.retriever or cfg.eval.retriever or model
+        ranker = args.ranker or cfg.eval.ranker
         _, report = pipeline.full_catalog_report(
             cfg, out, data, examples, retriever, ranker, history
         )
     else:
-        table, report = pipeline.evaluate_and_report(
-            cfg, out, data, examples, str(export_dir), history
-        )
+        ranker = args.ranker or model
+        table, report = pipeline.evaluate_and_report(cfg, out, data, examples, ranker, history)
         pipeline.print_table(table)
     print(f"\n[shoprank] report: {report}")
 

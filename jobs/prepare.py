@@ -2,8 +2,10 @@
 
     python jobs/prepare.py synthetic [--out data/synthetic] [--users N --items N --seed S]
     python jobs/prepare.py amazon ../shared/data/amazon-scientific [--out data/amazon-scientific]
+    python jobs/prepare.py esci SRC_DIR [--out data/esci --locale us]
+    python jobs/prepare.py wands SRC_DIR [--out data/wands --train-fraction 0.5]
 
-Writes catalog.parquet and events/dt=YYYY-MM-DD/ (plus judgments.parquet for synthetic) and
+Writes catalog.parquet and events/dt=YYYY-MM-DD/ (plus judgments.parquet for search data) and
 prints a JSON summary. Validation happens in the jobs that read the data, so that bad rows are
 counted and quarantined next to each run's outputs.
 """
@@ -14,6 +16,7 @@ import argparse
 import json
 
 from shoprank.data.amazon import import_amazon
+from shoprank.data.search_sets import import_esci, import_wands
 from shoprank.data.synthetic import generate_shop
 
 
@@ -38,6 +41,16 @@ def main(argv: list[str] | None = None) -> dict:
     amz.add_argument("src", help="folder with items.parquet and interactions.parquet")
     amz.add_argument("--out", default="data/amazon-scientific")
 
+    esci = sub.add_parser("esci", help="import the ESCI shopping-queries dataset (search)")
+    esci.add_argument("src", help="folder with shopping_queries_dataset_*.parquet")
+    esci.add_argument("--out", default="data/esci")
+    esci.add_argument("--locale", default="us")
+
+    wands = sub.add_parser("wands", help="import the WANDS dataset (search)")
+    wands.add_argument("src", help="folder with product.csv, query.csv, label.csv")
+    wands.add_argument("--out", default="data/wands")
+    wands.add_argument("--train-fraction", type=float, default=0.5)
+
     args = parser.parse_args(argv)
     if args.source == "synthetic":
         summary = generate_shop(
@@ -48,8 +61,12 @@ def main(argv: list[str] | None = None) -> dict:
             seed=args.seed,
             bad_fraction=args.bad_fraction,
         )
-    else:
+    elif args.source == "amazon":
         summary = import_amazon(args.src, args.out)
+    elif args.source == "esci":
+        summary = import_esci(args.src, args.out, locale=args.locale)
+    else:
+        summary = import_wands(args.src, args.out, train_fraction=args.train_fraction)
     print(json.dumps(summary, indent=2))
     return summary
 

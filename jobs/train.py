@@ -59,9 +59,12 @@ def main() -> None:
             },
         )
 
-    # 5. Evaluate on eval.split: zero-shot vs fine-tuned vs baselines (a retriever by the
-    #    full-catalog protocol, through its freshly built ANN index).
-    if cfg.model.kind == "retriever":
+    # 5. Evaluate: zero-shot vs fine-tuned vs baselines. Search on the judgments (NDCG@10);
+    #    recommendation on eval.split, a retriever by the full-catalog protocol through its
+    #    freshly built ANN index, a ranker on sampled candidates.
+    if cfg.data.task == "search":
+        _, report = pipeline.search_report(cfg, out, data, examples, export_dir, history)
+    elif cfg.model.kind == "retriever":
         _, report = pipeline.full_catalog_report(
             cfg, out, data, examples, export_dir, cfg.eval.ranker, history
         )

@@ -159,3 +159,12 @@ class TfidfHistory:
             flat = np.asarray(users[user_rows].multiply(items[cols]).sum(axis=1)).ravel()
             out.extend(np.split(flat.astype(np.float32), np.cumsum(lengths)[:-1]))
         return out
+
+    def score_queries(self, queries: Sequence[str], item_ids: Sequence[str]) -> np.ndarray:
+        """Cosine between each query's TF-IDF vector and its paired item (search baseline)."""
+        items = self._check_fitted()
+        if len(queries) != len(item_ids):
+            raise ValueError(f"{len(queries)} queries but {len(item_ids)} items")
+        q = sp.csr_matrix(self.vectorizer.transform(list(queries)), dtype=np.float64)
+        rows = items[self._columns(item_ids)]
+        return np.asarray(q.multiply(rows).sum(axis=1)).ravel().astype(np.float32)

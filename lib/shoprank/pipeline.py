@@ -9,14 +9,15 @@ import numpy as np
 import pyarrow.compute as pc
 import ray
 
-from shoprank import metrics, report, two_stage
+from shoprank import metrics, report, search, two_stage
 from shoprank.config import Config
 from shoprank.data import read
 from shoprank.data.examples import build_examples
 from shoprank.data.load import Validated, counts_table, load_validated
+from shoprank.data.text import render_items
 from shoprank.data.tokenize import for_model, tokenize, tokenize_items
 from shoprank.evaluation import evaluate_groups, fit_baselines
-from shoprank.retrieval import catalog_items
+from shoprank.retrieval import mine_hard_negatives
 
 EVAL_METRICS = ["auc", "ndcg@10", "recall@10", "logloss"]
 
@@ -55,7 +56,26 @@ def prepare(cfg: Config, out: Path) -> tuple[Validated, dict[str, ray.data.Datas
     data = load_validated(cfg.data, str(out / "quarantine"))
     print("[shoprank] data quality:\n" + counts_table(data.counts))
     examples = build_examples(data.events, data.catalog, cfg.data, cfg.run.seed)
+    if cfg.data.hard_negatives:
+        mined = mine_hard_negatives(examples["train"], cfg, data.catalog).materialize()
+        print(f"[shoprank] {cfg.data.hard_negatives} hard negatives added to each training group")
+        examples["train"] = mined
     return data, examples
+
+
+def catalog_items(catalog, template: str) -> ray.data.Dataset:
+    """The catalog as {row, item_id, text} rows: what the retriever's validation embeds."""
+    import pyarrow as pa
+
+    return ray.data.from_arrow(
+        pa.table(
+            {
+                "row": pa.array(range(catalog.num_rows), pa.int32()),
+                "item_id": catalog["item_id"],
+                "text": pa.array(render_items(catalog, template), pa.string()),
+            }
+        )
+    )
 
 
 def training_datasets(
@@ -209,4 +229,42 @@ def full_catalog_report(
     title = f"shoprank retrieval: {cfg.run.name} ({split}, full catalog)"
     path = report.write_report(folder, title, sections, images)
     print_table(table, columns)
+    return table, path
+
+
+def search_report(
+    cfg: Config,
+    out: Path,
+    data: Validated,
+    examples: dict[str, ray.data.Dataset],
+    model_dir: str | None,
+    history: list[dict],
+) -> tuple[dict[str, dict[str, float]], Path]:
+    """NDCG@10 over the judgments file: zero-shot vs fine-tuned vs baselines."""
+    if data.judgments is None:
+        raise ValueError(
+            f"data.task=search is evaluated on judgments, but data.judgments={cfg.data.judgments!r}"
+            " does not exist; point it at a judgments Parquet (jobs/prepare.py esci|wands)"
+        )
+    baselines = fit_baselines(cfg, data.catalog, train_positive_ids(examples["train"]))
+    table = search.evaluate_judgments(cfg, data.catalog, data.judgments, model_dir, baselines)
+    folder = out / "report_search"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(table, indent=2))
+    images = {"NDCG@10 by model": report.bar_chart(table, ["ndcg@10"], folder / "metrics.png")}
+    if history:
+        images["Training"] = training_curve(history, ["val_ndcg@10"], folder / "training.png")
+    n_queries = int(next(iter(table.values()))["queries"]) if table else 0
+    protocol = (
+        f"{data.judgments.num_rows} judged (query, item) pairs over {n_queries} queries with a "
+        "positive gain; each query's judged items ordered by the model's score, NDCG@10 with "
+        "the judged gains (tied scores share their gains)."
+    )
+    sections = [
+        ("Results", report.metrics_table(table, ["ndcg@10"])),
+        ("Protocol", protocol),
+        ("Data quality", counts_table(data.counts)),
+    ]
+    path = report.write_report(folder, f"shoprank search: {cfg.run.name}", sections, images)
+    print_table(table, ["ndcg@10"])
     return table, path

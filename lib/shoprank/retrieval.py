@@ -7,7 +7,9 @@ Embedding is Ray Data batch inference: text -> tokens (`data/tokenize.py`) -> an
 
 from __future__ import annotations
 
+import hashlib
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from shoprank import index as ann
 from shoprank.config import Config, ModelConfig
 from shoprank.data.read import snapshot
 from shoprank.data.text import render_items
-from shoprank.data.tokenize import tokenize_items, tokenize_towers
+from shoprank.data.tokenize import list_column, tokenize_items, tokenize_towers
 from shoprank.models.encoder import METADATA, encode, load_encoder, read_metadata
 
 
@@ -61,12 +63,18 @@ class EncoderSpec:
         )
 
     def fingerprint(self) -> dict:
-        """Changes whenever the weights or the way texts are embedded change."""
+        """Changes whenever the weights or the way texts are embedded change (not when the
+        export is copied elsewhere, e.g. into the registry)."""
         info = asdict(self)
         folder = Path(self.model)
         if (folder / METADATA).exists():
-            weights = sorted(str(p) for p in folder.glob("*.safetensors"))
-            info["weights"] = snapshot([*weights, str(folder / METADATA)])["digest"]
+            digest = hashlib.sha256()
+            for weights in sorted(folder.glob("*.safetensors")):
+                with open(weights, "rb") as f:
+                    for chunk in iter(lambda f=f: f.read(1 << 24), b""):
+                        digest.update(chunk)
+            info["model"] = "export"
+            info["weights_sha256"] = digest.hexdigest()
         return info
 
 
@@ -88,10 +96,17 @@ class TokenEmbedder:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             emb = encode(self.encoder, ids, mask, self.pooling)
         out = {
-            k: v for k, v in batch.items() if not k.startswith(("ctx_", "item_input", "item_att"))
+            k: list_column(v) if v.dtype == object and v.ndim == 1 and _ragged(v) else v
+            for k, v in batch.items()
+            if not k.startswith(TOKEN_PREFIXES)
         }
         out["embedding"] = emb.numpy()
         return out
+
+
+def _ragged(column: np.ndarray) -> bool:
+    """A column of arrays (list<string> read back by Ray Data), to be written back as lists."""
+    return len(column) > 0 and isinstance(column[0], np.ndarray)
 
 
 def embed(ds: ray.data.Dataset, spec: EncoderSpec, prefix: str, cfg: Config) -> ray.data.Dataset:
@@ -105,32 +120,30 @@ def embed(ds: ray.data.Dataset, spec: EncoderSpec, prefix: str, cfg: Config) -> 
     )
 
 
-def catalog_items(catalog: pa.Table, template: str) -> ray.data.Dataset:
-    """The catalog as {row, item_id, text} rows."""
-    return ray.data.from_arrow(
-        pa.table(
-            {
-                "row": pa.array(range(catalog.num_rows), pa.int32()),
-                "item_id": catalog["item_id"],
-                "text": pa.array(render_items(catalog, template), pa.string()),
-            }
-        )
+def embed_text_list(
+    texts: list[str], spec: EncoderSpec, max_length: int, cfg: Config
+) -> np.ndarray:
+    """[len(texts), d] embeddings in input order, by Ray Data batch inference."""
+    rows = ray.data.from_arrow(
+        pa.table({"row": pa.array(range(len(texts)), pa.int32()), "text": pa.array(texts)})
     )
+    tokens = tokenize_items(rows, spec.model, max_length, cfg.index.embed_batch_size)
+    order, embs = [], []
+    for batch in embed(tokens, spec, "item_", cfg).iter_batches(
+        batch_format="numpy", batch_size=None
+    ):
+        order.append(batch["row"])
+        embs.append(batch["embedding"])
+    out = np.empty((len(texts), embs[0].shape[1]), dtype=np.float32)
+    out[np.concatenate(order)] = np.concatenate(embs)
+    return out
 
 
 def embed_catalog(catalog: pa.Table, spec: EncoderSpec, cfg: Config) -> tuple[np.ndarray, float]:
     """[n_items, d] embeddings in catalog row order, and the seconds it took."""
     started = time.perf_counter()
-    items = catalog_items(catalog, cfg.data.item_template)
-    tokens = tokenize_items(items, spec.model, spec.item_max_length, cfg.index.embed_batch_size)
-    rows, embs = [], []
-    for batch in embed(tokens, spec, "item_", cfg).iter_batches(
-        batch_format="numpy", batch_size=None
-    ):
-        rows.append(batch["row"])
-        embs.append(batch["embedding"])
-    out = np.empty((catalog.num_rows, embs[0].shape[1]), dtype=np.float32)
-    out[np.concatenate(rows)] = np.concatenate(embs)
+    texts = render_items(catalog, cfg.data.item_template)
+    out = embed_text_list(texts, spec, spec.item_max_length, cfg)
     return out, time.perf_counter() - started
 
 
@@ -213,4 +226,83 @@ def embed_contexts(
         cols["target"][order].astype(np.int64),
         cols["context"][order],
         [history[i] for i in order],
+    )
+
+
+class HardNegativeSampler:
+    """Ray Data actor: add `n` hard negatives to each training group from the index's results.
+
+    Negatives are drawn from ranks [lo, hi) of the previous retriever's results, skipping the
+    positive and the user's history: the very top is left out because, in a shop, the items
+    ranked just above the one bought are often ones the user would have liked as well.
+    """
+
+    def __init__(self, index_dir: str, texts: list[str], n: int, ranks: tuple[int, int], seed: int):
+        self.index = ann.ItemIndex.load(index_dir)
+        self.rows = {item: i for i, item in enumerate(self.index.item_ids)}
+        self.texts, self.n, self.ranks, self.seed = texts, n, ranks, seed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        lo, hi = self.ranks
+        _, found = self.index.search(batch["embedding"], hi)
+        ids, texts, labels = [], [], []
+        for i, row in enumerate(found):
+            skip = {self.rows[x] for x in batch["history_ids"][i]} | set(batch["item_rows"][i])
+            pool = [int(r) for r in row[lo:] if r >= 0 and int(r) not in skip]
+            if len(pool) < self.n:  # a tiny catalog: fall back to any other item
+                pool = [r for r in range(len(self.texts)) if r not in skip]
+            rng = np.random.default_rng([self.seed, zlib.crc32(str(batch["context"][i]).encode())])
+            picked = rng.choice(pool, size=self.n, replace=False).tolist()
+            ids.append([*batch["item_ids"][i], *(self.index.item_ids[r] for r in picked)])
+            texts.append([*batch["item_texts"][i], *(self.texts[r] for r in picked)])
+            labels.append([*batch["labels"][i], *([0.0] * self.n)])
+        return {
+            "user_id": batch["user_id"],
+            "split": batch["split"],
+            "context": batch["context"],
+            "history_ids": list_column(batch["history_ids"]),
+            "item_ids": _lists(ids),
+            "item_texts": _lists(texts),
+            "labels": _lists(labels),
+        }
+
+
+def _lists(values: list[list]) -> np.ndarray:
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
+
+
+def mine_hard_negatives(
+    train: ray.data.Dataset, cfg: Config, catalog: pa.Table
+) -> ray.data.Dataset:
+    """Training groups with `data.hard_negatives` more negatives from a previous retriever."""
+    source = cfg.data.hard_negatives_from
+    if not source:
+        raise ValueError(
+            "data.hard_negatives > 0 needs data.hard_negatives_from=<retriever export>"
+        )
+    spec = EncoderSpec.from_export(source)
+    index_dir = Path(source) / ann.INDEX_DIR
+    info = ann.read_info(index_dir)
+    if info is None or info["fingerprint"] != index_fingerprint(cfg, spec):
+        raise ValueError(
+            f"{index_dir} is missing or covers another catalog; run "
+            f"python jobs/embed.py --model {source} with this config first"
+        )
+    ids = catalog["item_id"].to_pylist()
+    tokens = tokenize_towers(
+        train, spec.model, spec.context_max_length, spec.item_max_length, ids, keep_text=True
+    )
+    return embed(tokens, spec, "ctx_", cfg).map_batches(
+        HardNegativeSampler,
+        fn_constructor_kwargs={
+            "index_dir": str(index_dir),
+            "texts": render_items(catalog, cfg.data.item_template),
+            "n": cfg.data.hard_negatives,
+            "ranks": tuple(cfg.data.hard_negative_ranks),
+            "seed": cfg.run.seed,
+        },
+        batch_format="numpy",
+        concurrency=1,
     )

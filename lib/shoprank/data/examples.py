@@ -1,6 +1,8 @@
 """Examples: (context, candidate items, labels) groups built per user with Ray Data.
 
-Each output row is one group: the positive item first, then sampled negatives. Training groups
+Each output row is one group: the positive item first, then sampled negatives. The context is
+the user's history (recommendation) or the query of the search that led to the positive
+(search). Training groups
 hold 1 + `negatives` items; validation and test groups hold 1 + (eval_candidates - 1), the
 sampled-candidate protocol. Keeping a group in one row lets Ray Data shuffle rows freely while
 BCE and the listwise softmax both see whole groups.
@@ -60,11 +62,13 @@ class ExampleBuilder:
             splits = events["split"].to_pylist()
         else:
             splits = leave_one_out(len(seq))
+        search = self.cfg.task == "search"
+        queries = events["query"].to_pylist() if search else None
         rng = user_rng(self.seed, user)
         exclude = np.asarray(seq)
         rows: dict[str, list] = {name: [] for name in EXAMPLE_SCHEMA.names}
         for i, (target, split) in enumerate(zip(seq, splits, strict=True)):
-            if i == 0:
+            if i == 0 and not search:
                 continue  # no history to predict from
             history = seq[max(0, i - self.cfg.history_len) : i][::-1]
             n_neg = self.cfg.negatives if split == "train" else self.cfg.eval_candidates - 1
@@ -72,7 +76,9 @@ class ExampleBuilder:
             rows["user_id"].append(user)
             rows["split"].append(split)
             rows["context"].append(
-                history_context([self.texts[h] for h in history], self.cfg.history_separator)
+                queries[i]  # search: the query the user typed
+                if search
+                else history_context([self.texts[h] for h in history], self.cfg.history_separator)
             )
             rows["history_ids"].append([self.item_ids[h] for h in seq[:i][::-1]])
             rows["item_ids"].append([self.item_ids[c] for c in candidates])

@@ -49,7 +49,7 @@ class PairTokenizer:
         if self.keep_text:
             out["user_id"], out["context"] = batch["user_id"], batch["context"]
             for key in ("history_ids", "item_ids", "item_texts"):
-                out[key] = _list_column(batch[key])
+                out[key] = list_column(batch[key])
         return out
 
 
@@ -103,7 +103,7 @@ class TowerTokenizer:
         if self.keep_text:
             out["user_id"], out["context"] = batch["user_id"], batch["context"]
             for key in ("history_ids", "item_ids", "item_texts"):
-                out[key] = _list_column(batch[key])
+                out[key] = list_column(batch[key])
         return out
 
 
@@ -130,7 +130,7 @@ class ItemTokenizer:
         }
 
 
-def _list_column(values: np.ndarray) -> np.ndarray:
+def list_column(values: np.ndarray) -> np.ndarray:
     """Ragged lists as a 1-D object array of Python lists, which Arrow stores as list<string>."""
     column = np.empty(len(values), dtype=object)
     for i, value in enumerate(values):

@@ -53,9 +53,10 @@ def load_encoder(cfg: ModelConfig, name_or_path: str | None = None) -> nn.Module
     that gets no gradient would only confuse optimizers and LoRA's target matching.
     """
     path = resolve_model_path(name_or_path or cfg.name)
-    model = AutoModel.from_pretrained(path, **_attn_kwargs(cfg))
-    if getattr(model, "pooler", None) is not None:
-        model.pooler = None
+    try:
+        model = AutoModel.from_pretrained(path, add_pooling_layer=False, **_attn_kwargs(cfg))
+    except TypeError:  # an architecture without BERT's optional pooler
+        model = AutoModel.from_pretrained(path, **_attn_kwargs(cfg))
     _set_dropout(model, cfg.dropout)
     return model
 

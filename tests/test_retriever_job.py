@@ -1,0 +1,120 @@
+"""The retriever end to end as a user runs it: train (2 workers, ZeRO-2) -> export -> index ->
+full-catalog report; then jobs/embed.py reuses the index, and evaluate.py adds the ranker."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import shop_overrides
+from test_jobs import run_job
+
+pytestmark = pytest.mark.slow
+
+
+def test_retriever_train_embed_and_two_stage_evaluate(
+    ray_local, tmp_path, tiny_shop, tiny_model_dir, monkeypatch, capsys
+):
+    common = [
+        *shop_overrides(tiny_shop),
+        f"run.storage={tmp_path}",
+        f"model.name={tiny_model_dir}",
+        "model.max_length=48",
+        "data.val_users=30",
+        "data.test_users=null",
+        "data.max_train_positives=320",
+        "data.max_bad_fraction=0.5",
+        "train.num_workers=2",
+        "train.zero_stage=2",
+        "train.bf16=false",
+        "train.lr=3e-3",
+        "train.warmup_ratio=0",
+        "train.early_stopping_patience=null",
+    ]
+    retriever_args = [
+        *common,
+        "run.name=retriever",
+        "model.kind=retriever",
+        "retriever.context_max_length=96",
+        "data.negatives=1",  # one sampled negative per group, plus the in-batch ones
+        "data.eval_candidates=1",
+        "train.batch_size=16",
+        "train.epochs=3",
+        "train.max_steps=12",
+        "train.eval_every_steps=4",
+        "eval.protocol=full_catalog",
+        "eval.retrieve_top=50",
+        "eval.ks=[10,50]",
+    ]
+    run_job("train.py", retriever_args, monkeypatch)
+    capsys.readouterr()
+    out = tmp_path / "retriever"
+    export = out / "export"
+
+    meta = json.loads((export / "shoprank.json").read_text())
+    assert meta["kind"] == "retriever" and meta["pooling"] == "mean"
+    assert 0 < meta["temperature"] < 1  # learned, saved with the weights
+    # Two workers, ZeRO-2: the contrastive loss goes down over the run.
+    history = meta["history"]
+    assert [h["step"] for h in history] == [4, 8, 12]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert {"val_recall@10", "val_ndcg@10", "val_recall@50"} <= set(history[0])
+
+    # The index sits beside the export and covers the validated catalog.
+    info = json.loads((export / "index" / "index.json").read_text())
+    assert info["params"] == {"kind": "flat"} and info["n_items"] == 300
+    assert (
+        "Index: {'kind': 'flat'} over 300 items (embedded)"
+        in (out / "report_test" / "report.md").read_text()
+    )
+
+    report = out / "report_test"
+    table = json.loads((report / "metrics.json").read_text())["metrics"]
+    assert set(table) == {"popularity", "tfidf", "zero-shot retriever", "fine-tuned retriever"}
+    for row in table.values():
+        assert set(row) == {"recall@10", "ndcg@10", "recall@50", "ndcg@50"}
+        assert 0 <= row["ndcg@10"] <= row["recall@10"] <= row["recall@50"] <= 1
+    md = (report / "report.md").read_text()
+    assert "(recall_at_k.png)" in md and "candidate recall at 50" in md
+    assert (report / "recall_at_k.png").read_bytes()[:4] == b"\x89PNG"
+
+    # An unchanged catalog and model are not embedded again; new index parameters only
+    # rebuild the index from the stored embeddings.
+    run_job("embed.py", retriever_args, monkeypatch)
+    assert "index unchanged" in capsys.readouterr().out
+    run_job("embed.py", [*retriever_args, "index.kind=hnsw"], monkeypatch)
+    assert "index reindexed" in capsys.readouterr().out
+    assert json.loads((export / "index" / "index.json").read_text())["params"]["kind"] == "hnsw"
+
+    # Stage two: a (tiny) ranker reranks the retriever's top 50 on the validation split.
+    ranker_args = [
+        *common,
+        "run.name=ranker",
+        "data.eval_candidates=10",
+        "train.batch_size=4",
+        "train.max_steps=4",
+        "eval.zero_shot=false",
+        "eval.baselines=[]",
+    ]
+    run_job("train.py", ranker_args, monkeypatch)
+    capsys.readouterr()
+    run_job(
+        "evaluate.py",
+        [
+            *retriever_args,
+            "--ranker",
+            str(tmp_path / "ranker" / "export"),
+            "eval.split=valid",
+            "data.val_users=null",
+            "eval.zero_shot=false",
+        ],
+        monkeypatch,
+    )
+    printed = capsys.readouterr().out
+    assert "fine-tuned retriever + ranker" in printed
+    valid = json.loads((out / "report_valid" / "metrics.json").read_text())["metrics"]
+    stage1, stage2 = valid["fine-tuned retriever"], valid["fine-tuned retriever + ranker"]
+    # Reranking reorders only the retrieved 50: recall at 50 cannot change, the order can.
+    assert stage2["recall@50"] == stage1["recall@50"] > 0
+    assert "the ranker reordered the top 50" in (out / "report_valid" / "report.md").read_text()
