@@ -7,6 +7,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -71,3 +72,33 @@ def test_train_then_evaluate(ray_local, tmp_path, tiny_shop, tiny_model_dir, mon
     assert "fine-tuned ranker" in capsys.readouterr().out
     valid = json.loads((out / "report_valid" / "metrics.json").read_text())
     assert valid["fine-tuned ranker"]["auc"] >= 0.0
+
+
+def test_search_ranker_is_evaluated_on_judgments(
+    ray_local, tmp_path, tiny_shop, tiny_model_dir, monkeypatch, capsys
+):
+    args = [
+        *shop_overrides(tiny_shop),
+        f"run.storage={tmp_path}",
+        "run.name=search",
+        "data.task=search",
+        f"model.name={tiny_model_dir}",
+        "model.max_length=48",
+        "train.max_steps=4",
+        "train.batch_size=4",
+        "data.val_users=8",
+        "data.eval_candidates=10",
+        "data.max_train_positives=100",
+        "data.max_bad_fraction=0.5",
+    ]
+    run_job("train.py", args, monkeypatch)
+    printed = capsys.readouterr().out
+    table = json.loads((tmp_path / "search" / "report_search" / "metrics.json").read_text())
+    assert set(table) == {"popularity", "tfidf", f"zero-shot {tiny_model_dir}", "fine-tuned ranker"}
+    judged = pq.read_table(tiny_shop / "judgments.parquet")
+    positive_queries = len(set(judged.filter(pc.greater(judged["label"], 0))["query_id"]))
+    for row in table.values():
+        assert 0 < row["ndcg@10"] <= 1 and row["queries"] == positive_queries
+    # Query text matches item text in the synthetic shop: TF-IDF must beat popularity.
+    assert table["tfidf"]["ndcg@10"] > table["popularity"]["ndcg@10"]
+    assert "fine-tuned ranker" in printed

@@ -87,10 +87,14 @@ def test_retriever_train_embed_and_two_stage_evaluate(
     assert "index reindexed" in capsys.readouterr().out
     assert json.loads((export / "index" / "index.json").read_text())["params"]["kind"] == "hnsw"
 
-    # Stage two: a (tiny) ranker reranks the retriever's top 50 on the validation split.
+    # Stage two: a (tiny) ranker, trained with hard negatives mined by the retriever, reranks
+    # the retriever's top 50 on the validation split.
     ranker_args = [
         *common,
         "run.name=ranker",
+        "data.hard_negatives=2",
+        f"data.hard_negatives_from={export}",
+        "data.hard_negative_ranks=[5,50]",
         "data.eval_candidates=10",
         "train.batch_size=4",
         "train.max_steps=4",
@@ -98,7 +102,7 @@ def test_retriever_train_embed_and_two_stage_evaluate(
         "eval.baselines=[]",
     ]
     run_job("train.py", ranker_args, monkeypatch)
-    capsys.readouterr()
+    assert "2 hard negatives added to each training group" in capsys.readouterr().out
     run_job(
         "evaluate.py",
         [

@@ -52,7 +52,8 @@ def test_esci_maps_letters_to_gains(tmp_path) -> None:
     assert judgments.schema.equals(JUDGMENTS_SCHEMA, check_metadata=False)
     # Test split only, query 1: E/S/C/I -> 1 / 0.1 / 0.01 / 0.
     assert judgments["query_id"].to_pylist() == ["1"] * 4
-    assert dict(zip(judgments["item_id"].to_pylist(), judgments["label"].to_pylist())) == {
+    pairs = zip(judgments["item_id"].to_pylist(), judgments["label"].to_pylist(), strict=True)
+    assert dict(pairs) == {
         "p0": 1.0,
         "p1": 0.1,
         "p2": 0.01,

@@ -141,9 +141,8 @@ class EvalConfig(Section):
     retriever: str | None = None
     ranker: str | None = None
     retrieve_top: int = Field(100, ge=1)  # N candidates from stage one
-    rerank_top: int | None = None  # how many of them the ranker rescores (None = all N)
-    # Users reranked by the cross-encoder (None = all); a seeded sample keeps CPU runs short.
-    rerank_users: int | None = None
+    # How many of them the ranker rescores (None = all N): the cost of stage two on a CPU.
+    rerank_top: int | None = None
 
 
 class Config(Section):

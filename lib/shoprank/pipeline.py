@@ -12,7 +12,7 @@ import ray
 from shoprank import metrics, report, search, two_stage
 from shoprank.config import Config
 from shoprank.data import read
-from shoprank.data.examples import build_examples
+from shoprank.data.examples import build_examples, positive_only
 from shoprank.data.load import Validated, counts_table, load_validated
 from shoprank.data.text import render_items
 from shoprank.data.tokenize import for_model, tokenize, tokenize_items
@@ -83,8 +83,12 @@ def training_datasets(
 ) -> dict[str, ray.data.Dataset]:
     """Tokenized, materialised datasets for `training.fit`, as the model kind needs them."""
     ids = data.catalog["item_id"].to_pylist()
+    valid = examples["valid"]
+    if cfg.model.kind == "retriever":  # validated on the full catalog: the positive suffices
+        valid = valid.map_batches(positive_only, batch_format="pyarrow")
     out = {
-        split: for_model(examples[split], cfg, ids).materialize() for split in ("train", "valid")
+        "train": for_model(examples["train"], cfg, ids).materialize(),
+        "valid": for_model(valid, cfg, ids).materialize(),
     }
     if cfg.model.kind == "retriever":
         items = catalog_items(data.catalog, cfg.data.item_template)

@@ -20,6 +20,7 @@ import torch
 
 from shoprank import index as ann
 from shoprank.config import Config, ModelConfig
+from shoprank.data.examples import positive_only
 from shoprank.data.read import snapshot
 from shoprank.data.text import render_items
 from shoprank.data.tokenize import list_column, tokenize_items, tokenize_towers
@@ -201,7 +202,7 @@ def embed_contexts(
     examples: ray.data.Dataset, spec: EncoderSpec, cfg: Config, catalog_ids: list[str]
 ) -> Contexts:
     tokens = tokenize_towers(
-        examples,
+        examples.map_batches(positive_only, batch_format="pyarrow"),
         spec.model,
         spec.context_max_length,
         spec.item_max_length,

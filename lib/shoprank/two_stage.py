@@ -89,27 +89,19 @@ def rerank(
     m = min(cfg.eval.rerank_top or candidates.shape[1], candidates.shape[1])
     final = stage_one.copy()
     users = np.flatnonzero(stage_one < m)
-    if cfg.eval.rerank_users is not None and len(users) > cfg.eval.rerank_users:
-        raise ValueError(
-            f"eval.rerank_users={cfg.eval.rerank_users} is below the {len(users)} users whose "
-            "target was retrieved; metrics over a subset would not be comparable. Lower "
-            "eval.rerank_top or evaluate fewer users (data.test_users / data.val_users)"
-        )
     if not len(users):
         return final, 0
     # The ranker reads contexts the way it was trained: its own template and history length.
     rcfg = Config.model_validate(read_metadata(ranker_dir)["config"])
     texts = np.array(render_items(catalog, rcfg.data.item_template), dtype=object)
-    ids = np.array(catalog["item_id"].to_pylist(), dtype=object)
+    text_of = dict(zip(catalog["item_id"].to_pylist(), texts, strict=True))
     block = candidates[users, :m]
     table = pa.table(
         {
             KEY: pa.array(users, pa.int64()),
             "context": [
                 history_context(
-                    [texts[int(r)] for r in _rows(contexts.history_ids[u], ids)][
-                        : rcfg.data.history_len
-                    ],
+                    [text_of[i] for i in contexts.history_ids[u][: rcfg.data.history_len]],
                     rcfg.data.history_separator,
                 )
                 for u in users
@@ -134,11 +126,6 @@ def rerank(
         np.repeat(np.arange(len(scores)), m), labels.ravel(), scores.ravel()
     )
     return final, len(users)
-
-
-def _rows(item_ids: list[str], ids: np.ndarray) -> list[int]:
-    lookup = {item: i for i, item in enumerate(ids)}
-    return [lookup[i] for i in item_ids]
 
 
 def evaluate(

@@ -87,6 +87,14 @@ class ExampleBuilder:
         return pa.table(rows, schema=EXAMPLE_SCHEMA)
 
 
+def positive_only(batch: pa.Table) -> pa.Table:
+    """Keep each group's positive: the full-catalog protocol needs no sampled candidates."""
+    for name in ("item_ids", "item_texts", "labels"):
+        i = batch.schema.get_field_index(name)
+        batch = batch.set_column(i, name, pc.list_slice(batch[name], 0, 1))
+    return batch
+
+
 def positive_events(events: ray.data.Dataset, task: str) -> ray.data.Dataset:
     """Clicks, carts and purchases; browsing ones for recommendation, searches for search."""
 
