@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--model", help="exported retriever folder (default: the run's export)")
     parser.add_argument("--force", action="store_true", help="embed even if nothing changed")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options may come between overrides
 
     # 1. Config and the model to embed with.
     cfg = load_config(args.config, args.overrides)

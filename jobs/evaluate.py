@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--retriever", help="exported retriever (full_catalog protocol)")
     parser.add_argument("--ranker", help="exported ranker for stage two (full_catalog protocol)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options may come between overrides
 
     # 1. Config and the models to compare (the run's own export unless told otherwise).
     cfg = load_config(args.config, args.overrides)

@@ -24,7 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config (default: the built-in synthetic shop)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options may come between overrides
 
     # 1. Config.
     cfg = load_config(args.config, args.overrides)

@@ -39,7 +39,7 @@ def test_retriever_train_embed_and_two_stage_evaluate(
         "retriever.context_max_length=96",
         "data.negatives=1",  # one sampled negative per group, plus the in-batch ones
         "data.eval_candidates=1",
-        "train.batch_size=16",
+        "train.batch_size=8",  # 320 groups / 2 workers / 8 = 20 steps per epoch
         "train.epochs=3",
         "train.max_steps=12",
         "train.eval_every_steps=4",

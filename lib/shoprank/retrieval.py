@@ -295,7 +295,10 @@ def mine_hard_negatives(
     tokens = tokenize_towers(
         train, spec.model, spec.context_max_length, spec.item_max_length, ids, keep_text=True
     )
-    return embed(tokens, spec, "ctx_", cfg).map_batches(
+    # Materialised first, so that the embedding actors (holding eval.num_cpus each) are gone
+    # before the sampler needs a CPU: a 2-CPU laptop cannot hold both pools at once.
+    contexts = embed(tokens, spec, "ctx_", cfg).materialize()
+    return contexts.map_batches(
         HardNegativeSampler,
         fn_constructor_kwargs={
             "index_dir": str(index_dir),

@@ -101,7 +101,8 @@ class TowerTokenizer:
         )
         out["labels"] = np.stack(batch["labels"]).astype(np.float32)
         if self.keep_text:
-            out["user_id"], out["context"] = batch["user_id"], batch["context"]
+            for key in ("user_id", "split", "context"):
+                out[key] = batch[key]
             for key in ("history_ids", "item_ids", "item_texts"):
                 out[key] = list_column(batch[key])
         return out
