@@ -12,20 +12,12 @@ import json
 import math
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoprank.config import Config, ModelConfig
-from shoprank.models.encoder import (
-    apply_lora,
-    embed_texts,
-    encode,
-    load_encoder,
-    load_tokenizer,
-    read_metadata,
-)
+from shoprank.config import Config
+from shoprank.models.encoder import apply_lora, encode, load_encoder
 
 SETTINGS = "retriever.json"
 # CLIP's cap on the learned logit scale (1 / temperature): keeps training stable.
@@ -116,74 +108,3 @@ LOSS_INPUTS = (
 def retriever_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """`model` is the BiEncoder or the DeepSpeed engine wrapping it."""
     return model(**{k: batch[k] for k in LOSS_INPUTS})
-
-
-class TextEmbedder:
-    """Inference side of the retriever: context and item texts to unit vectors.
-
-    Built from an exported retriever folder (`from_export`) or from any pretrained encoder
-    (the zero-shot retriever); either way no peft or DeepSpeed is needed.
-    """
-
-    def __init__(
-        self,
-        model: str,
-        model_cfg: ModelConfig,
-        pooling: str,
-        context_max_length: int,
-        item_max_length: int,
-        bf16: bool,
-    ):
-        self.encoder = load_encoder(model_cfg, model).eval()
-        self.tokenizer = load_tokenizer(model)
-        self.pooling = pooling
-        self.context_max_length = context_max_length
-        self.item_max_length = item_max_length
-        self.bf16 = bf16
-
-    @classmethod
-    def from_export(cls, directory: str, bf16: bool = True) -> TextEmbedder:
-        meta = read_metadata(directory)
-        if meta.get("kind") != "retriever":
-            raise ValueError(f"{directory} holds a {meta.get('kind')!r}, not a retriever export")
-        return cls(
-            directory,
-            ModelConfig(name=directory, dropout=None),
-            meta["pooling"],
-            meta["context_max_length"],
-            meta["item_max_length"],
-            bf16,
-        )
-
-    @classmethod
-    def zero_shot(cls, cfg: Config, bf16: bool = True) -> TextEmbedder:
-        return cls(
-            cfg.model.name,
-            cfg.model,
-            cfg.retriever.pooling,
-            cfg.retriever.context_max_length,
-            cfg.model.max_length,
-            bf16,
-        )
-
-    def contexts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        return embed_texts(
-            self.encoder,
-            self.tokenizer,
-            texts,
-            self.context_max_length,
-            batch_size,
-            self.bf16,
-            self.pooling,
-        )
-
-    def items(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        return embed_texts(
-            self.encoder,
-            self.tokenizer,
-            texts,
-            self.item_max_length,
-            batch_size,
-            self.bf16,
-            self.pooling,
-        )
