@@ -23,7 +23,8 @@ def test_defaults_and_overrides(tmp_path):
     [
         ("train.zero_stage=5", "train.zero_stage"),
         ("train.lrr=1", "train.lrr"),
-        ("data.negatives=0", "data.negatives"),
+        ("data.negatives=-1", "data.negatives"),
+        ("eval.retrieve_top=0", "eval.retrieve_top"),
         ("nokey", "section.key=value"),
     ],
 )

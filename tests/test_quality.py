@@ -31,6 +31,10 @@ def test_minilm_fine_tuned_beats_zero_shot(ray_local, tmp_path, tiny_shop):
             f"run.storage={tmp_path / 'runs'}",
             "run.name=quality",
             "model.max_length=96",
+            # Full fine-tuning: on this shop a wider margin over zero-shot than LoRA's, whose
+            # gain is within the run-to-run noise of Ray Data's streaming order.
+            "lora.enabled=false",
+            "train.lr=1e-4",
             "train.epochs=2",
             "train.early_stopping_patience=null",
             "data.val_users=60",
