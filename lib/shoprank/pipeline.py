@@ -17,7 +17,7 @@ from shoprank.data.load import Validated, counts_table, load_validated
 from shoprank.data.text import render_items
 from shoprank.data.tokenize import for_model, tokenize, tokenize_items
 from shoprank.evaluation import evaluate_groups, fit_baselines
-from shoprank.retrieval import mine_hard_negatives
+from shoprank.retrieval import mine_hard_negatives, text_rows
 
 EVAL_METRICS = ["auc", "ndcg@10", "recall@10", "logloss"]
 
@@ -63,21 +63,6 @@ def prepare(cfg: Config, out: Path) -> tuple[Validated, dict[str, ray.data.Datas
     return data, examples
 
 
-def catalog_items(catalog, template: str) -> ray.data.Dataset:
-    """The catalog as {row, item_id, text} rows: what the retriever's validation embeds."""
-    import pyarrow as pa
-
-    return ray.data.from_arrow(
-        pa.table(
-            {
-                "row": pa.array(range(catalog.num_rows), pa.int32()),
-                "item_id": catalog["item_id"],
-                "text": pa.array(render_items(catalog, template), pa.string()),
-            }
-        )
-    )
-
-
 def training_datasets(
     cfg: Config, data: Validated, examples: dict[str, ray.data.Dataset]
 ) -> dict[str, ray.data.Dataset]:
@@ -91,7 +76,7 @@ def training_datasets(
         "valid": for_model(valid, cfg, ids).materialize(),
     }
     if cfg.model.kind == "retriever":
-        items = catalog_items(data.catalog, cfg.data.item_template)
+        items = text_rows(render_items(data.catalog, cfg.data.item_template))
         out["catalog"] = tokenize_items(items, cfg.model.name, cfg.model.max_length).materialize()
     return out
 

@@ -121,14 +121,18 @@ def embed(ds: ray.data.Dataset, spec: EncoderSpec, prefix: str, cfg: Config) -> 
     )
 
 
+def text_rows(texts: list[str]) -> ray.data.Dataset:
+    """Texts as {row, text} rows, the row keeping each result in place."""
+    return ray.data.from_arrow(
+        pa.table({"row": pa.array(range(len(texts)), pa.int32()), "text": pa.array(texts)})
+    )
+
+
 def embed_text_list(
     texts: list[str], spec: EncoderSpec, max_length: int, cfg: Config
 ) -> np.ndarray:
     """[len(texts), d] embeddings in input order, by Ray Data batch inference."""
-    rows = ray.data.from_arrow(
-        pa.table({"row": pa.array(range(len(texts)), pa.int32()), "text": pa.array(texts)})
-    )
-    tokens = tokenize_items(rows, spec.model, max_length, cfg.index.embed_batch_size)
+    tokens = tokenize_items(text_rows(texts), spec.model, max_length, cfg.index.embed_batch_size)
     order, embs = [], []
     for batch in embed(tokens, spec, "item_", cfg).iter_batches(
         batch_format="numpy", batch_size=None
@@ -194,7 +198,6 @@ class Contexts:
     user_id: np.ndarray
     embedding: np.ndarray  # [U, d]
     target: np.ndarray  # catalog row of the held-out item
-    context: np.ndarray
     history_ids: list[list[str]]
 
 
@@ -209,7 +212,7 @@ def embed_contexts(
         catalog_ids,
         keep_text=True,
     )
-    parts: dict[str, list] = {k: [] for k in ("user_id", "embedding", "target", "context")}
+    parts: dict[str, list] = {k: [] for k in ("user_id", "embedding", "target")}
     history: list[list[str]] = []
     for batch in embed(tokens, spec, "ctx_", cfg).iter_batches(
         batch_format="numpy", batch_size=None
@@ -217,7 +220,6 @@ def embed_contexts(
         parts["user_id"].append(batch["user_id"])
         parts["embedding"].append(batch["embedding"])
         parts["target"].append(batch["item_rows"][:, 0])
-        parts["context"].append(batch["context"])
         history.extend(list(h) for h in batch["history_ids"])
     cols = {k: np.concatenate(v) for k, v in parts.items()}
     order = np.argsort(cols["user_id"], kind="stable")
@@ -225,7 +227,6 @@ def embed_contexts(
         cols["user_id"][order],
         cols["embedding"][order],
         cols["target"][order].astype(np.int64),
-        cols["context"][order],
         [history[i] for i in order],
     )
 
