@@ -59,6 +59,10 @@ def main() -> None:
             },
         )
 
+    # 4b. A retriever's blended stage one: weights of its other signals chosen on valid.
+    if cfg.model.kind == "retriever" and cfg.data.task == "recommend" and cfg.eval.blend_trials:
+        pipeline.tune_blend(cfg, data, examples, export_dir)
+
     # 5. Evaluate: zero-shot vs fine-tuned vs baselines. Search on the judgments (NDCG@10);
     #    recommendation on eval.split, a retriever by the full-catalog protocol through its
     #    freshly built ANN index, a ranker on sampled candidates.

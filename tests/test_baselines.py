@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shoprank.baselines import Popularity, TfidfHistory
+from shoprank.baselines import CoVisitation, Popularity, TfidfHistory
 from shoprank.metrics import ranking_metrics, target_ranks
 
 DATA = Path(__file__).parents[2] / "shared/data/amazon-scientific"
@@ -102,6 +102,34 @@ def _row(ranks: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.skipif(not DATA.exists(), reason=f"Amazon data not found at {DATA}")
+def test_covisitation_counts_pairs_within_window_by_hand() -> None:
+    # One user bought drill, bit, glove, goggles in that order: the training groups are each
+    # positive with the history before it (newest first), as the example builder makes them.
+    histories = [["drill"], ["bit", "drill"], ["glove", "bit", "drill"]]
+    positives = ["bit", "glove", "goggles"]
+    cv = CoVisitation(window=2, decay=0.5).fit(ITEMS, histories, positives)
+    c = cv.counts().toarray()
+    d, b, g, o, f = range(5)
+    # Adjacent pairs weigh 1, pairs two apart 1/2, three apart (drill-goggles) nothing.
+    assert c[d, b] == c[b, d] == 1 and c[b, g] == c[g, b] == 1 and c[g, o] == 1
+    assert c[d, g] == c[g, d] == 0.5 and c[b, o] == 0.5
+    assert c[d, o] == 0 and c[:, f].sum() == 0 and np.trace(c) == 0
+    # A second user repeating drill -> bit adds to the same cell.
+    again = CoVisitation(window=2).fit(ITEMS, [*histories, ["drill"]], [*positives, "bit"])
+    assert again.counts()[d, b] == 2
+
+    # Score: log1p(sum_i decay**i C[history[i], item]), history newest first.
+    scores = next(cv.score_catalog_chunks([["glove", "drill"]]))
+    expected = np.log1p(c[g] + 0.5 * c[d])
+    np.testing.assert_allclose(scores[0], expected, rtol=1e-6)
+    assert scores[0, o] > scores[0, f] == 0
+    # Sampled-candidate scores are the same numbers, in the candidates' order.
+    pairs = cv.score_pairs([["glove", "drill"]], [["goggles", "filament", "bit"]])
+    np.testing.assert_allclose(pairs[0], expected[[o, f, b]], rtol=1e-6)
+    with pytest.raises(KeyError, match="'nope' is not in the fitted catalog"):
+        cv.fit(ITEMS, [["nope"]], ["bit"])
+
+
 def test_amazon_reference_rows() -> None:
     """README test-split rows (R@10, N@10, R@50, N@50), ranking all 4,385 items.
 

@@ -230,3 +230,15 @@ def test_recall_curve_is_cumulative() -> None:
     ks, recall = metrics.recall_curve(np.array([0, 0, 2, 5, 99]), max_k=5)
     assert ks.tolist() == [1, 2, 3, 4, 5]
     assert recall.tolist() == pytest.approx([0.4, 0.4, 0.6, 0.6, 0.6])
+
+
+def test_top_n_best_first_and_consistent_with_ranks() -> None:
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(20, 30))
+    top = metrics.top_n(scores, 5)
+    assert top.shape == (20, 5)
+    np.testing.assert_array_equal(top, np.argsort(-scores, axis=1)[:, :5])
+    # A target ranked r < n by target_ranks sits at position r of the top n.
+    ranks = metrics.target_ranks(scores, top[:, 3])
+    assert (ranks == 3).all()
+    assert metrics.top_n(scores, 99).shape == (20, 30)

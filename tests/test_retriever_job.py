@@ -46,6 +46,7 @@ def test_retriever_train_embed_and_two_stage_evaluate(
         "eval.protocol=full_catalog",
         "eval.retrieve_top=50",
         "eval.ks=[10,50]",
+        "eval.blend_trials=8",
     ]
     run_job("train.py", retriever_args, monkeypatch)
     capsys.readouterr()
@@ -71,13 +72,28 @@ def test_retriever_train_embed_and_two_stage_evaluate(
 
     report = out / "report_test"
     table = json.loads((report / "metrics.json").read_text())["metrics"]
-    assert set(table) == {"popularity", "tfidf", "zero-shot retriever", "fine-tuned retriever"}
+    assert set(table) == {
+        "popularity",
+        "tfidf",
+        "co-visitation",
+        "zero-shot retriever",
+        "fine-tuned retriever",
+        "blended stage one",
+    }
     for row in table.values():
         assert set(row) == {"recall@10", "ndcg@10", "recall@50", "ndcg@50"}
         assert 0 <= row["ndcg@10"] <= row["recall@10"] <= row["recall@50"] <= 1
     md = (report / "report.md").read_text()
     assert "(recall_at_k.png)" in md and "candidate recall at 50" in md
     assert (report / "recall_at_k.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The blend weights were chosen on valid right after training and stored in the export;
+    # the search starts from the retriever alone, so it never ends below it.
+    found = json.loads((export / "blend.json").read_text())
+    assert found["weights"]["retriever"] == 1.0 and len(found["trials"]) == 8
+    assert set(found["weights"]) == {"retriever", "history", "covisit", "tfidf", "popularity"}
+    assert found["valid"]["blend"]["ndcg@10"] >= found["valid"]["retriever"]["ndcg@10"]
+    assert "Blended stage one" in md
 
     # An unchanged catalog and model are not embedded again; new index parameters only
     # rebuild the index from the stored embeddings.
@@ -88,7 +104,7 @@ def test_retriever_train_embed_and_two_stage_evaluate(
     assert json.loads((export / "index" / "index.json").read_text())["params"]["kind"] == "hnsw"
 
     # Stage two: a (tiny) ranker, trained with hard negatives mined by the retriever, reranks
-    # the retriever's top 50 on the validation split.
+    # the blended stage one's top 50 on the validation split.
     ranker_args = [
         *common,
         "run.name=ranker",
@@ -112,13 +128,15 @@ def test_retriever_train_embed_and_two_stage_evaluate(
             "eval.split=valid",
             "data.val_users=null",
             "eval.zero_shot=false",
+            "eval.rerank_mix=[0.5,1.0]",
         ],
         monkeypatch,
     )
     printed = capsys.readouterr().out
-    assert "fine-tuned retriever + ranker" in printed
+    assert "blended stage one + ranker" in printed
     valid = json.loads((out / "report_valid" / "metrics.json").read_text())["metrics"]
-    stage1, stage2 = valid["fine-tuned retriever"], valid["fine-tuned retriever + ranker"]
+    stage1, stage2 = valid["blended stage one"], valid["blended stage one + ranker"]
+    mixed = valid["blended stage one + ranker (mix 0.5)"]
     # Reranking reorders only the retrieved 50: recall at 50 cannot change, the order can.
-    assert stage2["recall@50"] == stage1["recall@50"] > 0
+    assert stage2["recall@50"] == mixed["recall@50"] == stage1["recall@50"] > 0
     assert "the ranker reordered the top 50" in (out / "report_valid" / "report.md").read_text()

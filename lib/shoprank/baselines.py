@@ -168,3 +168,86 @@ class TfidfHistory:
         q = sp.csr_matrix(self.vectorizer.transform(list(queries)), dtype=np.float64)
         rows = items[self._columns(item_ids)]
         return np.asarray(q.multiply(rows).sum(axis=1)).ravel().astype(np.float32)
+
+
+class CoVisitation:
+    """What other users bought near the items in this user's history (collaborative signal).
+
+    A text encoder knows what an item is; it cannot know that people who buy this pipette also
+    buy those tips. ``C[a, b]`` sums ``1 / d`` over every pair of training items ``a, b`` that
+    one user bought ``d <= window`` positions apart (both directions); a user's score for item
+    ``b`` is ``log1p(sum_i decay**i * C[history[i], b])`` with the history newest first. Fitted
+    on training groups only: each positive with the ``window`` newest items before it, which
+    visits every pair of a user's training sequence exactly once.
+    """
+
+    def __init__(self, window: int = 3, decay: float = 0.5) -> None:
+        if window < 1 or decay < 0:
+            raise ValueError(f"window must be >= 1 and decay >= 0, got {window}, {decay}")
+        self.window = window
+        self.decay = decay
+        self.item_ids: list[str] = []
+        self._index: dict[str, int] = {}
+        self._counts: sp.csr_matrix | None = None
+
+    def fit(
+        self,
+        item_ids: Sequence[str],
+        histories: Sequence[Sequence[str]],
+        positives: Sequence[str],
+    ) -> CoVisitation:
+        """``histories[g]`` (newest first) came before ``positives[g]``, one per training group."""
+        if len(histories) != len(positives):
+            raise ValueError(f"{len(histories)} histories but {len(positives)} positives")
+        self.item_ids = list(item_ids)
+        self._index = {item: j for j, item in enumerate(self.item_ids)}
+        rows, cols, vals = [], [], []
+        for hist, pos in zip(histories, positives, strict=True):
+            near = self._columns(hist[: self.window])
+            rows.extend(near)
+            cols.extend([self._index[pos]] * len(near))
+            vals.extend(1.0 / np.arange(1, len(near) + 1))
+        n = len(self.item_ids)
+        one_way = sp.csr_matrix((vals, (rows, cols)), shape=(n, n), dtype=np.float64)
+        self._counts = sp.csr_matrix(one_way + one_way.T)  # duplicates summed
+        return self
+
+    def _columns(self, ids: Sequence[str]) -> list[int]:
+        try:
+            return [self._index[i] for i in ids]
+        except KeyError as e:
+            raise KeyError(f"item id {e.args[0]!r} is not in the fitted catalog") from None
+
+    def counts(self) -> sp.csr_matrix:
+        if self._counts is None:
+            raise RuntimeError("CoVisitation is not fitted: call fit(item_ids, histories, ...)")
+        return self._counts
+
+    def score_catalog_chunks(
+        self, histories: Sequence[Sequence[str]], chunk: int = _USER_CHUNK
+    ) -> Iterator[np.ndarray]:
+        """Yield dense float32 [chunk, n_items] score blocks."""
+        counts = self.counts()
+        for start in range(0, len(histories), chunk):
+            block = histories[start : start + chunk]
+            rows, cols, vals = [], [], []
+            for u, hist in enumerate(block):
+                rows.extend([u] * len(hist))
+                cols.extend(self._columns(hist))
+                vals.append(np.power(float(self.decay), np.arange(len(hist), dtype=np.float64)))
+            weights = sp.csr_matrix(
+                (np.concatenate(vals) if vals else np.array([]), (rows, cols)),
+                shape=(len(block), len(self.item_ids)),
+            )
+            yield np.log1p((weights @ counts).toarray()).astype(np.float32)
+
+    def score_pairs(
+        self, histories: Sequence[Sequence[str]], candidate_item_ids: Sequence[Sequence[str]]
+    ) -> list[np.ndarray]:
+        """Score of each user's own candidates (sampled-candidate protocol)."""
+        out: list[np.ndarray] = []
+        for start in range(0, len(histories), _USER_CHUNK):
+            cands = candidate_item_ids[start : start + _USER_CHUNK]
+            block = next(self.score_catalog_chunks(histories[start : start + _USER_CHUNK]))
+            out.extend(block[u, self._columns(c)] for u, c in enumerate(cands))
+        return out

@@ -129,8 +129,10 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     # CPUs for each scoring actor (its torch threads); GPUs when train.use_gpu.
     num_cpus: float = 2
-    baselines: list[Literal["popularity", "tfidf"]] = ["popularity", "tfidf"]
-    tfidf_decay: float = 0.5
+    baselines: list[Literal["popularity", "tfidf", "covisit"]] = ["popularity", "tfidf", "covisit"]
+    # Weight of the i-th newest history item in TF-IDF, co-visitation and the blend: decay**i.
+    history_decay: float = Field(0.5, ge=0)
+    covisit_window: int = Field(3, ge=1)  # co-visitation pairs: items at most this far apart
     zero_shot: bool = True
     split: Literal["valid", "test"] = "test"
     # sampled: rank 1 positive + sampled candidates per user (the ranker's protocol);
@@ -141,8 +143,16 @@ class EvalConfig(Section):
     retriever: str | None = None
     ranker: str | None = None
     retrieve_top: int = Field(100, ge=1)  # N candidates from stage one
+    # Blended stage one (lib/shoprank/blend.py): the retriever's weights for the other signals
+    # are searched on valid after training (this many Optuna trials; 0 = no blend) and stored
+    # beside the export; weights given here override the stored ones.
+    blend_trials: int = Field(60, ge=0)
+    blend_weights: dict[str, float] | None = None
     # How many of them the ranker rescores (None = all N): the cost of stage two on a CPU.
     rerank_top: int | None = None
+    # Stage two's order: (1 - mix) z(stage one) + mix z(ranker), one report row per mix
+    # (1 = the ranker alone); try several on valid, keep the best for test.
+    rerank_mix: list[float] = [1.0]
 
 
 class Config(Section):

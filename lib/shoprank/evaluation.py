@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from shoprank import metrics
-from shoprank.baselines import Popularity, TfidfHistory
+from shoprank.baselines import CoVisitation, Popularity, TfidfHistory
 from shoprank.config import Config, ModelConfig
 from shoprank.data.text import render_items
 from shoprank.data.tokenize import KEY
@@ -70,9 +70,9 @@ class ZeroShotScorer:
 
 
 class BaselineScorer:
-    """Popularity or TF-IDF over the history, on the same candidate groups."""
+    """Popularity, TF-IDF or co-visitation of the history, on the same candidate groups."""
 
-    def __init__(self, baseline: Popularity | TfidfHistory):
+    def __init__(self, baseline: Popularity | TfidfHistory | CoVisitation):
         self.baseline = baseline
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -116,16 +116,20 @@ def group_metrics(scores: np.ndarray, labels: np.ndarray, probabilistic: bool) -
     return out
 
 
-def fit_baselines(cfg: Config, catalog, train_positive_ids: list[str]) -> dict:
-    """Baselines fitted on the training part only."""
-    fitted = {}
+def fit_baselines(cfg: Config, catalog, positives: list[str], histories: list[list[str]]) -> dict:
+    """Baselines fitted on the training part only: each training group's positive item and
+    the history before it (`pipeline.train_pairs`)."""
+    fitted: dict = {}
+    ids = catalog["item_id"].to_pylist()
     if "popularity" in cfg.eval.baselines:
-        fitted["popularity"] = Popularity().fit(
-            train_positive_ids, catalog=catalog["item_id"].to_pylist()
-        )
+        fitted["popularity"] = Popularity().fit(positives, catalog=ids)
     if "tfidf" in cfg.eval.baselines:
-        fitted["tfidf"] = TfidfHistory(decay=cfg.eval.tfidf_decay).fit(
-            catalog["item_id"].to_pylist(), render_items(catalog, cfg.data.item_template)
+        fitted["tfidf"] = TfidfHistory(decay=cfg.eval.history_decay).fit(
+            ids, render_items(catalog, cfg.data.item_template)
+        )
+    if "covisit" in cfg.eval.baselines:
+        fitted["co-visitation"] = CoVisitation(cfg.eval.covisit_window, cfg.eval.history_decay).fit(
+            ids, histories, positives
         )
     return fitted
 

@@ -224,3 +224,11 @@ def recall_curve(ranks: np.ndarray, max_k: int) -> tuple[np.ndarray, np.ndarray]
     ks = np.arange(1, max_k + 1)
     counts = np.bincount(np.minimum(np.asarray(ranks), max_k), minlength=max_k + 1)[:max_k]
     return ks, np.cumsum(counts) / max(len(ranks), 1)
+
+
+def top_n(scores: np.ndarray, n: int) -> np.ndarray:
+    """[U, min(n, items)] columns of each row's n best scores, best first."""
+    n = min(n, scores.shape[1])
+    part = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)

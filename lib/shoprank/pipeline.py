@@ -81,12 +81,14 @@ def training_datasets(
     return out
 
 
-def train_positive_ids(train_groups: ray.data.Dataset) -> list[str]:
-    """The positive item of every training group: what popularity counts."""
-    firsts = []
-    for batch in train_groups.select_columns(["item_ids"]).iter_batches(batch_format="pyarrow"):
-        firsts.extend(pc.list_element(batch["item_ids"], 0).to_pylist())
-    return firsts
+def train_pairs(train_groups: ray.data.Dataset) -> tuple[list[str], list[list[str]]]:
+    """Every training group's positive and the history before it: what baselines learn from."""
+    positives, histories = [], []
+    columns = ["item_ids", "history_ids"]
+    for batch in train_groups.select_columns(columns).iter_batches(batch_format="pyarrow"):
+        positives.extend(pc.list_element(batch["item_ids"], 0).to_pylist())
+        histories.extend(batch["history_ids"].to_pylist())
+    return positives, histories
 
 
 def training_curve(history: list[dict], keys: list[str], path: Path) -> Path:
@@ -142,7 +144,7 @@ def evaluate_and_report(
     """Zero-shot vs fine-tuned vs baselines on `eval.split`; writes metrics.json and report.md."""
     split = cfg.eval.split
     groups = tokenize(examples[split], cfg.model.name, cfg.model.max_length, keep_text=True)
-    baselines = fit_baselines(cfg, data.catalog, train_positive_ids(examples["train"]))
+    baselines = fit_baselines(cfg, data.catalog, *train_pairs(examples["train"]))
     table, raw = evaluate_groups(cfg, groups.materialize(), data.catalog, export_dir, baselines)
     n_groups = len(next(iter(raw.values()))[0])
     protocol = (
@@ -172,7 +174,7 @@ def full_catalog_report(
 ) -> tuple[dict[str, dict[str, float]], Path]:
     """Stage one and two on `eval.split` by the full-catalog protocol; report with plots."""
     split = cfg.eval.split
-    baselines = fit_baselines(cfg, data.catalog, train_positive_ids(examples["train"]))
+    baselines = fit_baselines(cfg, data.catalog, *train_pairs(examples["train"]))
     outcome = two_stage.evaluate(
         cfg, data.catalog, examples[split], baselines, retriever_dir, ranker_dir
     )
@@ -221,6 +223,18 @@ def full_catalog_report(
     return table, path
 
 
+def tune_blend(
+    cfg: Config, data: Validated, examples: dict[str, ray.data.Dataset], retriever_dir: str
+) -> dict:
+    """Choose the blended stage one's weights on valid (every valid user); stored in the export."""
+    baselines = fit_baselines(cfg, data.catalog, *train_pairs(examples["train"]))
+    found = two_stage.fit_blend(cfg, data.catalog, examples["valid"], baselines, retriever_dir)
+    print(f"[shoprank] blend weights (chosen on {found['chosen_on']}): {found['weights']}")
+    columns = [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")]
+    print_table(found["valid"], columns)
+    return found
+
+
 def search_report(
     cfg: Config,
     out: Path,
@@ -235,7 +249,7 @@ def search_report(
             f"data.task=search is evaluated on judgments, but data.judgments={cfg.data.judgments!r}"
             " does not exist; point it at a judgments Parquet (jobs/prepare.py esci|wands)"
         )
-    baselines = fit_baselines(cfg, data.catalog, train_positive_ids(examples["train"]))
+    baselines = fit_baselines(cfg, data.catalog, *train_pairs(examples["train"]))
     table = search.evaluate_judgments(cfg, data.catalog, data.judgments, model_dir, baselines)
     folder = out / "report_search"
     folder.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,7 @@ def evaluate_judgments(
     gains = judgments["label"].to_numpy()
 
     scores: dict[str, np.ndarray] = {}
-    for name, fitted in baselines.items():
+    for name, fitted in baselines.items():  # co-visitation needs a history: not for queries
         if isinstance(fitted, Popularity):
             scores[name] = fitted.score(item_ids)
         elif isinstance(fitted, TfidfHistory):

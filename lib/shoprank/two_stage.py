@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import ray
 
-from shoprank import metrics
-from shoprank.baselines import Popularity, TfidfHistory
+from shoprank import blend, metrics
+from shoprank.baselines import CoVisitation, Popularity, TfidfHistory
 from shoprank.config import Config
 from shoprank.data.text import history_context, render_items
 from shoprank.data.tokenize import KEY, tokenize
 from shoprank.evaluation import CrossEncoderScorer, collect_scores
+from shoprank.index import INDEX_DIR, read_embeddings
 from shoprank.models.encoder import read_metadata
 from shoprank.retrieval import Contexts, EncoderSpec, embed_catalog, embed_contexts, ensure_index
 
@@ -32,7 +34,9 @@ _CHUNK = 1024
 
 ZERO_SHOT = "zero-shot retriever"
 RETRIEVER = "fine-tuned retriever"
+BLEND = "blended stage one"
 TWO_STAGE = "fine-tuned retriever + ranker"
+BLEND_TWO_STAGE = "blended stage one + ranker"
 
 
 @dataclass
@@ -62,7 +66,7 @@ def baseline_ranks(
     for name, fitted in baselines.items():
         if isinstance(fitted, Popularity):
             out[name] = metrics.target_ranks(fitted.score_catalog(len(target)), target)
-        elif isinstance(fitted, TfidfHistory):
+        elif isinstance(fitted, (TfidfHistory, CoVisitation)):
             blocks = fitted.score_catalog_chunks(histories, chunk=_CHUNK)
             out[name] = np.concatenate(
                 [
@@ -73,24 +77,64 @@ def baseline_ranks(
     return out
 
 
+def blend_signals(
+    cfg: Config, catalog: pa.Table, contexts: Contexts, baselines: dict, retriever_dir: str
+) -> dict[str, np.ndarray]:
+    """Every blend signal for these users, over the catalog vectors the retriever's index holds."""
+    ids, items = read_embeddings(Path(retriever_dir) / INDEX_DIR)
+    if ids != catalog["item_id"].to_pylist():
+        raise ValueError(f"{retriever_dir}/{INDEX_DIR} does not cover this catalog; re-embed it")
+    return blend.signals(
+        contexts.embedding, contexts.history_ids, items, ids, baselines, cfg.eval.history_decay
+    )
+
+
+def fit_blend(
+    cfg: Config, catalog: pa.Table, valid: ray.data.Dataset, baselines: dict, retriever_dir: str
+) -> dict:
+    """Search the blend weights on the valid users and store them beside the retriever."""
+    ensure_index(retriever_dir, catalog, cfg)
+    ids = catalog["item_id"].to_pylist()
+    contexts = embed_contexts(valid, EncoderSpec.from_export(retriever_dir), cfg, ids)
+    signals = blend_signals(cfg, catalog, contexts, baselines, retriever_dir)
+    alone = {
+        name: metrics.ranking_metrics(metrics.target_ranks(s, contexts.target), cfg.eval.ks)
+        for name, s in signals.items()
+    }
+    weights, trials = blend.search_weights(
+        signals, contexts.target, cfg.eval.blend_trials, cfg.train.metric, cfg.run.seed
+    )
+    best = metrics.target_ranks(blend.blend(signals, weights), contexts.target)
+    details = {
+        "chosen_on": f"valid, {len(contexts.target)} users, {cfg.eval.blend_trials} Optuna trials",
+        "metric": cfg.train.metric,
+        "valid": {"blend": metrics.ranking_metrics(best, cfg.eval.ks), **alone},
+        "trials": trials,
+    }
+    blend.save(retriever_dir, weights, details)
+    return {"weights": weights, **details}
+
+
 def rerank(
     cfg: Config,
     ranker_dir: str,
     contexts: Contexts,
     candidates: np.ndarray,
+    candidate_scores: np.ndarray,
     stage_one: np.ndarray,
     catalog: pa.Table,
-) -> tuple[np.ndarray, int]:
+) -> tuple[dict[float, np.ndarray], int]:
     """Final ranks after the cross-encoder reorders the top `rerank_top` candidates.
 
-    Only users whose target sits in that block are scored (the others keep their stage-one
-    rank, which is >= the block size); returns the ranks and the number of users scored.
+    The new order is ``(1 - mix) * z(stage-one score) + mix * z(ranker score)``, both
+    standardised within each user's block, for every mix in `eval.rerank_mix` (1 = the ranker
+    alone). Only users whose target sits in the block are scored (the others keep their
+    stage-one rank, which is >= the block size); returns {mix: ranks} and the users scored.
     """
     m = min(cfg.eval.rerank_top or candidates.shape[1], candidates.shape[1])
-    final = stage_one.copy()
     users = np.flatnonzero(stage_one < m)
     if not len(users):
-        return final, 0
+        return {mix: stage_one.copy() for mix in cfg.eval.rerank_mix}, 0
     # The ranker reads contexts the way it was trained: its own template and history length.
     rcfg = Config.model_validate(read_metadata(ranker_dir)["config"])
     texts = np.array(render_items(catalog, rcfg.data.item_template), dtype=object)
@@ -121,11 +165,19 @@ def rerank(
         num_cpus=cfg.eval.num_cpus,
         batch_size=max(1, cfg.train.eval_batch_size // m),
     )
-    # Every scored group holds its target once: the rank is its place in the reordered block.
-    final[keys] = metrics.grouped_ranks(
-        np.repeat(np.arange(len(scores)), m), labels.ravel(), scores.ravel()
-    )
-    return final, len(users)
+    first = blend.standardize(candidate_scores[keys, :m])
+    second = blend.standardize(scores)
+    out = {}
+    for mix in cfg.eval.rerank_mix:
+        # Every scored group holds its target once: its rank is its place in the new order.
+        final = stage_one.copy()
+        final[keys] = metrics.grouped_ranks(
+            np.repeat(np.arange(len(scores)), m),
+            labels.ravel(),
+            ((1 - mix) * first + mix * second).ravel(),
+        )
+        out[mix] = final
+    return out, len(users)
 
 
 def evaluate(
@@ -165,17 +217,36 @@ def evaluate(
         stage_one = metrics.candidate_ranks(candidates, scores, contexts.target, len(ids))
         out.ranks[RETRIEVER] = stage_one
         timed(RETRIEVER, started)
+        weights = cfg.eval.blend_weights or blend.load(retriever_dir)
+        if weights:
+            started = time.perf_counter()
+            signals = blend_signals(cfg, catalog, contexts, baselines, retriever_dir)
+            blended = blend.blend(signals, weights)
+            del signals
+            stage_one = metrics.target_ranks(blended, contexts.target)
+            candidates = metrics.top_n(blended, cfg.eval.retrieve_top)
+            scores = np.take_along_axis(blended, candidates, axis=1)
+            out.ranks[BLEND] = stage_one
+            timed(BLEND, started)
+            out.notes.append(
+                f"Blended stage one (lib/shoprank/blend.py): standardised signals weighted "
+                f"{weights}, exact over the catalog; its top {cfg.eval.retrieve_top} go to "
+                "stage two."
+            )
         if ranker_dir:
             started = time.perf_counter()
-            out.ranks[TWO_STAGE], n = rerank(
-                cfg, ranker_dir, contexts, candidates, stage_one, catalog
-            )
-            timed(TWO_STAGE, started)
+            name = BLEND_TWO_STAGE if weights else TWO_STAGE
+            mixed, n = rerank(cfg, ranker_dir, contexts, candidates, scores, stage_one, catalog)
+            for mix, ranks in mixed.items():
+                out.ranks[name if mix == 1 else f"{name} (mix {mix:g})"] = ranks
+            timed(name, started)
             m = min(cfg.eval.rerank_top or cfg.eval.retrieve_top, cfg.eval.retrieve_top)
             out.notes.append(
                 f"Stage two: the ranker reordered the top {m} of {n} users whose target was "
-                f"among them ({n * m} pairs in {out.timings[TWO_STAGE]} s); the other users "
-                "keep their stage-one rank (a miss stays a miss)."
+                f"among them ({n * m} pairs in {out.timings[name]} s); the other users "
+                "keep their stage-one rank (a miss stays a miss). Mix w: the order is "
+                "(1 - w) z(stage one) + w z(ranker), standardised per user; w = 1 (no suffix) "
+                "is the ranker alone."
             )
 
     if contexts is None:
@@ -184,7 +255,11 @@ def evaluate(
     out.ranks.update(baseline_ranks(baselines, contexts.history_ids, contexts.target))
     timed("baselines", started)
     # Baselines first, as in every report.
-    models = (ZERO_SHOT, RETRIEVER, TWO_STAGE)
-    order = [n for n in out.ranks if n not in models] + [n for n in models if n in out.ranks]
+    models = (ZERO_SHOT, RETRIEVER, TWO_STAGE, BLEND, BLEND_TWO_STAGE)
+
+    def stage(name: str) -> int:  # baselines first, then the stages in order
+        return max((i + 1 for i, m in enumerate(models) if name.startswith(m)), default=0)
+
+    order = sorted(out.ranks, key=stage)  # stable: mixes stay in config order
     out.ranks = {n: out.ranks[n] for n in order}
     return out

@@ -10,6 +10,8 @@ BCE and the listwise softmax both see whole groups.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -108,6 +110,15 @@ def positive_events(events: ray.data.Dataset, task: str) -> ray.data.Dataset:
     return events.map_batches(keep, batch_format="pyarrow")
 
 
+_ORDER = "_user_order"
+
+
+def _user_order(batch: pa.Table) -> pa.Array:
+    """A stable pseudo-random order of users (Ray Data's group order changes run to run)."""
+    ids = batch["user_id"].to_pylist()
+    return pa.array([zlib.crc32(u.encode()) for u in ids], pa.int64())
+
+
 def build_examples(
     events: ray.data.Dataset, catalog: pa.Table, cfg: DataConfig, seed: int
 ) -> dict[str, ray.data.Dataset]:
@@ -131,7 +142,8 @@ def build_examples(
                 part = part.limit(cfg.max_train_positives)
         else:
             users = cfg.val_users if split == "valid" else cfg.test_users
-            if users is not None:
-                part = part.limit(users)
+            if users is not None:  # the same users every run: the first N by a hash of the id
+                part = part.add_column(_ORDER, _user_order, batch_format="pyarrow")
+                part = part.sort(_ORDER).limit(users).drop_columns([_ORDER])
         out[split] = part.materialize()
     return out

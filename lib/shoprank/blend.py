@@ -1,0 +1,145 @@
+"""Stage one as a blend: the fine-tuned retriever plus what it cannot know from text alone.
+
+The retriever knows what items ARE; co-visitation knows what people buy TOGETHER; the decayed
+sum of the history's item embeddings weighs the newest items the way a single context vector
+cannot; popularity breaks ties among the rest. Each signal is standardised per user over the
+whole catalog (a z-score) so that one weight means the same for every user. The weights are
+hyper-parameters: searched on valid with Optuna (TPE), stored beside the retriever export in
+blend.json and applied unchanged to test.
+
+Scores are exact [users, items] blocks: right for catalogs up to ~1e5 items; a larger shop would
+blend the union of each signal's top N instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import optuna
+import scipy.sparse as sp
+
+from shoprank import metrics
+from shoprank.baselines import CoVisitation, Popularity, TfidfHistory
+
+SIGNALS = ("retriever", "history", "covisit", "tfidf", "popularity")
+FILE = "blend.json"
+
+
+def standardize(scores: np.ndarray) -> np.ndarray:
+    """Per-row z-score (float32); a constant row becomes zeros."""
+    scores = np.asarray(scores, dtype=np.float32)
+    mean = scores.mean(axis=1, keepdims=True)
+    std = scores.std(axis=1, keepdims=True)
+    return (scores - mean) / np.where(std > 0, std, 1.0)
+
+
+def history_vectors(
+    histories: Sequence[Sequence[str]], items: np.ndarray, item_ids: list[str], decay: float
+) -> np.ndarray:
+    """Unit-length ``sum_i decay**i * item_embedding(history[i])``, history newest first."""
+    row = {item: j for j, item in enumerate(item_ids)}
+    rows, cols, vals = [], [], []
+    for u, hist in enumerate(histories):
+        rows.extend([u] * len(hist))
+        cols.extend(row[i] for i in hist)
+        vals.append(np.power(float(decay), np.arange(len(hist), dtype=np.float64)))
+    weights = sp.csr_matrix(
+        (np.concatenate(vals) if vals else np.array([]), (rows, cols)),
+        shape=(len(histories), len(item_ids)),
+    )
+    out = np.asarray(weights @ items, dtype=np.float32)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.where(norms > 0, norms, 1.0)
+
+
+def signals(
+    contexts: np.ndarray,
+    histories: Sequence[Sequence[str]],
+    items: np.ndarray,
+    item_ids: list[str],
+    baselines: dict,
+    decay: float,
+) -> dict[str, np.ndarray]:
+    """Standardised [users, items] scores of every signal available.
+
+    ``contexts`` are the retriever's context vectors and ``items`` its catalog embeddings (the
+    vectors its index holds), rows in ``item_ids`` order; ``baselines`` as `fit_baselines`.
+    """
+    out = {
+        "retriever": contexts @ items.T,
+        "history": history_vectors(histories, items, item_ids, decay) @ items.T,
+    }
+    for fitted in baselines.values():
+        if isinstance(fitted, CoVisitation):
+            out["covisit"] = np.concatenate(list(fitted.score_catalog_chunks(histories)))
+        elif isinstance(fitted, TfidfHistory):
+            out["tfidf"] = np.concatenate(list(fitted.score_catalog_chunks(histories)))
+        elif isinstance(fitted, Popularity):
+            out["popularity"] = np.log1p(fitted.score_catalog(len(histories)))
+    return {name: standardize(s) for name, s in out.items()}
+
+
+def blend(signals: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """Weighted sum of the standardised signals."""
+    unknown = sorted(set(weights) - set(signals))
+    if unknown:
+        raise ValueError(
+            f"blend weights name {unknown}, but the signals here are {sorted(signals)}; "
+            f"use names from {list(SIGNALS)} (baselines come from eval.baselines)"
+        )
+    used = [(w, signals[name]) for name, w in weights.items() if w]
+    if not used:
+        raise ValueError(f"blend weights {weights} are all zero")
+    out = used[0][0] * used[0][1]
+    for w, s in used[1:]:
+        out += w * s
+    return out
+
+
+def search_weights(
+    signals: dict[str, np.ndarray],
+    target: np.ndarray,
+    trials: int,
+    metric: str = "ndcg@10",
+    seed: int = 0,
+) -> tuple[dict[str, float], list[dict]]:
+    """Weights that maximise `metric` on these users (Optuna TPE, seeded).
+
+    The retriever's weight is fixed at 1 (only ratios matter); the others range over [0, 2].
+    The first trial is the retriever alone, so the search never returns less than it.
+    """
+    free = [name for name in SIGNALS if name in signals and name != "retriever"]
+    k = int(metric.split("@")[1])
+
+    def objective(trial: optuna.Trial) -> float:
+        weights = {"retriever": 1.0} | {n: trial.suggest_float(n, 0.0, 2.0) for n in free}
+        ranks = metrics.target_ranks(blend(signals, weights), target)
+        values = metrics.ranking_metrics(ranks, [k])
+        for name, value in values.items():
+            trial.set_user_attr(name, value)
+        return values[metric]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.enqueue_trial(dict.fromkeys(free, 0.0))
+    study.optimize(objective, n_trials=trials, show_progress_bar=True)
+    best = {"retriever": 1.0} | {n: round(study.best_params[n], 4) for n in free}
+    table = [{"trial": t.number, **t.params, **t.user_attrs} for t in study.trials]
+    return best, table
+
+
+def save(export_dir: str | Path, weights: dict[str, float], details: dict) -> Path:
+    path = Path(export_dir) / FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"weights": weights, **details}, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def load(export_dir: str | Path) -> dict[str, float] | None:
+    """The weights stored beside a retriever export, or None when it has none."""
+    path = Path(export_dir) / FILE
+    return json.loads(path.read_text())["weights"] if path.exists() else None
