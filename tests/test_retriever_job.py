@@ -65,8 +65,9 @@ def test_retriever_train_embed_and_two_stage_evaluate(
     # The index sits beside the export and covers the validated catalog.
     info = json.loads((export / "index" / "index.json").read_text())
     assert info["params"] == {"kind": "flat"} and info["n_items"] == 300
+    # (embedded by the blend search right after training, then reused by the report)
     assert (
-        "Index: {'kind': 'flat'} over 300 items (embedded)"
+        "Index: {'kind': 'flat'} over 300 items (unchanged)"
         in (out / "report_test" / "report.md").read_text()
     )
 
