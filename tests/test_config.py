@@ -31,3 +31,14 @@ def test_defaults_and_overrides(tmp_path):
 def test_bad_values_name_the_field(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_renamed_key_of_older_exports_still_loads():
+    # Exports written before the rename carry eval.tfidf_decay in their saved config.
+    from shoprank.config import Config
+
+    old = Config().model_dump()
+    del old["eval"]["history_decay"]
+    old["eval"]["tfidf_decay"] = 0.3
+    assert Config.model_validate(old).eval.history_decay == 0.3
+    assert "history_decay" in Config().to_yaml()

@@ -102,3 +102,35 @@ def test_search_ranker_is_evaluated_on_judgments(
     # Query text matches item text in the synthetic shop: TF-IDF must beat popularity.
     assert table["tfidf"]["ndcg@10"] > table["popularity"]["ndcg@10"]
     assert "fine-tuned ranker" in printed
+
+
+def test_search_retriever_is_evaluated_on_judgments(
+    ray_local, tmp_path, tiny_shop, tiny_model_dir, monkeypatch, capsys
+):
+    args = [
+        *shop_overrides(tiny_shop),
+        f"run.storage={tmp_path}",
+        "run.name=search-retriever",
+        "data.task=search",
+        "model.kind=retriever",
+        f"model.name={tiny_model_dir}",
+        "model.max_length=48",
+        "retriever.context_max_length=32",
+        "data.negatives=0",  # in-batch negatives only
+        "data.eval_candidates=1",
+        "train.max_steps=4",
+        "train.batch_size=8",
+        "train.num_workers=1",
+        "data.val_users=8",
+        "data.max_train_positives=100",
+        "data.max_bad_fraction=0.5",
+    ]
+    run_job("train.py", args, monkeypatch)
+    out = tmp_path / "search-retriever"
+    table = json.loads((out / "report_search" / "metrics.json").read_text())
+    expected = {"popularity", "tfidf", f"zero-shot {tiny_model_dir}", "fine-tuned retriever"}
+    assert set(table) == expected
+    assert all(0 < row["ndcg@10"] <= 1 for row in table.values())
+    assert json.loads((out / "export" / "shoprank.json").read_text())["kind"] == "retriever"
+    assert not (out / "export" / "blend.json").exists()  # the blend is for recommendation
+    assert "fine-tuned retriever" in capsys.readouterr().out

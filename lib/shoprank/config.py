@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class Section(BaseModel):
@@ -131,7 +131,10 @@ class EvalConfig(Section):
     num_cpus: float = 2
     baselines: list[Literal["popularity", "tfidf", "covisit"]] = ["popularity", "tfidf", "covisit"]
     # Weight of the i-th newest history item in TF-IDF, co-visitation and the blend: decay**i.
-    history_decay: float = Field(0.5, ge=0)
+    # (Called eval.tfidf_decay before co-visitation used it too: exports that say so still load.)
+    history_decay: float = Field(
+        0.5, ge=0, validation_alias=AliasChoices("history_decay", "tfidf_decay")
+    )
     covisit_window: int = Field(3, ge=1)  # co-visitation pairs: items at most this far apart
     zero_shot: bool = True
     split: Literal["valid", "test"] = "test"
