@@ -3,7 +3,9 @@
 Protocol (data/amazon-scientific/README.md): each user's held-out item is ranked among ALL
 catalog items, ties against the model, history not removed; Recall@k and NDCG@k averaged over
 all users. Baselines and the zero-shot encoder score the whole catalog exactly; the fine-tuned
-retriever goes through its ANN index (top N), and the ranker reorders those N.
+retriever goes through its ANN index (top N); the blended stage one (lib/shoprank/blend.py, when
+the retriever export holds blend.json) scores the catalog exactly, and the ranker reorders the
+top N of whichever stage one came last.
 
 A target outside the top N is a miss at every k <= N whatever the ranker does, so stage two
 only scores the users whose target was retrieved: the metrics still cover every user.
