@@ -41,8 +41,10 @@ def test_retriever_train_embed_and_two_stage_evaluate(
         "data.eval_candidates=1",
         "train.batch_size=8",  # 320 groups / 2 workers / 8 = 20 steps per epoch
         "train.epochs=3",
-        "train.max_steps=12",
-        "train.eval_every_steps=4",
+        # Single-batch losses of the tiny model swing by +-0.1: 48 steps make the drop clear
+        # (measured: 2.43 over the first 16 steps, 1.67 over the last 8).
+        "train.max_steps=48",
+        "train.eval_every_steps=16",
         "eval.protocol=full_catalog",
         "eval.retrieve_top=50",
         "eval.ks=[10,50]",
@@ -58,7 +60,8 @@ def test_retriever_train_embed_and_two_stage_evaluate(
     assert 0 < meta["temperature"] < 1  # learned, saved with the weights
     # Two workers, ZeRO-2: the contrastive loss goes down over the run.
     history = meta["history"]
-    assert [h["step"] for h in history] == [4, 8, 12]
+    steps = [h["step"] for h in history]
+    assert {16, 32, 48} <= set(steps) and steps[-1] == 48  # (epoch ends report too: 20, 40)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert {"val_recall@10", "val_ndcg@10", "val_recall@50"} <= set(history[0])
 
