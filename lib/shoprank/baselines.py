@@ -20,6 +20,26 @@ DEFAULT_TFIDF: dict[str, object] = {"sublinear_tf": True}
 _USER_CHUNK = 1024
 
 
+def history_weights(
+    histories: Sequence[Sequence[str]], index: dict[str, int], decay: float
+) -> sp.csr_matrix:
+    """[users, items] sparse ``decay**i`` at each history item (newest first, i = 0, 1, ...);
+    an item bought twice sums. The one user representation TF-IDF, co-visitation and the
+    blend share."""
+    rows, cols, vals = [], [], []
+    for u, hist in enumerate(histories):
+        try:
+            cols.extend(index[i] for i in hist)
+        except KeyError as e:
+            raise KeyError(f"item id {e.args[0]!r} is not in the fitted catalog") from None
+        rows.extend([u] * len(hist))
+        vals.append(np.power(float(decay), np.arange(len(hist), dtype=np.float64)))
+    return sp.csr_matrix(
+        (np.concatenate(vals) if vals else np.array([]), (rows, cols)),
+        shape=(len(histories), len(index)),
+    )
+
+
 class Popularity:
     """Score = number of times the item occurs in the training interactions."""
 
@@ -103,15 +123,7 @@ class TfidfHistory:
     def user_vectors(self, histories: Sequence[Sequence[str]]) -> sp.csr_matrix:
         """L2-normalised decayed history vectors, one row per user (all zero if no history)."""
         items = self._check_fitted()
-        rows, cols, vals = [], [], []
-        for u, hist in enumerate(histories):
-            cols.extend(self._columns(hist))
-            rows.extend([u] * len(hist))
-            vals.append(np.power(float(self.decay), np.arange(len(hist), dtype=np.float64)))
-        weights = sp.csr_matrix(
-            (np.concatenate(vals) if vals else np.array([]), (rows, cols)),
-            shape=(len(histories), len(self.item_ids)),
-        )  # duplicates (an item bought twice) are summed
+        weights = history_weights(histories, self._index, self.decay)
         users = sp.csr_matrix(weights @ items)
         norms = np.sqrt(np.asarray(users.multiply(users).sum(axis=1)).ravel())
         norms[norms == 0] = 1.0
@@ -230,15 +242,7 @@ class CoVisitation:
         counts = self.counts()
         for start in range(0, len(histories), chunk):
             block = histories[start : start + chunk]
-            rows, cols, vals = [], [], []
-            for u, hist in enumerate(block):
-                rows.extend([u] * len(hist))
-                cols.extend(self._columns(hist))
-                vals.append(np.power(float(self.decay), np.arange(len(hist), dtype=np.float64)))
-            weights = sp.csr_matrix(
-                (np.concatenate(vals) if vals else np.array([]), (rows, cols)),
-                shape=(len(block), len(self.item_ids)),
-            )
+            weights = history_weights(block, self._index, self.decay)
             yield np.log1p((weights @ counts).toarray()).astype(np.float32)
 
     def score_pairs(

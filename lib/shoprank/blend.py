@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-import scipy.sparse as sp
 
 from shoprank import metrics
-from shoprank.baselines import CoVisitation, Popularity, TfidfHistory
+from shoprank.baselines import CoVisitation, Popularity, TfidfHistory, history_weights
 
 SIGNALS = ("retriever", "history", "covisit", "tfidf", "popularity")
 FILE = "blend.json"
@@ -40,16 +39,8 @@ def history_vectors(
     histories: Sequence[Sequence[str]], items: np.ndarray, item_ids: list[str], decay: float
 ) -> np.ndarray:
     """Unit-length ``sum_i decay**i * item_embedding(history[i])``, history newest first."""
-    row = {item: j for j, item in enumerate(item_ids)}
-    rows, cols, vals = [], [], []
-    for u, hist in enumerate(histories):
-        rows.extend([u] * len(hist))
-        cols.extend(row[i] for i in hist)
-        vals.append(np.power(float(decay), np.arange(len(hist), dtype=np.float64)))
-    weights = sp.csr_matrix(
-        (np.concatenate(vals) if vals else np.array([]), (rows, cols)),
-        shape=(len(histories), len(item_ids)),
-    )
+    index = {item: j for j, item in enumerate(item_ids)}
+    weights = history_weights(histories, index, decay)
     out = np.asarray(weights @ items, dtype=np.float32)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return out / np.where(norms > 0, norms, 1.0)
