@@ -14,8 +14,6 @@ import time
 
 from shoprank import pipeline
 from shoprank.config import load_config
-from shoprank.data.read import snapshot
-from shoprank.export import export_model
 from shoprank.runtime import init_ray
 from shoprank.training import best_checkpoint, fit, run_history
 
@@ -45,36 +43,12 @@ def main() -> None:
     history = run_history(result)
 
     # 4. Export the best checkpoint as a plain Hugging Face folder.
-    with checkpoint.as_directory() as ckpt_dir:
-        export_dir = export_model(
-            ckpt_dir,
-            cfg,
-            str(out / "export"),
-            {
-                "metrics": best,
-                "data": {p: snapshot([p]) for p in (cfg.data.catalog, cfg.data.events)},
-                "data_quality": data.counts,
-                "train_wall_s": wall,
-                "history": history,
-            },
-        )
+    export_dir = pipeline.export_run(
+        cfg, data, checkpoint, best, history, out / "export", train_wall_s=wall
+    )
 
-    # 4b. A retriever's blended stage one: weights of its other signals chosen on valid.
-    if cfg.model.kind == "retriever" and cfg.data.task == "recommend" and cfg.eval.blend_trials:
-        pipeline.tune_blend(cfg, data, examples, export_dir)
-
-    # 5. Evaluate: zero-shot vs fine-tuned vs baselines. Search on the judgments (NDCG@10);
-    #    recommendation on eval.split, a retriever by the full-catalog protocol through its
-    #    freshly built ANN index, a ranker on sampled candidates.
-    if cfg.data.task == "search":
-        _, report = pipeline.search_report(cfg, out, data, examples, export_dir, history)
-    elif cfg.model.kind == "retriever":
-        _, report = pipeline.full_catalog_report(
-            cfg, out, data, examples, export_dir, cfg.eval.ranker, history
-        )
-    else:
-        table, report = pipeline.evaluate_and_report(cfg, out, data, examples, export_dir, history)
-        pipeline.print_table(table)
+    # 5. Blend weights (retriever), then evaluate: zero-shot vs fine-tuned vs baselines.
+    report = pipeline.finish(cfg, out, data, examples, export_dir, history)
     value = best[f"val_{cfg.train.metric}"]
     print(f"\n[shoprank] best checkpoint: {checkpoint.path} ({cfg.train.metric}={value:.4f})")
     print(f"[shoprank] exported model: {export_dir}")

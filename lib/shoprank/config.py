@@ -7,10 +7,18 @@ repeated exactly.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class Section(BaseModel):
@@ -158,6 +166,59 @@ class EvalConfig(Section):
     rerank_mix: list[float] = [1.0]
 
 
+class Dimension(Section):
+    """One searched hyper-parameter: exactly one of the three."""
+
+    loguniform: tuple[float, float] | None = None  # e.g. learning rates
+    uniform: tuple[float, float] | None = None
+    choice: list[Any] | None = None  # e.g. LoRA ranks, ZeRO stages
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Dimension:
+        given = [k for k in ("loguniform", "uniform", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of loguniform, uniform, choice (got {given})")
+        bounds = self.loguniform or self.uniform
+        if bounds and not bounds[0] < bounds[1]:
+            raise ValueError(f"bounds {list(bounds)}: the low end must be below the high end")
+        if self.loguniform and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform {list(self.loguniform)}: bounds must be > 0")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice: give at least one value")
+        return self
+
+
+class SweepConfig(Section):
+    """Ray Tune over Ray Train (tune/sweep.py): each trial is one training run of this config
+    with the `space` keys (dotted config paths) replaced by the searched values."""
+
+    space: dict[str, Dimension] = {}
+    # The first trial runs the config's own values of the space keys (the "defaults" to beat),
+    # then `points` in order, then the search algorithm's picks.
+    start_from_config: bool = True
+    points: list[dict[str, Any]] = []
+    num_samples: int = Field(8, ge=1)
+    # None = as many as the cluster's CPUs (GPUs with train.use_gpu) hold at once.
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    algorithm: Literal["optuna", "random"] = "optuna"
+    # asha stops trials whose validation metric trails the others' at the same validation.
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)  # validations every trial gets before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1)
+    time_budget_s: float | None = Field(None, gt=0)  # then running trials stop, results stay
+    max_failures: int = Field(1, ge=0)  # retries of a failed trial, resuming its checkpoint
+
+
+class RegistryConfig(Section):
+    """Where a sweep's winner goes (lib/shoprank/registry.py) and the gate to production."""
+
+    root: str = "registry"  # a local folder or a pyarrow filesystem URI
+    model: str | None = None  # the registered model's name (default: run.name)
+    metric: str | None = None  # a key of the export's metrics (default: val_<train.metric>)
+    margin: float = Field(0.0, ge=0)  # production moves only for a gain above this
+    promote: bool = True
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -167,6 +228,19 @@ class Config(Section):
     index: IndexConfig = IndexConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    sweep: SweepConfig = SweepConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    @model_validator(mode="after")
+    def _space_keys_exist(self) -> Config:
+        for key in [*self.sweep.space, *(k for p in self.sweep.points for k in p)]:
+            section, _, leaf = key.partition(".")
+            node = getattr(self, section, None) if section not in ("sweep", "registry") else None
+            if not isinstance(node, Section) or leaf not in type(node).model_fields:
+                raise ValueError(
+                    f"sweep: {key!r} is not a config key; use section.key, e.g. train.lr or lora.r"
+                )
+        return self
 
     @field_validator("train")
     @classmethod
@@ -183,6 +257,15 @@ class ConfigError(ValueError):
     pass
 
 
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of `cfg` with dotted keys replaced (a sweep trial's hyper-parameters)."""
+    tree = cfg.model_dump(mode="json")
+    for key, value in values.items():
+        section, leaf = key.split(".", 1)
+        tree[section][leaf] = value
+    return Config.model_validate(tree)
+
+
 def _set_path(tree: dict, dotted: str, raw: str) -> None:
     node = tree
     *parents, leaf = dotted.split(".")
@@ -194,14 +277,30 @@ def _set_path(tree: dict, dotted: str, raw: str) -> None:
     node[leaf] = yaml.safe_load(raw) if raw != "" else ""
 
 
+def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML file's sections; `extends: FILE` (relative to it) is read first and overlaid."""
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' loops back to it ({' -> '.join(map(str, seen))})")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    base = _read_tree((path.parent / parent).resolve(), (*seen, path))
+    for section, values in tree.items():
+        if isinstance(values, dict) and isinstance(base.get(section), dict):
+            base[section] = {**base[section], **values}
+        else:
+            base[section] = values
+    return base
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file (or the built-in defaults) and apply `section.key=value` overrides."""
     tree: dict = {}
     if path is not None:
-        text = Path(path).read_text()
-        tree = yaml.safe_load(text) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
+        tree = _read_tree(Path(path).resolve())
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected section.key=value, e.g. train.lr=1e-4")

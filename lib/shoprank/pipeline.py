@@ -17,6 +17,7 @@ from shoprank.data.load import Validated, counts_table, load_validated
 from shoprank.data.text import render_items
 from shoprank.data.tokenize import for_model, tokenize, tokenize_items
 from shoprank.evaluation import evaluate_groups, fit_baselines
+from shoprank.export import export_model
 from shoprank.retrieval import mine_hard_negatives, text_rows
 
 EVAL_METRICS = ["auc", "ndcg@10", "recall@10", "logloss"]
@@ -55,12 +56,17 @@ def prepare(cfg: Config, out: Path) -> tuple[Validated, dict[str, ray.data.Datas
     ensure_data(cfg)
     data = load_validated(cfg.data, str(out / "quarantine"))
     print("[shoprank] data quality:\n" + counts_table(data.counts))
+    return data, examples_for(cfg, data)
+
+
+def examples_for(cfg: Config, data: Validated) -> dict[str, ray.data.Dataset]:
+    """The per-split example groups that `cfg.data` asks for (negatives, hard negatives...)."""
     examples = build_examples(data.events, data.catalog, cfg.data, cfg.run.seed)
     if cfg.data.hard_negatives:
         mined = mine_hard_negatives(examples["train"], cfg, data.catalog).materialize()
         print(f"[shoprank] {cfg.data.hard_negatives} hard negatives added to each training group")
         examples["train"] = mined
-    return data, examples
+    return examples
 
 
 def training_datasets(
@@ -79,6 +85,58 @@ def training_datasets(
         items = text_rows(render_items(data.catalog, cfg.data.item_template))
         out["catalog"] = tokenize_items(items, cfg.model.name, cfg.model.max_length).materialize()
     return out
+
+
+def export_run(
+    cfg: Config,
+    data: Validated,
+    checkpoint,
+    best: dict,
+    history: list[dict],
+    out_dir: Path,
+    **metadata,
+) -> str:
+    """A training checkpoint as a plain Hugging Face folder, with where it came from."""
+    with checkpoint.as_directory() as ckpt_dir:
+        return export_model(
+            ckpt_dir,
+            cfg,
+            str(out_dir),
+            {
+                "metrics": best,
+                "data": {p: read.snapshot([p]) for p in (cfg.data.catalog, cfg.data.events)},
+                "data_quality": data.counts,
+                "history": history,
+                **metadata,
+            },
+        )
+
+
+def finish(
+    cfg: Config,
+    out: Path,
+    data: Validated,
+    examples: dict[str, ray.data.Dataset],
+    export_dir: str,
+    history: list[dict],
+) -> Path:
+    """After training: a retriever's blend weights, then the report on `eval.split`."""
+    # A retriever's blended stage one: weights of its other signals chosen on valid.
+    if cfg.model.kind == "retriever" and cfg.data.task == "recommend" and cfg.eval.blend_trials:
+        tune_blend(cfg, data, examples, export_dir)
+    # Zero-shot vs fine-tuned vs baselines. Search on the judgments (NDCG@10); recommendation
+    # on eval.split, a retriever by the full-catalog protocol through its freshly built ANN
+    # index, a ranker on sampled candidates.
+    if cfg.data.task == "search":
+        _, path = search_report(cfg, out, data, examples, export_dir, history)
+    elif cfg.model.kind == "retriever":
+        _, path = full_catalog_report(
+            cfg, out, data, examples, export_dir, cfg.eval.ranker, history
+        )
+    else:
+        table, path = evaluate_and_report(cfg, out, data, examples, export_dir, history)
+        print_table(table)
+    return path
 
 
 def train_pairs(train_groups: ray.data.Dataset) -> tuple[list[str], list[list[str]]]:

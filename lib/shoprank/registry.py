@@ -418,6 +418,25 @@ class Registry:
             yield
 
 
+def publish(
+    root: str,
+    name: str,
+    export_dir: str,
+    metric: str,
+    mode: str = "max",
+    margin: float = 0.0,
+    promote: bool = True,
+    metadata: dict | None = None,
+) -> tuple[Version, Decision | None]:
+    """Register an export as the `candidate` (its parent: the production version, if any) and,
+    when `promote`, let the gate decide whether it becomes production."""
+    registry = Registry(root)
+    production = registry.aliases(name).get(PRODUCTION)
+    version = registry.register(name, export_dir, metadata, parent=production, alias="candidate")
+    decision = registry.promote(name, version.version, metric, margin, mode) if promote else None
+    return version, decision
+
+
 def _folder(n: int) -> str:
     return f"v{n:04d}"
 

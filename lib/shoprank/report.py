@@ -97,6 +97,42 @@ def curve_plot(
     return _save(fig, path)
 
 
+def scatter_plot(
+    groups: dict[str, tuple[Sequence, Sequence, Sequence[bool]]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    path: str | Path,
+    logx: bool = False,
+) -> Path:
+    """Points (x, y) in named groups; points flagged False are drawn hollow (a sweep's trials
+    that were stopped early: their value is from fewer validations)."""
+    fig, ax = _figure(6.4, 4.2)
+    for i, (name, (xs, ys, full)) in enumerate(groups.items()):
+        color = f"C{i % 10}"
+        for filled in (True, False):
+            pick = [j for j, f in enumerate(full) if bool(f) == filled]
+            if not pick:
+                continue
+            ax.scatter(
+                [xs[j] for j in pick],
+                [ys[j] for j in pick],
+                s=36,
+                color=color if filled else "none",
+                edgecolors=color,
+                label=name if filled or not any(full) else None,
+            )
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(groups) > 1 or any(name for name in groups):
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def score_histogram(
     pos_scores: Sequence[float] | np.ndarray,
     neg_scores: Sequence[float] | np.ndarray,

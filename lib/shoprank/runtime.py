@@ -19,7 +19,10 @@ def init_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner asks
+        # whether a run's controller is still alive: without it, a sweep trial stopped early
+        # keeps its CPUs and the next trial waits for them forever.
+        ray.init(num_cpus=num_cpus, include_dashboard=True)
     resources = ray.cluster_resources()
     print(
         f"[shoprank] Ray {ray.__version__} at {address or 'local'}: "

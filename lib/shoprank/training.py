@@ -183,6 +183,18 @@ def plan_steps(cfg: TrainConfig, train_rows: int, world_size: int) -> tuple[int,
     return steps_per_epoch, total
 
 
+def validation_steps(cfg: TrainConfig, train_rows: int, world_size: int) -> list[int]:
+    """The optimizer steps after which the loop validates and checkpoints: every
+    `eval_every_steps`, at each epoch's end and at the last step (a sweep's rungs count these)."""
+    steps_per_epoch, total = plan_steps(cfg, train_rows, world_size)
+    every = cfg.eval_every_steps
+    return [
+        s
+        for s in range(1, total + 1)
+        if s % steps_per_epoch == 0 or s == total or (every and s % every == 0)
+    ]
+
+
 def _gathered(engine, zero_stage: int):
     """Full parameters on every rank under ZeRO-3 (else a no-op): avoids empty saved weights."""
     import contextlib
@@ -214,6 +226,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.run.seed)
 
     steps_per_epoch, total_steps = plan_steps(cfg.train, config["train_rows"], world)
+    validate_at = set(validation_steps(cfg.train, config["train_rows"], world))
     model = task.build(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -296,8 +309,7 @@ def train_loop_per_worker(config: dict) -> None:
                     flush=True,
                 )
             end_of_epoch = state.step % steps_per_epoch == 0
-            every = cfg.train.eval_every_steps
-            if end_of_epoch or state.step >= total_steps or (every and state.step % every == 0):
+            if state.step in validate_at:
                 state.epoch = state.step // steps_per_epoch
                 stop = validate_and_checkpoint(float(np.mean(losses)), rate)
                 losses, pairs, started = [], 0, time.perf_counter()
@@ -305,10 +317,20 @@ def train_loop_per_worker(config: dict) -> None:
                 break
 
 
-def fit(cfg: Config, task: str, datasets: dict[str, ray.data.Dataset], train_rows: int):
-    """Run (or resume, when `run.name` already has checkpoints) one training run.
+def fit(
+    cfg: Config,
+    task: str,
+    datasets: dict[str, ray.data.Dataset],
+    train_rows: int,
+    name: str | None = None,
+    storage: str | None = None,
+    callbacks: list | None = None,
+):
+    """Run (or resume, when the run's name already has checkpoints) one training run.
 
-    `datasets` holds "train" and the task's validation datasets (see `Task.datasets`).
+    `datasets` holds "train" and the task's validation datasets (see `Task.datasets`). The run
+    is `run.name` under `run.storage` unless `name` / `storage` say otherwise (sweep trials);
+    `callbacks` are Ray Train callbacks (a sweep's TuneReportCallback).
     """
     missing = [d for d in ("train", *TASKS[task].datasets) if d not in datasets]
     if missing:
@@ -327,8 +349,9 @@ def fit(cfg: Config, task: str, datasets: dict[str, ray.data.Dataset], train_row
             resources_per_worker={"CPU": cfg.train.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name,
-            storage_path=uri(cfg.run.storage),
+            name=name or cfg.run.name,
+            storage_path=storage or uri(cfg.run.storage),
+            callbacks=callbacks,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=metric,
