@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,87 @@ def shop_overrides(shop: Path) -> list[str]:
         f"data.judgments={shop / 'judgments.parquet'}",
         "data.generate_if_missing=null",
     ]
+
+
+@dataclass
+class ServingSetup:
+    """A registry with v1 of a tiny retriever (with its index) and ranker in production, a
+    rules file, an API-keys file, and the app args that serve them."""
+
+    tmp: Path
+    registry: object
+    cfg: object
+    catalog: object
+    rules: Path
+    args: dict
+
+
+def make_export(folder: Path, kind: str, tiny_model_dir: str, cfg, seed: int) -> Path:
+    """A tiny export as jobs/train.py writes one: weights, tokenizer, shoprank.json (+ index)."""
+    import json
+
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertModel
+
+    from shoprank.config import ModelConfig
+    from shoprank.data.text import render_items
+    from shoprank.index import INDEX_DIR, ItemIndex
+    from shoprank.models.encoder import METADATA, embed_texts, load_encoder, load_tokenizer
+
+    torch.manual_seed(seed)
+    if kind == "ranker":
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    else:
+        model = BertModel.from_pretrained(tiny_model_dir)
+    model.save_pretrained(folder)
+    load_tokenizer(tiny_model_dir).save_pretrained(folder)
+    meta = {
+        "kind": kind,
+        "base_model": tiny_model_dir,
+        "max_length": 32,
+        "pooling": "mean",
+        "context_max_length": 64,
+        "item_max_length": 32,
+        "config": cfg.model_dump(mode="json"),
+        "metrics": {"val_ndcg@10": 0.1 * seed},
+    }
+    (folder / METADATA).write_text(json.dumps(meta))
+    if kind == "retriever":
+        catalog = pq.read_table(cfg.data.catalog)
+        encoder = load_encoder(ModelConfig(attn_implementation=None), str(folder)).eval()
+        texts = render_items(catalog, cfg.data.item_template)
+        emb = embed_texts(encoder, load_tokenizer(str(folder)), texts, 32)
+        ids = catalog["item_id"].to_pylist()
+        ItemIndex.build(ids, emb, {"kind": "flat"}, {}).save(folder / INDEX_DIR)
+    return folder
+
+
+def serving_setup(tmp: Path, shop: Path, tiny_model_dir: str, key: str) -> ServingSetup:
+    import pyarrow.parquet as pq
+
+    from shoprank.config import load_config
+    from shoprank.registry import Registry
+
+    cfg = load_config(None, shop_overrides(shop))
+    registry = Registry(str(tmp / "registry"))
+    for kind in ("retriever", "ranker"):
+        export = make_export(tmp / f"{kind}-v1", kind, tiny_model_dir, cfg, seed=1)
+        registry.register(kind, str(export))
+        registry.promote(kind, 1, "val_ndcg@10")
+    (tmp / "keys").write_text(f"{key}\n")
+    rules = tmp / "rules.yaml"
+    rules.write_text("filters: {out_of_stock: true, already_purchased: true}\n")
+    args = {
+        "registry": str(tmp / "registry"),
+        "retriever": "retriever",
+        "ranker": "ranker",
+        "catalog": str(shop / "catalog.parquet"),
+        "events": str(shop / "events"),
+        "rules": str(rules),
+        "api_keys_file": str(tmp / "keys"),
+        "retrieve_top": 50,
+        "rerank_top": 10,
+    }
+    catalog = pq.read_table(shop / "catalog.parquet")
+    return ServingSetup(tmp, registry, cfg, catalog, rules, args)

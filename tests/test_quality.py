@@ -54,7 +54,7 @@ def test_minilm_fine_tuned_beats_zero_shot(ray_local, tmp_path, tiny_shop):
         export = export_model(d, cfg, str(tmp_path / "export"), {})
 
     tuned = group_metrics(
-        *collect_scores(valid, CrossEncoderScorer, {"model_dir": export, "bf16": True})[:2],
+        *collect_scores(valid, CrossEncoderScorer, {"model_dir": export, "precision": "bf16"})[:2],
         probabilistic=True,
     )
     zero_shot = group_metrics(

@@ -103,7 +103,7 @@ def test_lora_zero_trains_checkpoints_and_resumes(
     # model's scores are nearly tied, so float noise between the sharded and the plain forward
     # pass can flip a pair or two (seen: 0.50977 vs 0.50966); the logits above are the strict check.
     scores, labels, _ = collect_scores(
-        valid, CrossEncoderScorer, {"model_dir": export, "bf16": False}
+        valid, CrossEncoderScorer, {"model_dir": export, "precision": "fp32"}
     )
     again = group_metrics(scores, labels, probabilistic=True)
     assert again["auc"] == pytest.approx(best["val_auc"], abs=1e-3)

@@ -164,6 +164,9 @@ class EvalConfig(Section):
     # Stage two's order: (1 - mix) z(stage one) + mix z(ranker), one report row per mix
     # (1 = the ranker alone); try several on valid, keep the best for test.
     rerank_mix: list[float] = [1.0]
+    # Weights the ranker scores with: fp32, bf16, or int8 dynamic quantization (CPU); None =
+    # bf16 when train.bf16, else fp32. The serving app takes the same choice.
+    ranker_precision: Literal["fp32", "bf16", "int8"] | None = None
 
 
 class Dimension(Section):

@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from transformers import AutoModelForSequenceClassification
 
 from shoprank import metrics
 from shoprank.baselines import CoVisitation, Popularity, TfidfHistory
@@ -18,7 +17,7 @@ from shoprank.config import Config, ModelConfig
 from shoprank.data.text import render_items
 from shoprank.data.tokenize import KEY
 from shoprank.models.encoder import embed_texts, load_encoder, load_tokenizer
-from shoprank.models.ranker import flatten_groups
+from shoprank.models.ranker import flatten_groups, load_for_inference
 
 
 def _scored(batch: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, np.ndarray]:
@@ -31,11 +30,8 @@ def _scored(batch: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, np.nd
 class CrossEncoderScorer:
     """A fine-tuned ranker exported as a plain Hugging Face folder."""
 
-    def __init__(self, model_dir: str, bf16: bool):
-        # bf16 weights score faster than autocast over fp32 ones (DESIGN.md measurements).
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
-        self.model.eval()
+    def __init__(self, model_dir: str, precision: str):
+        self.model = load_for_inference(model_dir, precision)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -134,6 +130,12 @@ def fit_baselines(cfg: Config, catalog, positives: list[str], histories: list[li
     return fitted
 
 
+def ranker_precision(cfg: Config) -> str:
+    """eval.ranker_precision, else bf16 weights when the run uses bf16 (DESIGN.md: the fastest
+    batch scoring), else fp32."""
+    return cfg.eval.ranker_precision or ("bf16" if cfg.train.bf16 else "fp32")
+
+
 def evaluate_groups(
     cfg: Config, groups: ray.data.Dataset, catalog: pa.Table, model_dir: str, baselines: dict
 ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -150,7 +152,10 @@ def evaluate_groups(
                 "bf16": bf16,
             },
         )
-    runs["fine-tuned ranker"] = (CrossEncoderScorer, {"model_dir": model_dir, "bf16": bf16})
+    runs["fine-tuned ranker"] = (
+        CrossEncoderScorer,
+        {"model_dir": model_dir, "precision": ranker_precision(cfg)},
+    )
     for name, fitted in baselines.items():
         runs[name] = (BaselineScorer, {"baseline": fitted})
     table, raw = {}, {}

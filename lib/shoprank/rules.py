@@ -174,6 +174,8 @@ class RuleEngine:
                 removed[name] = int(hit.sum())
             keep &= ~drop
         rows, scores = rows[keep], scores[keep]
+        if not len(rows):
+            return Ranked(rows, scores, removed, {})
         model_order = rows[np.argsort(-scores, kind="stable")]
 
         # Boosts on the z-scored model score: weights are in the candidates' standard deviations.

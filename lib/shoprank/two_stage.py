@@ -26,7 +26,7 @@ from shoprank.baselines import CoVisitation, Popularity, TfidfHistory
 from shoprank.config import Config
 from shoprank.data.text import history_context, render_items
 from shoprank.data.tokenize import KEY, tokenize
-from shoprank.evaluation import CrossEncoderScorer, collect_scores
+from shoprank.evaluation import CrossEncoderScorer, collect_scores, ranker_precision
 from shoprank.index import INDEX_DIR, read_embeddings
 from shoprank.models.encoder import read_metadata
 from shoprank.retrieval import Contexts, EncoderSpec, embed_catalog, embed_contexts, ensure_index
@@ -163,7 +163,7 @@ def rerank(
     scores, labels, keys = collect_scores(
         groups,
         CrossEncoderScorer,
-        {"model_dir": ranker_dir, "bf16": cfg.train.bf16},
+        {"model_dir": ranker_dir, "precision": ranker_precision(cfg)},
         num_cpus=cfg.eval.num_cpus,
         batch_size=max(1, cfg.train.eval_batch_size // m),
     )

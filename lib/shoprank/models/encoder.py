@@ -129,7 +129,9 @@ def embed_texts(
     bf16: bool = False,
     pooling: str = "mean",
 ) -> np.ndarray:
-    """L2-normalised embeddings of texts (mean pooling: the zero-shot bi-encoder view)."""
+    """L2-normalised embeddings of texts (mean pooling: the zero-shot bi-encoder view), on the
+    encoder's device."""
+    device = next(encoder.parameters()).device
     out = []
     for start in range(0, len(texts), batch_size):
         tok = tokenizer(
@@ -139,9 +141,10 @@ def embed_texts(
             max_length=max_length,
             return_tensors="pt",
         )
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            emb = encode(encoder, tok["input_ids"], tok["attention_mask"], pooling)
-        out.append(emb.numpy())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+            emb = encode(encoder, ids, mask, pooling)
+        out.append(emb.cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 

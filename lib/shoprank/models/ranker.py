@@ -14,6 +14,8 @@ from torch import nn
 from shoprank.config import Config
 from shoprank.models.encoder import apply_lora, load_sequence_scorer
 
+PRECISIONS = ("fp32", "bf16", "int8")
+
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -46,3 +48,17 @@ def ranker_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.
     if kind == "listwise":
         return F.cross_entropy(logits, labels.argmax(dim=1))
     raise ValueError(f"train.loss={kind!r}: use 'bce' or 'listwise'")
+
+
+def load_for_inference(model_dir: str, precision: str) -> nn.Module:
+    """An exported ranker ready to score: fp32, bf16 weights (the fastest batch throughput on
+    AMX CPUs and GPUs), or int8 dynamic quantization of its linear layers (CPU)."""
+    from transformers import AutoModelForSequenceClassification
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"ranker precision {precision!r}: use one of {PRECISIONS}")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype).eval()
+    if precision == "int8":
+        model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    return model

@@ -1,0 +1,204 @@
+"""Benchmark the serving app: closed-loop load on /recommend and /search at several
+concurrencies, Ray Serve with the ranker's batching on and off, against the same routes and
+models in one plain FastAPI + torch process.
+
+    python jobs/bench_serve.py [--config serve/config.yaml] [--duration 20]
+        [--concurrency 1 4 16 64] [--out runs/bench-serve] [key=value ...]
+
+`key=value` overrides the app's args (e.g. ranker_precision=int8). Writes bench.json,
+bench.md and latency_throughput.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import yaml
+
+from shoprank import report
+from shoprank.runtime import init_ray
+from shoprank.serving.features import ParquetFeatureStore
+from shoprank.serving.schemas import AppArgs
+from shoprank.serving.services import read_catalog
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass  # not up yet
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not become healthy in {timeout} s")
+
+
+async def closed_loop(url: str, path: str, bodies: list[dict], key: str, c: int, seconds: float):
+    """c clients, each sending its next request as soon as the last one is answered."""
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(i: int, http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        n = i
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            r = await http.post(
+                url + path, json=bodies[n % len(bodies)], headers={"x-api-key": key}
+            )
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors += 1
+            n += c
+
+    limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        await asyncio.gather(*(client(i, http) for i in range(c)))
+    wall = time.perf_counter() - started
+    ms = np.array(latencies) * 1000
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "throughput_rps": len(latencies) / wall,
+        **{f"p{q}_ms": float(np.percentile(ms, q)) if len(ms) else None for q in (50, 95, 99)},
+    }
+
+
+def run_setup(name: str, url: str, bodies: dict, key: str, cli) -> list[dict]:
+    rows = []
+    for path, payloads in bodies.items():
+        asyncio.run(closed_loop(url, path, payloads, key, 2, 3))  # warm up
+        for c in cli.concurrency:
+            row = {"setup": name, "endpoint": path, "concurrency": c}
+            row.update(asyncio.run(closed_loop(url, path, payloads, key, c, cli.duration)))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="serve/config.yaml")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--out", default="runs/bench-serve")
+    parser.add_argument("overrides", nargs="*", help="app arg key=value")
+    cli = parser.parse_intermixed_args()
+
+    # 1. The app's args from the serve config, a fresh API key, the request bodies.
+    spec = yaml.safe_load(Path(cli.config).read_text())["applications"][0]
+    raw = dict(spec["args"])
+    for item in cli.overrides:
+        k, v = item.split("=", 1)
+        raw[k] = yaml.safe_load(v)
+    key = secrets.token_urlsafe(24)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    (tmp / "keys").write_text(key + "\n")
+    raw["api_keys_file"] = str(tmp / "keys")
+    args = AppArgs.model_validate(raw)
+    store = ParquetFeatureStore(args.events, refresh_s=None)
+    users = store.users(500)
+    titles = read_catalog(args.catalog)["title"].to_pylist()
+    rng = np.random.default_rng(0)
+    queries = [" ".join(t.split()[:4]) for t in rng.choice(titles, size=200)]
+    bodies = {
+        "/recommend": [{"user_id": u, "k": 10} for u in users],
+        "/search": [{"query": q, "k": 10} for q in queries],
+    }
+    out = Path(cli.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+
+    # 2. Ray Serve, the ranker batching requests (max_batch_size 32), then not (1).
+    from ray import serve
+
+    from shoprank.serving.app import build_app
+
+    init_ray()
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    for name, size in (("serve, batching", 32), ("serve, no batching", 1)):
+        app_args = {**args.model_dump(), "max_batch_size": size}
+        serve.run(build_app(app_args), name="shoprank", route_prefix="/")
+        wait_healthy(url)
+        rows += run_setup(name, url, bodies, key, cli)
+    serve.shutdown()
+
+    # 3. The plain baseline: one process, same routes and models.
+    (tmp / "args.json").write_text(args.model_dump_json())
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "shoprank.serving.plain",
+        "--args",
+        str(tmp / "args.json"),
+        "--port",
+        str(port),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
+    plain = subprocess.Popen(cmd, env=env)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}")
+        rows += run_setup("plain FastAPI + torch", f"http://127.0.0.1:{port}", bodies, key, cli)
+    finally:
+        plain.terminate()
+        plain.wait(timeout=30)
+
+    # 4. Report.
+    (out / "bench.json").write_text(
+        json.dumps(
+            {"args": raw | {"api_keys_file": None}, "duration_s": cli.duration, "rows": rows},
+            indent=2,
+        )
+    )
+    header = "| setup | endpoint | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors |"
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['setup']} | {r['endpoint']} | {r['concurrency']} | {r['throughput_rps']:.1f} "
+            f"| {r['p50_ms'] or float('nan'):.0f} | {r['p95_ms'] or float('nan'):.0f} "
+            f"| {r['p99_ms'] or float('nan'):.0f} | {r['errors']} |"
+        )
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    series = {}
+    for r in rows:
+        xs, ys = series.setdefault(f"{r['setup']} {r['endpoint']}", ([], []))
+        xs.append(r["throughput_rps"])
+        ys.append(r["p95_ms"] or float("nan"))
+    report.curve_plot(
+        series,
+        "throughput (requests/s)",
+        "p95 latency (ms)",
+        "closed loop, concurrency 1-64",
+        out / "latency_throughput.png",
+    )
+    print("\n".join(lines))
+    print(f"[shoprank] wrote {out / 'bench.json'}, {out / 'bench.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Serving: what the Ray Serve app (serve/app.py) is made of, testable without Serve."""

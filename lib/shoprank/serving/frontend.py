@@ -1,0 +1,255 @@
+"""The HTTP API: authentication, limits, feature store, retrieve -> rerank -> rules.
+
+`api` holds the routes; the object serving them sits in `api.state.frontend`. In the Serve app
+the Ingress deployment puts a `Frontend` there whose backends are the Retriever and Ranker
+deployments; the benchmark's plain baseline puts one whose backends are the same services
+called in-process. Either way the same code validates, authenticates and ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from shoprank.rules import RulesFile
+from shoprank.serving import schemas
+from shoprank.serving.auth import HEADER, ApiKeys, hash_user
+from shoprank.serving.features import ParquetFeatureStore
+from shoprank.serving.services import read_catalog
+
+log = logging.getLogger("ray.serve")
+FILTER_OVERFETCH = 10  # /search with filters retrieves this many times retrieve_top
+
+
+@dataclass
+class Backends:
+    """How the frontend reaches the models (Serve handles, or in-process services)."""
+
+    retrieve: Callable[..., Awaitable[dict]]  # (history, query, extra, n)
+    score: Callable[..., Awaitable[dict]] | None  # (history, context, extra, item_ids)
+    versions: Callable[[], Awaitable[dict[str, int | None]]]
+
+
+class _Metrics:
+    """Prometheus metrics through Ray (exported with Serve's own); absent outside Ray."""
+
+    def __init__(self):
+        from ray.util import metrics
+
+        self.requests = metrics.Counter(
+            "shoprank_requests",
+            description="Requests by endpoint and HTTP status.",
+            tag_keys=("endpoint", "status"),
+        )
+        self.latency = metrics.Histogram(
+            "shoprank_request_latency_ms",
+            description="Time to answer, by endpoint.",
+            boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000],
+            tag_keys=("endpoint",),
+        )
+        self.version = metrics.Gauge(
+            "shoprank_model_version",
+            description="Registry version serving, by model.",
+            tag_keys=("model",),
+        )
+
+
+class Frontend:
+    def __init__(self, args: schemas.AppArgs, backends: Backends, with_metrics: bool = True):
+        self.args, self.backends = args, backends
+        self.keys = ApiKeys.load(args.api_keys_file)  # none configured: fail at startup
+        self.catalog = read_catalog(args.catalog)
+        names = self.catalog.column_names
+        n = self.catalog.num_rows
+        self.rows = {item: i for i, item in enumerate(self.catalog["item_id"].to_pylist())}
+        self.titles = self.catalog["title"].to_pylist()
+        self.columns = {
+            c: self.catalog[c].to_pylist() if c in names else [None] * n
+            for c in ("category", "brand", "price")
+        }
+        stock = self.catalog["in_stock"].to_pylist() if "in_stock" in names else [True] * n
+        self.columns["in_stock"] = [s is not False for s in stock]  # unknown = in stock
+        self.rules = RulesFile(args.rules, self.catalog)
+        self.features = ParquetFeatureStore(args.events, refresh_s=args.refresh_s)
+        self.metrics = _Metrics() if with_metrics else None
+        log.info(f"shoprank frontend up: {len(self.keys)} API keys, {n} catalog items")
+
+    def observe(self, endpoint: str, status: int, started: float) -> None:
+        if self.metrics:
+            self.metrics.requests.inc(tags={"endpoint": endpoint, "status": str(status)})
+            ms = (time.perf_counter() - started) * 1000
+            self.metrics.latency.observe(ms, tags={"endpoint": endpoint})
+
+    async def versions(self) -> dict[str, int | None]:
+        versions = await self.backends.versions()
+        if self.metrics:
+            for model, v in versions.items():
+                if v is not None:
+                    self.metrics.version.set(v, tags={"model": model})
+        return versions
+
+    async def rank(
+        self,
+        ids: list[str],
+        scores: list[float],
+        k: int,
+        explain: bool,
+        history: list[str] | None = None,
+        context: str | None = None,
+        extra: str | None = None,
+        rerank: bool = True,
+    ) -> tuple[list[schemas.Item], dict[str, int] | None]:
+        """Stage two on the first rerank_top candidates (they stay ahead, in the ranker's
+        order), then the rules."""
+        final = np.asarray(scores, dtype=np.float32)
+        top = min(self.args.rerank_top, len(ids))
+        if rerank and self.backends.score is not None and top:
+            got = await self.backends.score(history, context, extra, ids[:top])
+            head = np.array([-np.inf if s is None else s for s in got["scores"]], np.float32)
+            final = np.concatenate([head + 1e6, final[top:]]).astype(np.float32)
+        rows = np.array([self.rows[i] for i in ids], dtype=np.int64)
+        seen = np.array([self.rows[i] for i in history or [] if i in self.rows], dtype=np.int64)
+        engine = self.rules.current()
+        ranked = engine.apply(rows, final, k, history=seen, explain=explain)
+        items = [
+            schemas.Item(
+                item_id=engine.ids[r],
+                score=float(s),
+                title=self.titles[r],
+                why=ranked.changes.get(int(r)) if explain else None,
+            )
+            for r, s in zip(ranked.rows, ranked.scores, strict=True)
+        ]
+        return items, (ranked.removed if explain else None)
+
+    async def recommend(self, body: schemas.RecommendRequest) -> schemas.RankedResponse:
+        history = body.history
+        if history is None:
+            history = self.features.history(body.user_id)
+        history = [i for i in history or [] if i in self.rows]
+        fallback = None
+        if history:
+            got = await self.backends.retrieve(history, None, body.context, self.args.retrieve_top)
+            items, removed = await self.rank(
+                got["item_ids"], got["scores"], body.k, body.explain, history, None, body.context
+            )
+        else:  # an unknown user, or no known item: the most popular items, flagged as such
+            fallback = "popular"
+            ids = [i for i in self.features.popular(self.args.retrieve_top) if i in self.rows]
+            scores = np.linspace(1.0, 0.0, num=len(ids)).tolist()
+            items, removed = await self.rank(ids, scores, body.k, body.explain, rerank=False)
+        who = hash_user(body.user_id) if body.user_id else "explicit history"
+        log.info(f"recommend for {who}: {len(items)} items, fallback={fallback}")
+        return schemas.RankedResponse(
+            items=items, fallback=fallback, removed=removed, version=await self.versions()
+        )
+
+    async def search(self, body: schemas.SearchRequest) -> schemas.RankedResponse:
+        f, col = body.filters, self.columns
+        # Filters drop candidates after retrieval: fetch more so that k usually survive.
+        n = self.args.retrieve_top * (FILTER_OVERFETCH if f.model_dump(exclude_none=True) else 1)
+        got = await self.backends.retrieve(None, body.query, None, n)
+        ids, scores = [], []
+        for item, score in zip(got["item_ids"], got["scores"], strict=True):
+            r = self.rows[item]
+            if (
+                (f.category and not (col["category"][r] or "").startswith(f.category))
+                or (f.brand and col["brand"][r] != f.brand)
+                or (f.max_price is not None and (col["price"][r] or 0) > f.max_price)
+                or (f.in_stock is not None and col["in_stock"][r] is not f.in_stock)
+            ):
+                continue
+            ids.append(item)
+            scores.append(score)
+        items, removed = await self.rank(ids, scores, body.k, body.explain, context=body.query)
+        return schemas.RankedResponse(items=items, removed=removed, version=await self.versions())
+
+    async def score(self, body: schemas.ScoreRequest) -> schemas.ScoreResponse:
+        if self.backends.score is None:
+            raise HTTPException(404, "no ranker is deployed: set `ranker` in the app's args")
+        got = await self.backends.score(None, body.context, None, body.item_ids)
+        return schemas.ScoreResponse(
+            scores=got["scores"], unknown_items=got["unknown"], version=await self.versions()
+        )
+
+
+# -- routes ------------------------------------------------------------------------------------
+
+api = FastAPI(
+    title="shoprank",
+    description="Product recommendation and search: retrieve -> rerank -> business rules. "
+    f"Send an API key in the `{HEADER}` header.",
+    version="1",
+)
+
+
+@api.middleware("http")
+async def limit_body(request: Request, call_next):
+    """413 for bodies over schemas.MAX_BODY_BYTES, before anything parses them."""
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > schemas.MAX_BODY_BYTES:
+        detail = f"body of {size} bytes is over the {schemas.MAX_BODY_BYTES}-byte limit"
+        return JSONResponse({"detail": detail}, status_code=413)
+    return await call_next(request)
+
+
+def frontend(request: Request) -> Frontend:
+    return request.app.state.frontend
+
+
+def require_key(request: Request) -> None:
+    """401 unless the header holds a valid key (all endpoints but /healthz and /version)."""
+    if not frontend(request).keys.valid(request.headers.get(HEADER)):
+        raise HTTPException(401, f"missing or invalid API key: send it in the {HEADER} header")
+
+
+KEY = [Depends(require_key)]
+
+
+async def _timed(endpoint: str, request: Request, work: Callable[[Frontend], Awaitable]):
+    started, front = time.perf_counter(), frontend(request)
+    try:
+        out = await work(front)
+    except HTTPException as err:
+        front.observe(endpoint, err.status_code, started)
+        raise
+    front.observe(endpoint, 200, started)
+    return out
+
+
+@api.get("/healthz")
+async def healthz(request: Request) -> dict:
+    return {"status": "ok", "rules_error": frontend(request).rules.error}
+
+
+@api.get("/version")
+async def version(request: Request) -> dict:
+    front = frontend(request)
+    return {
+        "models": await front.versions(),
+        "names": {"retriever": front.args.retriever, "ranker": front.args.ranker},
+        "alias": front.args.alias,
+        "registry": front.args.registry,
+        "features": front.features.info(),
+    }
+
+
+@api.post("/recommend", response_model=schemas.RankedResponse, dependencies=KEY)
+async def recommend(body: schemas.RecommendRequest, request: Request):
+    return await _timed("recommend", request, lambda f: f.recommend(body))
+
+
+@api.post("/search", response_model=schemas.RankedResponse, dependencies=KEY)
+async def search(body: schemas.SearchRequest, request: Request):
+    return await _timed("search", request, lambda f: f.search(body))
+
+
+@api.post("/score", response_model=schemas.ScoreResponse, dependencies=KEY)
+async def score(body: schemas.ScoreRequest, request: Request):
+    return await _timed("score", request, lambda f: f.score(body))

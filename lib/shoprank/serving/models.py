@@ -1,0 +1,157 @@
+"""The models behind the endpoints, loaded from the registry and swapped when it changes.
+
+`Following` keeps one loaded model per registry alias (normally `production`). `refresh()` reads
+the alias; when it names a new version, the version is loaded (downloaded first from an object
+store) while the old one keeps serving, then one assignment swaps them. A request holds on to
+the model it started with, so nothing in flight fails during a swap.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import numpy as np
+import torch
+
+from shoprank.config import ModelConfig
+from shoprank.data.text import history_context
+from shoprank.index import INDEX_DIR, ItemIndex
+from shoprank.models.encoder import embed_texts, load_encoder, load_tokenizer, read_metadata
+from shoprank.models.ranker import load_for_inference
+from shoprank.registry import Registry, Version
+
+T = TypeVar("T")
+
+
+def _device() -> torch.device:
+    """A GPU when the replica was given one (ray_actor_options num_gpus), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Following(Generic[T]):
+    """The model a registry alias points at, kept current by `refresh()`."""
+
+    def __init__(
+        self,
+        root: str,
+        name: str,
+        loader: Callable[[str, Version], T],
+        alias: str = "production",
+        cache_dir: str | None = None,
+    ):
+        self.registry, self.name, self.alias, self.loader = Registry(root), name, alias, loader
+        self.cache = Path(cache_dir or tempfile.mkdtemp(prefix="shoprank-models-"))
+        self._lock = threading.Lock()
+        self.version: Version | None = None
+        self.model: T | None = None
+        self.loaded_at = 0.0
+        self.refresh()
+        if self.model is None:
+            raise RuntimeError(f"{name}: the registry at {root} has no {alias!r} version")
+
+    def refresh(self) -> bool:
+        """Loads the alias's version if it changed; True when a new model was swapped in."""
+        with self._lock:  # one load at a time; readers never wait on it
+            version = self.registry.get(self.name, self.alias)
+            if self.version is not None and version.version == self.version.version:
+                return False
+            folder = version.uri
+            if not self.registry.local:
+                folder = str(self.cache / f"v{version.version:04d}")
+                if not Path(folder).exists():
+                    self.registry.download(self.name, version.version, folder)
+            model = self.loader(folder, version)
+            self.model, self.version, self.loaded_at = model, version, time.time()
+            return True
+
+    def current(self) -> tuple[T, int]:
+        """The model and its version number, read together (a swap cannot split them)."""
+        model, version = self.model, self.version
+        return model, version.version
+
+    def follow(self, every_s: float) -> None:
+        """Polls the registry in a background thread (a failed poll keeps the current model)."""
+
+        def loop() -> None:
+            while True:
+                time.sleep(every_s)
+                try:
+                    if self.refresh():
+                        print(f"[shoprank] {self.name}: now serving v{self.version.version}")
+                except Exception as err:  # noqa: BLE001 - logged; serving goes on with the old one
+                    print(f"[shoprank] {self.name}: refresh failed, keeping the current: {err}")
+
+        threading.Thread(target=loop, daemon=True).start()
+
+
+class RetrieverModel:
+    """An exported retriever: the context tower and the catalog's ANN index."""
+
+    def __init__(self, directory: str, bf16: bool = True):
+        meta = read_metadata(directory)
+        if meta.get("kind") != "retriever":
+            raise ValueError(f"{directory} holds a {meta.get('kind')!r}, not a retriever")
+        model_cfg = ModelConfig(attn_implementation="eager", dropout=None)
+        self.encoder = load_encoder(model_cfg, directory).eval().to(_device())
+        self.tokenizer = load_tokenizer(directory)
+        self.pooling = meta["pooling"]
+        self.max_length = meta["context_max_length"]
+        self.separator = meta["config"]["data"]["history_separator"]
+        self.history_len = meta["config"]["data"]["history_len"]
+        self.bf16 = bf16
+        self.index = ItemIndex.load(Path(directory) / INDEX_DIR)
+
+    def context(self, history_texts: list[str], extra: str | None = None) -> str:
+        """The context text the retriever was trained on: history item texts, newest first."""
+        text = history_context(history_texts[: self.history_len], self.separator)
+        return f"{text}{self.separator}{extra}" if extra else text
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return embed_texts(
+            self.encoder,
+            self.tokenizer,
+            texts,
+            self.max_length,
+            bf16=self.bf16,
+            pooling=self.pooling,
+        )
+
+    def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [B, k], index rows [B, k]) of the nearest items to each context."""
+        return self.index.search(self.embed(texts), k)
+
+
+class RankerModel:
+    """An exported cross-encoder at the configured precision."""
+
+    def __init__(self, directory: str, precision: str = "bf16", batch_size: int = 64):
+        meta = read_metadata(directory)
+        if meta.get("kind") != "ranker":
+            raise ValueError(f"{directory} holds a {meta.get('kind')!r}, not a ranker")
+        # int8 dynamic quantization runs on CPU only.
+        self.device = torch.device("cpu") if precision == "int8" else _device()
+        self.model = load_for_inference(directory, precision).to(self.device)
+        self.tokenizer = load_tokenizer(directory)
+        self.max_length = meta["max_length"]
+        self.precision, self.batch_size = precision, batch_size
+
+    @torch.inference_mode()
+    def score(self, contexts: list[str], items: list[str]) -> np.ndarray:
+        """One logit per (context, item) pair."""
+        out = []
+        for start in range(0, len(items), self.batch_size):
+            tok = self.tokenizer(
+                contexts[start : start + self.batch_size],
+                items[start : start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            out.append(self.model(**tok).logits.float().view(-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

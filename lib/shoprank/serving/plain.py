@@ -1,0 +1,58 @@
+"""The benchmark's baseline: the same routes, models and rules in one plain process (FastAPI on
+uvicorn, torch in a thread pool, no Ray, no batching across requests).
+
+    python -m shoprank.serving.plain --args ARGS.json --port 8001
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+from fastapi import FastAPI
+
+from shoprank.serving.frontend import Backends, Frontend, api
+from shoprank.serving.schemas import AppArgs
+from shoprank.serving.services import RankerService, RetrieverService, read_catalog
+
+
+def create(args: AppArgs) -> FastAPI:
+    catalog = read_catalog(args.catalog)
+    retriever = RetrieverService(args.registry, args.retriever, args.alias, catalog)
+    ranker = None
+    if args.ranker:
+        ranker = RankerService(
+            args.registry, args.ranker, args.alias, catalog, args.ranker_precision
+        )
+
+    async def score(*request) -> dict:
+        return (await asyncio.to_thread(ranker.score_many, [request]))[0]
+
+    async def versions() -> dict[str, int | None]:
+        return {"retriever": retriever.version(), "ranker": ranker.version() if ranker else None}
+
+    backends = Backends(
+        retrieve=lambda *a: asyncio.to_thread(retriever.retrieve, *a),
+        score=score if ranker else None,
+        versions=versions,
+    )
+    api.state.frontend = Frontend(args, backends, with_metrics=False)
+    return api
+
+
+def main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--args", required=True, help="JSON file with the app's args")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    cli = parser.parse_args()
+    with open(cli.args) as f:
+        app = create(AppArgs.model_validate(json.load(f)))
+    uvicorn.run(app, host=cli.host, port=cli.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Request and response bodies of the HTTP API, with their limits (422 names the field)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_K = 100
+MAX_HISTORY = 50
+MAX_SCORE_ITEMS = 200
+MAX_TEXT = 1000
+MAX_BODY_BYTES = 65_536
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecommendRequest(_Body):
+    user_id: str | None = Field(None, min_length=1, max_length=128)
+    # An explicit history (newest first) instead of the feature store's.
+    history: list[str] | None = Field(None, min_length=1, max_length=MAX_HISTORY)
+    k: int = Field(10, ge=1, le=MAX_K)
+    # Extra context words (device, page...) appended to the history text.
+    context: str | None = Field(None, max_length=MAX_TEXT)
+    explain: bool = False
+
+    @model_validator(mode="after")
+    def _who(self) -> RecommendRequest:
+        if self.user_id is None and self.history is None:
+            raise ValueError("give user_id or history (item ids, newest first)")
+        return self
+
+
+class SearchFilters(_Body):
+    category: str | None = Field(None, description="keep items whose category starts with this")
+    brand: str | None = None
+    max_price: float | None = Field(None, ge=0)
+    in_stock: bool | None = None
+
+
+class SearchRequest(_Body):
+    query: str = Field(min_length=1, max_length=MAX_TEXT)
+    k: int = Field(10, ge=1, le=MAX_K)
+    filters: SearchFilters = SearchFilters()
+    explain: bool = False
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("query is blank: give the words to search for")
+        return v
+
+
+class ScoreRequest(_Body):
+    context: str = Field(min_length=1, max_length=MAX_TEXT)
+    item_ids: list[str] = Field(min_length=1, max_length=MAX_SCORE_ITEMS)
+
+
+class Item(BaseModel):
+    item_id: str
+    score: float
+    title: str | None = None
+    why: list[str] | None = None  # explain=true: the rules that moved it
+
+
+class RankedResponse(BaseModel):
+    items: list[Item]
+    fallback: str | None = None  # e.g. "popular": the user was unknown
+    removed: dict[str, int] | None = None  # explain=true: items each filter dropped
+    version: dict[str, int | None]
+
+
+class ScoreResponse(BaseModel):
+    scores: list[float | None]  # None for an item id the catalog does not have
+    unknown_items: list[str]
+    version: dict[str, int | None]
+
+
+class AppArgs(_Body):
+    """The app's `args:` in serve/config.yaml (also what the benchmark's plain baseline takes)."""
+
+    registry: str = "registry"  # a local folder or a pyarrow filesystem URI
+    retriever: str  # registered model names
+    ranker: str | None = None  # None: stage one's order goes straight to the rules
+    alias: str = "production"
+    catalog: str  # the catalog Parquet the models were trained on
+    events: str  # recent events (Parquet): the feature store's snapshot
+    rules: str = "serve/rules.yaml"
+    # API keys: SHOPRANK_API_KEYS in the replicas' environment and/or this secret file.
+    api_keys_file: str | None = None
+    poll_s: float = Field(10.0, gt=0)  # how often the models look for a new version
+    refresh_s: float = Field(300.0, gt=0)  # how often the feature store re-reads its snapshot
+    retrieve_top: int = Field(100, ge=1)  # stage one's candidates
+    rerank_top: int = Field(20, ge=1)  # of which the ranker rescores the first N
+    ranker_precision: str = "bf16"  # fp32, bf16 or int8 (models/ranker.py)
+    torch_threads: int = Field(1, ge=1)  # per model replica: replicas share the machine's cores
+    # The Ranker's @serve.batch (None: serve/config.yaml's user_config decides); 1 = no batching.
+    max_batch_size: int | None = Field(None, ge=1)
+    batch_wait_timeout_s: float | None = Field(None, ge=0)

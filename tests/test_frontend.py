@@ -1,0 +1,119 @@
+"""The serving pieces without Ray: feature store, API keys, and the HTTP routes over in-process
+models (the benchmark's plain baseline, which shares the routes with the Serve app)."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import serving_setup
+from shoprank.serving.auth import ApiKeys, hash_user
+from shoprank.serving.features import ParquetFeatureStore
+
+KEY = "frontend-key-42"
+
+
+def _events(path, rows):
+    t0 = datetime(2026, 1, 1)
+    table = pa.table(
+        {
+            "user_id": [r[0] for r in rows],
+            "item_id": [r[1] for r in rows],
+            "ts": pa.array([t0 + timedelta(minutes=r[2]) for r in rows], pa.timestamp("us")),
+            "event": [r[3] for r in rows],
+        }
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path / "part-0.parquet")
+
+
+def test_feature_store_newest_first_positive_only_and_refresh(tmp_path):
+    events = tmp_path / "events"
+    rows = [("u1", "a", 1, "purchase"), ("u1", "b", 2, "click"), ("u1", "c", 3, "impression")]
+    rows += [("u1", "d", 4, "add_to_cart"), ("u2", "a", 5, "purchase")]
+    _events(events, rows)
+    store = ParquetFeatureStore(str(events), max_history=2, refresh_s=None)
+    assert store.history("u1") == ["d", "b"]  # newest first, impressions ignored, capped at 2
+    assert store.history("nobody") is None
+    assert store.popular(1) == ["a"]  # bought twice
+    _events(events, [("u3", "z", 1, "purchase")])
+    store.refresh()
+    assert store.history("u3") == ["z"] and store.history("u1") is None
+    assert store.info()["users"] == 1
+
+
+def test_api_keys_from_env_and_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHOPRANK_API_KEYS", "k1, k2")
+    (tmp_path / "keys").write_text("k3\n\n")
+    keys = ApiKeys.load(str(tmp_path / "keys"))
+    assert len(keys) == 3 and keys.valid("k2") and keys.valid("k3")
+    assert not keys.valid("k4") and not keys.valid("") and not keys.valid(None)
+    monkeypatch.delenv("SHOPRANK_API_KEYS")
+    with pytest.raises(ValueError, match="SHOPRANK_API_KEYS"):
+        ApiKeys.load(None)
+    assert hash_user("U00001") == hash_user("U00001") != hash_user("U00002")
+    assert "U00001" not in hash_user("U00001")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, tiny_shop, tiny_model_dir):
+    from fastapi.testclient import TestClient
+
+    from shoprank.serving.plain import create
+    from shoprank.serving.schemas import AppArgs
+
+    setup = serving_setup(tmp_path_factory.mktemp("front"), tiny_shop, tiny_model_dir, KEY)
+    app = create(AppArgs.model_validate({**setup.args, "ranker_precision": "fp32"}))
+    with TestClient(app) as c:
+        c.headers["x-api-key"] = KEY
+        yield c, setup
+
+
+def test_search_filters_and_explain(client):
+    c, setup = client
+    cat = setup.catalog.to_pylist()
+    top = c.post("/search", json={"query": "storage bins", "k": 20}).json()["items"]
+    assert len(top) == 20
+    price = {r["item_id"]: r["price"] for r in cat}
+    median = float(np.median(list(price.values())))
+    cheap = c.post(
+        "/search", json={"query": "storage bins", "k": 20, "filters": {"max_price": median}}
+    ).json()["items"]
+    assert len(cheap) == 20 and all(price[i["item_id"]] <= median for i in cheap)
+    prefix = cat[0]["category"].split(" > ")[0]
+    kept = c.post(
+        "/search", json={"query": "pens", "k": 10, "filters": {"category": prefix}}
+    ).json()["items"]
+    category = {r["item_id"]: r["category"] for r in cat}
+    assert kept and all(category[i["item_id"]].startswith(prefix) for i in kept)
+    # A diversity cap from the rules file (re-read on change): one item per brand in the top 5,
+    # and the response says which items it moved.
+    setup.rules.write_text("diversity: [{field: brand, max_per: 1, top_n: 5}]\n")
+    os.utime(setup.rules, ns=(1, 10**18))
+    explained = c.post("/search", json={"query": "pens", "k": 10, "explain": True}).json()
+    brand = {r["item_id"]: r["brand"] for r in cat}
+    assert len({brand[i["item_id"]] for i in explained["items"][:5]}) == 5
+    assert any("diversity" in why for i in explained["items"] for why in i["why"] or [])
+
+
+def test_recommend_fallback_and_score_order(client):
+    c, setup = client
+    fallback = c.post("/recommend", json={"user_id": "no-such-user", "k": 5}).json()
+    assert fallback["fallback"] == "popular" and len(fallback["items"]) == 5
+    ids = setup.catalog["item_id"].to_pylist()[:4]
+    scores = c.post("/score", json={"context": "gel pens", "item_ids": ids}).json()["scores"]
+    assert len(scores) == 4 and np.isfinite(scores).all()
+    # The same pairs in another order get the same scores (batching keeps requests apart).
+    again = c.post("/score", json={"context": "gel pens", "item_ids": ids[::-1]}).json()
+    assert again["scores"] == pytest.approx(scores[::-1], abs=1e-5)
+    assert (
+        c.post(
+            "/score", json={"context": "x", "item_ids": ["a"]}, headers={"x-api-key": ""}
+        ).status_code
+        == 401
+    )
