@@ -93,6 +93,8 @@ def test_sweep_stops_a_trial_registers_the_winner(
         "data.eval_candidates=10",
         "data.max_train_positives=256",
         "data.max_bad_fraction=0.5",
+        "eval.zero_shot=false",  # the closing report is the train job's, tested there
+        "eval.baselines=[popularity]",
         "sweep.space={train.lr: {loguniform: [1e-9, 1e-2]}, lora.r: {choice: [2, 4, 8]}}",
         "sweep.start_from_config=false",
         "sweep.points=[{train.lr: 1e-2, lora.r: 4}, {train.lr: 1e-9, lora.r: 2}]",

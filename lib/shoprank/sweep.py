@@ -260,7 +260,7 @@ def _status(cfg: Config, result: tune.Result, history: list[dict], total: int) -
     if result.error is not None:
         return "error"
     if not history:
-        return "no result"
+        return "stopped before its first validation"  # by the time budget
     if history[-1]["step"] >= total:
         return "completed"
     metric, sign = f"val_{cfg.train.metric}", 1 if cfg.train.metric_mode == "max" else -1

@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
 from shoprank.registry import Registry
-from shoprank.serving.frontend import Backends, Frontend, api
+from shoprank.serving.frontend import Backends, Frontend, api, install
 from shoprank.serving.schemas import AppArgs
 from shoprank.serving.services import RankerService, RetrieverService, read_catalog
 
@@ -106,7 +106,7 @@ class Ingress:
             score=(lambda *a: ranker.score.remote(*a)) if ranker else None,
             versions=versions,
         )
-        api.state.frontend = Frontend(args, backends)
+        install(Frontend(args, backends))
 
 
 def build_app(args: dict) -> serve.Application:

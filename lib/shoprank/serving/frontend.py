@@ -1,6 +1,6 @@
 """The HTTP API: authentication, limits, feature store, retrieve -> rerank -> rules.
 
-`api` holds the routes; the object serving them sits in `api.state.frontend`. In the Serve app
+`api` holds the routes; the object serving them is `install`ed in this module. In the Serve app
 the Ingress deployment puts a `Frontend` there whose backends are the Retriever and Ranker
 deployments; the benchmark's plain baseline puts one whose backends are the same services
 called in-process. Either way the same code validates, authenticates and ranks.
@@ -199,8 +199,18 @@ async def limit_body(request: Request, call_next):
     return await call_next(request)
 
 
+_serving: list[Frontend] = []  # the process's frontend (one per Serve replica or plain app)
+
+
+def install(front: Frontend) -> None:
+    """Make `front` the one the routes use. (Not `api.state`: Serve runs a copy of `api`.)"""
+    _serving[:] = [front]
+
+
 def frontend(request: Request) -> Frontend:
-    return request.app.state.frontend
+    if not _serving:
+        raise HTTPException(503, "the app is starting: no frontend installed yet")
+    return _serving[0]
 
 
 def require_key(request: Request) -> None:

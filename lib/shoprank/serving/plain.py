@@ -12,7 +12,7 @@ import json
 
 from fastapi import FastAPI
 
-from shoprank.serving.frontend import Backends, Frontend, api
+from shoprank.serving.frontend import Backends, Frontend, api, install
 from shoprank.serving.schemas import AppArgs
 from shoprank.serving.services import RankerService, RetrieverService, read_catalog
 
@@ -37,7 +37,7 @@ def create(args: AppArgs) -> FastAPI:
         score=score if ranker else None,
         versions=versions,
     )
-    api.state.frontend = Frontend(args, backends, with_metrics=False)
+    install(Frontend(args, backends, with_metrics=False))
     return api
 
 

@@ -1,0 +1,182 @@
+"""The Serve app for real: a local Ray Serve application with tiny models, called over HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pyarrow.dataset as pads
+import pytest
+
+from conftest import make_export, serving_setup
+
+pytestmark = pytest.mark.slow
+
+KEY = "test-key-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, tmp_path_factory, tiny_shop, tiny_model_dir):
+    """(base URL, registry, paths): the app serving v1 of both models."""
+    from ray import serve
+
+    from shoprank.serving.app import build_app
+
+    tmp = tmp_path_factory.mktemp("serve")
+    setup = serving_setup(tmp, tiny_shop, tiny_model_dir, KEY)
+    args = {**setup.args, "poll_s": 0.5, "ranker_precision": "fp32"}
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="shoprank", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}", setup
+    finally:
+        serve.shutdown()
+
+
+def post(url: str, path: str, body, key: str | None = KEY, **kw) -> httpx.Response:
+    headers = {"x-api-key": key} if key else {}
+    return httpx.post(url + path, json=body, headers=headers, timeout=60, **kw)
+
+
+def _known_user(tiny_shop: Path) -> tuple[str, list[str]]:
+    events = pads.dataset(tiny_shop / "events", partitioning="hive").to_table()
+    bought = events.filter(pads.field("event") == "purchase")
+    user = bought["user_id"][0].as_py()
+    return user, [r["item_id"] for r in bought.to_pylist() if r["user_id"] == user]
+
+
+def test_health_version_and_openapi(app):
+    url, *_ = app
+    assert httpx.get(url + "/healthz").json()["status"] == "ok"
+    version = httpx.get(url + "/version").json()
+    assert version["models"] == {"retriever": 1, "ranker": 1}
+    paths = httpx.get(url + "/openapi.json").json()["paths"]
+    assert {"/recommend", "/search", "/score", "/healthz", "/version"} <= set(paths)
+
+
+def test_recommend_search_score(app, tiny_shop):
+    url, setup = app
+    catalog = setup.catalog
+    user, bought = _known_user(tiny_shop)
+    got = post(url, "/recommend", {"user_id": user, "k": 5, "explain": True})
+    assert got.status_code == 200, got.text
+    body = got.json()
+    assert len(body["items"]) == 5 and body["fallback"] is None
+    assert body["version"] == {"retriever": 1, "ranker": 1}
+    ids = [i["item_id"] for i in body["items"]]
+    assert not set(ids) & set(bought)  # already purchased: filtered
+    in_stock = dict(
+        zip(catalog["item_id"].to_pylist(), catalog["in_stock"].to_pylist(), strict=True)
+    )
+    assert all(in_stock[i] is not False for i in ids)
+
+    unknown = post(url, "/recommend", {"user_id": "nobody-at-all", "k": 3}).json()
+    assert unknown["fallback"] == "popular" and len(unknown["items"]) == 3
+
+    explicit = post(url, "/recommend", {"history": ids[:2], "k": 4}).json()
+    assert len(explicit["items"]) == 4 and not set(ids[:2]) & {
+        i["item_id"] for i in explicit["items"]
+    }
+
+    brand = catalog["brand"][0].as_py()
+    found = post(url, "/search", {"query": "gel pens", "k": 5, "filters": {"brand": brand}})
+    assert found.status_code == 200, found.text
+    assert {i["item_id"] for i in found.json()["items"]} <= {
+        r["item_id"] for r in catalog.to_pylist() if r["brand"] == brand
+    }
+
+    scored = post(url, "/score", {"context": "gel pens", "item_ids": [ids[0], "NOPE"]}).json()
+    assert isinstance(scored["scores"][0], float) and scored["scores"][1] is None
+    assert scored["unknown_items"] == ["NOPE"]
+
+
+@pytest.mark.parametrize(
+    "path,body,where",
+    [
+        ("/recommend", {"user_id": "u", "k": "ten"}, ["body", "k"]),
+        ("/recommend", {"user_id": "u", "k": 1000}, ["body", "k"]),
+        ("/recommend", {"k": 3}, ["body"]),  # neither user_id nor history
+        ("/recommend", {"user_id": "u", "colour": "red"}, ["body", "colour"]),
+        ("/search", {"query": "   "}, ["body", "query"]),
+        ("/search", {"query": ""}, ["body", "query"]),
+        ("/score", {"context": "x", "item_ids": []}, ["body", "item_ids"]),
+    ],
+)
+def test_bad_input_is_422_naming_the_field(app, path, body, where):
+    url, *_ = app
+    got = post(url, path, body)
+    assert got.status_code == 422, got.text
+    assert any(e["loc"][: len(where)] == where for e in got.json()["detail"]), got.json()
+
+
+def test_malformed_json_oversized_body_and_keys(app):
+    url, *_ = app
+    raw = httpx.post(
+        url + "/recommend",
+        content=b'{"user_id": "u", "k": ',
+        headers={"x-api-key": KEY, "content-type": "application/json"},
+    )
+    assert raw.status_code == 422
+    big = post(url, "/score", {"context": "x" * 70_000, "item_ids": ["a"]})
+    assert big.status_code == 413
+    assert post(url, "/recommend", {"user_id": "u"}, key=None).status_code == 401
+    wrong = post(url, "/recommend", {"user_id": "u"}, key="wrong")
+    assert wrong.status_code == 401 and KEY not in wrong.text
+
+
+def test_rules_file_changes_the_order(app, tiny_shop):
+    url, setup = app
+    catalog = setup.catalog
+    user, _ = _known_user(tiny_shop)
+    before = post(url, "/recommend", {"user_id": user, "k": 5}).json()["items"]
+    top = before[0]["item_id"]
+    category = next(r["category"] for r in catalog.to_pylist() if r["item_id"] == top)
+    setup.rules.write_text(f"filters: {{blocked_categories: [{json.dumps(category)}]}}\n")
+    after = post(url, "/recommend", {"user_id": user, "k": 5, "explain": True}).json()
+    assert top not in {i["item_id"] for i in after["items"]}
+    assert after["removed"]["blocked_category"] >= 1
+
+
+def test_hot_swap_under_load_fails_nothing(app, tiny_shop, tiny_model_dir):
+    url, setup = app
+    user, _ = _known_user(tiny_shop)
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                r = client.post(
+                    url + "/recommend", json={"user_id": user, "k": 5}, headers={"x-api-key": KEY}
+                )
+                statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    export = make_export(setup.tmp / "ranker-v2", "ranker", tiny_model_dir, setup.cfg, seed=2)
+    setup.registry.register("ranker", str(export))
+    assert setup.registry.promote("ranker", 2, "val_ndcg@10").promoted
+    deadline = time.time() + 60
+    while httpx.get(url + "/version").json()["models"]["ranker"] != 2:
+        assert time.time() < deadline, "the app never picked up ranker v2"
+        time.sleep(0.5)
+    served = len(statuses)
+    time.sleep(2)  # and keeps serving on the new version
+    stop.set()
+    for t in threads:
+        t.join()
+    assert len(statuses) > served > 0
+    assert set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
