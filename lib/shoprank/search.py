@@ -17,7 +17,7 @@ from shoprank.baselines import Popularity, TfidfHistory
 from shoprank.config import Config
 from shoprank.data.text import render_items
 from shoprank.data.tokenize import KEY, tokenize
-from shoprank.evaluation import CrossEncoderScorer, collect_scores
+from shoprank.evaluation import CrossEncoderScorer, collect_scores, ranker_precision
 from shoprank.models.encoder import read_metadata
 from shoprank.retrieval import EncoderSpec, embed_text_list
 
@@ -50,7 +50,7 @@ def _cross_encoder_scores(
     scores, _, keys = collect_scores(
         groups,
         CrossEncoderScorer,
-        {"model_dir": model_dir, "bf16": cfg.train.bf16},
+        {"model_dir": model_dir, "precision": ranker_precision(cfg)},
         num_cpus=cfg.eval.num_cpus,
         batch_size=cfg.train.eval_batch_size,
     )
