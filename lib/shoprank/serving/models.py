@@ -47,31 +47,32 @@ class Following(Generic[T]):
         self.registry, self.name, self.alias, self.loader = Registry(root), name, alias, loader
         self.cache = Path(cache_dir or tempfile.mkdtemp(prefix="shoprank-models-"))
         self._lock = threading.Lock()
-        self.version: Version | None = None
-        self.model: T | None = None
+        # (model, version) in one attribute: one assignment swaps both, so a reader can never
+        # pair the new model with the old version number.
+        self._current: tuple[T, Version] | None = None
         self.loaded_at = 0.0
         self.refresh()
-        if self.model is None:
+        if self._current is None:
             raise RuntimeError(f"{name}: the registry at {root} has no {alias!r} version")
 
     def refresh(self) -> bool:
         """Loads the alias's version if it changed; True when a new model was swapped in."""
         with self._lock:  # one load at a time; readers never wait on it
             version = self.registry.get(self.name, self.alias)
-            if self.version is not None and version.version == self.version.version:
+            if self._current is not None and version.version == self._current[1].version:
                 return False
             folder = version.uri
             if not self.registry.local:
                 folder = str(self.cache / f"v{version.version:04d}")
                 if not Path(folder).exists():
                     self.registry.download(self.name, version.version, folder)
-            model = self.loader(folder, version)
-            self.model, self.version, self.loaded_at = model, version, time.time()
+            self._current = (self.loader(folder, version), version)
+            self.loaded_at = time.time()
             return True
 
     def current(self) -> tuple[T, int]:
         """The model and its version number, read together (a swap cannot split them)."""
-        model, version = self.model, self.version
+        model, version = self._current
         return model, version.version
 
     def follow(self, every_s: float) -> None:
@@ -82,7 +83,7 @@ class Following(Generic[T]):
                 time.sleep(every_s)
                 try:
                     if self.refresh():
-                        print(f"[shoprank] {self.name}: now serving v{self.version.version}")
+                        print(f"[shoprank] {self.name}: now serving v{self.current()[1]}")
                 except Exception as err:  # noqa: BLE001 - logged; serving goes on with the old one
                     print(f"[shoprank] {self.name}: refresh failed, keeping the current: {err}")
 
