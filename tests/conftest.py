@@ -17,10 +17,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A randomly initialised 2-layer BERT with the bundled MiniLM tokenizer."""
+    import torch
     from transformers import BertConfig, BertModel
 
     from shoprank.models.encoder import load_tokenizer
 
+    torch.manual_seed(0)  # the same weights in every session, whichever test asks first
     out = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = load_tokenizer("minilm")
     config = BertConfig(
