@@ -66,6 +66,37 @@ def test_extends_overlays_a_training_config(tmp_path):
         load_config(child)
 
 
+def test_a_restored_silent_trial_and_a_published_winner(tmp_path):
+    """A trial restored from disk that never reported still has its values (from params.json),
+    and a winner already in the registry is found, so running a finished sweep again registers
+    nothing new."""
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    from shoprank.sweep import Trial, published, trial_values
+
+    cfg = load_config("tune/synthetic.yaml", [f"registry.root={tmp_path / 'reg'}"])
+    folder = tmp_path / "train_trial_x"
+    folder.mkdir()
+    values = start_points(cfg)[0]
+    (folder / "params.json").write_text(json.dumps({**values, "other": 1}))
+    silent = tune.Result(None, None, None, str(folder), _storage_filesystem=pafs.LocalFileSystem())
+    assert silent.config is None and trial_values(cfg, silent) == values
+
+    row = {"trial": "t1", "checkpoint": "/runs/x/trials/t1/checkpoint_1"}
+    trial = Trial(row, cfg, [])
+    assert published(cfg, trial) is None  # no registry yet
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "shoprank.json").write_text(json.dumps({"kind": "retriever", "metrics": {}}))
+    name = cfg.registry.model or cfg.run.name
+    sweep_meta = {"sweep": {"name": cfg.run.name, **row}}
+    Registry(cfg.registry.root).register(name, str(export), sweep_meta)
+    assert published(cfg, trial).version == 1
+    later = Trial({**row, "checkpoint": "/runs/x/trials/t1/checkpoint_2"}, cfg, [])
+    assert published(cfg, later) is None
+
+
 @pytest.mark.slow
 def test_sweep_stops_a_trial_registers_the_winner(
     ray_local, tmp_path, tiny_shop, tiny_model_dir, monkeypatch, capsys

@@ -54,6 +54,13 @@ def main() -> None:
     # 4. Export the winner's best checkpoint, and the config's own trial to compare against.
     best = sweep.pick(cfg, table, grid, "best")
     own = sweep.pick(cfg, table, grid, "default")
+    done = sweep.published(cfg, best)
+    if done is not None:
+        print(
+            f"[shoprank] sweep report: {sweep_report}; its winner {best.row['trial']} is "
+            f"already {done.name} v{done.version}: nothing new to export or register"
+        )
+        return
     for folder, trial in {"export-default": own, "export": best}.items():
         if trial is not None:
             pipeline.export_run(

@@ -25,6 +25,7 @@ from ray import tune
 from shoprank import report
 from shoprank.config import Config, ConfigError, with_values
 from shoprank.data.read import resolve, uri
+from shoprank.registry import Registry, Version
 from shoprank.training import fit, plan_steps, validation_steps
 
 TUNE_DIR = "tune"  # the Tune experiment, under the run's storage folder
@@ -207,6 +208,17 @@ def trial_id(result: tune.Result) -> str:
     return posixpath.basename(result.path)  # a trial that never reported
 
 
+def trial_values(cfg: Config, result: tune.Result) -> dict[str, Any]:
+    """The searched values of a trial. A restored trial that never reported has no
+    `result.config`; its params.json in the trial folder still holds them."""
+    config = result.config
+    if config is None:
+        fs, path = result.filesystem, posixpath.join(result.path, "params.json")
+        with fs.open_input_stream(path) as f:
+            config = json.loads(f.read())
+    return {k: config[k] for k in cfg.sweep.space}
+
+
 def trial_history(result: tune.Result) -> list[dict]:
     """A trial's validation reports in order, as the training loop made them."""
     df = result.metrics_dataframe
@@ -228,10 +240,10 @@ def results_table(cfg: Config, grid: tune.ResultGrid, variants: dict) -> pa.Tabl
     metric, sign = f"val_{cfg.train.metric}", 1 if cfg.train.metric_mode == "max" else -1
     rows = []
     for result in grid:
-        trial_cfg = with_values(cfg, {k: result.config[k] for k in cfg.sweep.space})
+        searched = trial_values(cfg, result)
+        trial_cfg = with_values(cfg, searched)
         history = trial_history(result)
-        row: dict[str, Any] = {"trial": trial_id(result)}
-        row.update({k: result.config[k] for k in cfg.sweep.space})
+        row: dict[str, Any] = {"trial": trial_id(result), **searched}
         _, total = plan_steps(
             trial_cfg.train, variants[variant_key(trial_cfg)][1], trial_cfg.train.num_workers
         )
@@ -315,6 +327,20 @@ def pick(cfg: Config, table: pa.Table, grid: tune.ResultGrid, which: str = "best
     result = next(r for r in grid if trial_id(r) == row["trial"])
     trial_cfg = with_values(cfg, {k: row[k] for k in cfg.sweep.space})
     return Trial(row, trial_cfg, trial_history(result))
+
+
+def published(cfg: Config, trial: Trial) -> Version | None:
+    """The registry version that already holds this checkpoint of this sweep, if any: running
+    a finished sweep's command again rewrites its report but registers nothing new."""
+    registry = Registry(cfg.registry.root)
+    name = cfg.registry.model or cfg.run.name
+    if name not in registry.models():
+        return None
+    for version in registry.versions(name):
+        done = version.metadata.get("sweep") or {}
+        if done.get("name") == cfg.run.name and done.get("checkpoint") == trial.row["checkpoint"]:
+            return version
+    return None
 
 
 def checkpoint(cfg: Config, path: str) -> ray.train.Checkpoint:
