@@ -1,4 +1,4 @@
-"""Integration: 2 Ray Train workers, real DeepSpeed ZeRO-2/3, LoRA, a tiny random BERT."""
+"""Integration: 2 Ray Train workers, real DeepSpeed ZeRO-3, LoRA, a tiny random BERT."""
 
 from __future__ import annotations
 
@@ -57,7 +57,9 @@ def _data(cfg, out):
     return train, valid
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 only: LoRA under ZeRO-2 with 2 workers is the default config that tests/test_jobs.py
+# trains and evaluates, and the sweep test runs it four times.
+@pytest.mark.parametrize("stage", [3])
 def test_lora_zero_trains_checkpoints_and_resumes(
     ray_local, tmp_path, tiny_shop, tiny_model_dir, stage
 ):
