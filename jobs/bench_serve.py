@@ -86,13 +86,20 @@ async def closed_loop(url: str, path: str, bodies: list[dict], key: str, c: int,
     }
 
 
-def run_setup(name: str, url: str, bodies: dict, key: str, cli) -> list[dict]:
+def run_setup(name: str, url: str, bodies: dict, key: str, cli, counts=None) -> list[dict]:
+    """Every endpoint at every concurrency; `counts()`, when given, reads the ranker's
+    (forward passes, requests) so each row gets its mean batch size."""
     rows = []
     for path, payloads in bodies.items():
         asyncio.run(closed_loop(url, path, payloads, key, 2, 3))  # warm up
         for c in cli.concurrency:
             row = {"setup": name, "endpoint": path, "concurrency": c}
+            before = counts() if counts else None
             row.update(asyncio.run(closed_loop(url, path, payloads, key, c, cli.duration)))
+            if counts:
+                after = counts()
+                passes = after["batches"] - before["batches"]
+                row["mean_batch"] = (after["requests"] - before["requests"]) / max(passes, 1)
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -144,7 +151,12 @@ def main() -> None:
         app_args = {**args.model_dump(), "max_batch_size": size}
         serve.run(build_app(app_args), name="shoprank", route_prefix="/")
         wait_healthy(url)
-        rows += run_setup(name, url, bodies, key, cli)
+        ranker = serve.get_deployment_handle("Ranker", app_name="shoprank")
+
+        def counts(ranker=ranker) -> dict:
+            return ranker.batch_counts.remote().result()
+
+        rows += run_setup(name, url, bodies, key, cli, counts)
     serve.shutdown()
 
     # 3. The plain baseline: one process, same routes and models.
@@ -175,13 +187,14 @@ def main() -> None:
             indent=2,
         )
     )
-    header = "| setup | endpoint | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors |"
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    header = "| setup | endpoint | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors "
+    lines = [header + "| mean ranker batch |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        batch = f"{r['mean_batch']:.1f}" if "mean_batch" in r else "-"
         lines.append(
             f"| {r['setup']} | {r['endpoint']} | {r['concurrency']} | {r['throughput_rps']:.1f} "
             f"| {r['p50_ms'] or float('nan'):.0f} | {r['p95_ms'] or float('nan'):.0f} "
-            f"| {r['p99_ms'] or float('nan'):.0f} | {r['errors']} |"
+            f"| {r['p99_ms'] or float('nan'):.0f} | {r['errors']} | {batch} |"
         )
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     series = {}

@@ -97,6 +97,39 @@ def test_a_restored_silent_trial_and_a_published_winner(tmp_path):
     assert published(cfg, later) is None
 
 
+def test_warm_start_tells_optuna_the_earlier_trials(tmp_path):
+    import pyarrow as pa
+
+    from shoprank.sweep import WarmOptunaSearch, earlier_trials
+
+    earlier = tmp_path / "old" / "sweep"
+    earlier.mkdir(parents=True)
+    rows = [
+        {"trial": "a", "train.lr": 1e-3, "lora.r": 8, "best": 0.05},
+        {"trial": "b", "train.lr": 2e-4, "lora.r": 4, "best": 0.04},
+        {"trial": "c", "train.lr": 5e-4, "lora.r": 64, "best": 0.06},  # r outside this space
+        {"trial": "d", "train.lr": 7e-4, "lora.r": 8, "best": float("nan")},  # never validated
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), earlier / "results.parquet")
+    base = [f"run.storage={tmp_path}", "sweep.num_samples=3"]
+    cfg = load_config("tune/synthetic.yaml", [*base, "sweep.warm_start=[old]"])
+    found = earlier_trials(cfg)
+    assert found == [
+        ({"train.lr": 1e-3, "lora.r": 8}, 0.05),
+        ({"train.lr": 2e-4, "lora.r": 4}, 0.04),
+    ]
+    search = WarmOptunaSearch(found, seed=0)
+    assert search.set_search_properties("val_ndcg@10", "max", param_space(cfg))
+    done = search._ot_study.trials
+    assert [t.value for t in done] == [0.05, 0.04] and done[0].params["lora.r"] == 8
+    assert search.suggest("t1") is not None  # and it goes on searching
+    with pytest.raises(ConfigError, match="no .*results.parquet"):
+        earlier_trials(load_config("tune/synthetic.yaml", [*base, "sweep.warm_start=[nope]"]))
+    random = [*base, "sweep.warm_start=[old]", "sweep.algorithm=random"]
+    with pytest.raises(ConfigError, match="optuna"):
+        earlier_trials(load_config("tune/synthetic.yaml", random))
+
+
 @pytest.mark.slow
 def test_sweep_stops_a_trial_registers_the_winner(
     ray_local, tmp_path, tiny_shop, tiny_model_dir, monkeypatch, capsys

@@ -210,6 +210,9 @@ class SweepConfig(Section):
     reduction_factor: float = Field(2.0, gt=1)
     time_budget_s: float | None = Field(None, gt=0)  # then running trials stop, results stay
     max_failures: int = Field(1, ge=0)  # retries of a failed trial, resuming its checkpoint
+    # Earlier sweeps (run names under run.storage) whose trials Optuna starts from, as if run
+    # here: a search continues where they stopped without training them again.
+    warm_start: list[str] = []
 
 
 class RegistryConfig(Section):

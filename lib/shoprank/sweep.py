@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
 from shoprank import report
 from shoprank.config import Config, ConfigError, with_values
@@ -133,6 +134,64 @@ def train_trial(params: dict, *, base: dict, variants: dict, trials_dir: str) ->
     )
 
 
+def earlier_trials(cfg: Config) -> list[tuple[dict, float]]:
+    """(values, best metric) of every trial of the `sweep.warm_start` sweeps that reached a
+    validation inside this sweep's space; the others are counted and left out."""
+    if cfg.sweep.warm_start and cfg.sweep.algorithm != "optuna":
+        raise ConfigError("sweep.warm_start needs sweep.algorithm=optuna (random has no memory)")
+    fs, _ = resolve(cfg.run.storage)
+    found, outside = [], 0
+    for name in cfg.sweep.warm_start:
+        path = _join(cfg.run.storage, name, "sweep", "results.parquet")
+        try:
+            rows = pq.read_table(path, filesystem=fs).to_pylist()
+        except (FileNotFoundError, OSError) as err:
+            raise ConfigError(
+                f"sweep.warm_start: {name!r} has no {path} ({err}); give the run.name of a "
+                "finished sweep under run.storage"
+            ) from err
+        for row in rows:
+            if not math.isfinite(row["best"]):
+                continue
+            values = {k: row.get(k) for k in cfg.sweep.space}
+            if all(_inside(cfg.sweep.space[k], v) for k, v in values.items()):
+                found.append((values, float(row["best"])))
+            else:
+                outside += 1
+    if cfg.sweep.warm_start:
+        print(
+            f"[shoprank] warm start: {len(found)} earlier trials from {cfg.sweep.warm_start}"
+            + (f"; {outside} outside this space left out" if outside else "")
+        )
+    return found
+
+
+def _inside(dim, value) -> bool:
+    if value is None:
+        return False
+    if dim.choice is not None:
+        return value in dim.choice
+    lo, hi = dim.loguniform or dim.uniform
+    return lo <= value <= hi
+
+
+class WarmOptunaSearch(OptunaSearch):
+    """Optuna TPE told the results of earlier trials before it suggests anything. They are
+    added once Tune hands over the search space; a restored search already holds them."""
+
+    def __init__(self, earlier: list[tuple[dict, float]], **kwargs):
+        super().__init__(**kwargs)
+        self._earlier = earlier
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        fresh = not self._space
+        ok = super().set_search_properties(metric, mode, config, **spec)
+        if ok and fresh:
+            for values, best in self._earlier:
+                self.add_evaluated_point(values, best)
+        return ok
+
+
 def _join(root: str, *parts: str) -> str:
     return posixpath.join(uri(root), *parts)
 
@@ -155,9 +214,9 @@ def run(cfg: Config, variants: dict[str, tuple[dict, int]]) -> tune.ResultGrid:
         return tune.Tuner.restore(path, trainable, resume_errored=True).fit()
 
     if cfg.sweep.algorithm == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search = OptunaSearch(points_to_evaluate=start_points(cfg) or None, seed=cfg.run.seed)
+        search = WarmOptunaSearch(
+            earlier_trials(cfg), points_to_evaluate=start_points(cfg) or None, seed=cfg.run.seed
+        )
     else:
         search = tune.search.BasicVariantGenerator(
             points_to_evaluate=start_points(cfg) or None, random_state=cfg.run.seed

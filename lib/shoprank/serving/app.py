@@ -30,7 +30,9 @@ def _threads(n: int) -> None:
     torch.set_num_threads(n)  # replicas share the machine's cores
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+# Serve lets a replica hold 5 requests at once by default. The Ranker must hold a full batch
+# (max_batch_size) or batches never grow past 5; the Ingress only awaits the other two.
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
 class Retriever:
     def __init__(self, args: AppArgs):
         _threads(args.torch_threads)
@@ -48,6 +50,7 @@ class Retriever:
 
 @serve.deployment(
     ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=64,
     user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
 )
 class Ranker:
@@ -71,6 +74,7 @@ class Ranker:
             description="(context, item) pairs scored in one ranker forward pass.",
             boundaries=[1, 10, 50, 100, 200, 500, 1000, 2000, 5000],
         )
+        self.passes = {"batches": 0, "requests": 0}  # the same, for jobs/bench_serve.py
 
     def reconfigure(self, config: dict) -> None:
         """user_config: max_batch_size (1 = no batching) and batch_wait_timeout_s."""
@@ -85,13 +89,19 @@ class Ranker:
         out = self.service.score_many(requests)
         self.batch_requests.observe(len(requests))
         self.batch_pairs.observe(sum(len(r[3]) for r in requests))
+        self.passes["batches"] += 1
+        self.passes["requests"] += len(requests)
         return out
+
+    def batch_counts(self) -> dict[str, int]:
+        """Forward passes and the requests they held, since the replica started."""
+        return dict(self.passes)
 
     def version(self) -> int:
         return self.service.version()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128)
 @serve.ingress(api)
 class Ingress:
     def __init__(self, retriever: DeploymentHandle, ranker: DeploymentHandle | None, args: AppArgs):
