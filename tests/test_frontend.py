@@ -124,3 +124,28 @@ def test_recommend_fallback_and_score_order(client):
         ).status_code
         == 401
     )
+
+
+def test_serve_config_fits_two_cores_and_holds_a_batch():
+    """`serve run serve/config.yaml` on a 2-core machine: one replica of each deployment must
+    be schedulable (measured: with 1 + 1 + 0.25 CPUs the Ingress never started), and the Ranker
+    must accept as many requests at once as it batches."""
+    from pathlib import Path
+
+    import yaml
+
+    from shoprank.serving import app
+
+    spec = yaml.safe_load(Path("serve/config.yaml").read_text())["applications"][0]
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == {"Retriever", "Ranker", "Ingress"}
+    need = sum(
+        d["autoscaling_config"]["min_replicas"] * d["ray_actor_options"]["num_cpus"]
+        for d in deployments.values()
+    )
+    assert need <= 2
+    coded = [app.Retriever, app.Ranker, app.Ingress]
+    assert sum(d.ray_actor_options["num_cpus"] for d in coded) <= 2
+    ranker = deployments["Ranker"]
+    assert ranker["max_ongoing_requests"] >= ranker["user_config"]["max_batch_size"]
+    assert app.Ranker.max_ongoing_requests >= app.Ranker.user_config["max_batch_size"]

@@ -30,9 +30,11 @@ def _threads(n: int) -> None:
     torch.set_num_threads(n)  # replicas share the machine's cores
 
 
+# CPU requests: one replica of each fits a 2-core machine (0.5 + 1 + 0.25); the Retriever encodes
+# one short context per request, the Ranker a batch of (context, item) pairs.
 # Serve lets a replica hold 5 requests at once by default. The Ranker must hold a full batch
 # (max_batch_size) or batches never grow past 5; the Ingress only awaits the other two.
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)
 class Retriever:
     def __init__(self, args: AppArgs):
         _threads(args.torch_threads)
