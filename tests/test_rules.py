@@ -119,3 +119,20 @@ def test_rules_file_reloads_and_keeps_the_last_good(tmp_path, catalog):
     os.utime(path, ns=(1, 2 * 10**18))
     assert 2 not in live.current().apply(np.arange(6), SCORES, k=6).rows  # last good kept
     assert "out_of_stock" in live.error
+
+
+def test_tiers_keep_the_reranked_head_ahead_and_scores_apart(catalog):
+    """The serving app reranks a head of the candidates with a second model: the head stays
+    ahead whatever the scales, a boost reorders only within its tier, and close head scores
+    stay apart (an offset of 1e6 in float32 once rounded them to the same value)."""
+    r = rules(
+        filters={"out_of_stock": False, "already_purchased": False},
+        boosts=[{"name": "promotion", "field": "promoted", "weight": 100.0}],  # i4
+    )
+    head = np.array([0.30, 0.31, 0.32])  # ranker logits for i0..i2, 0.01 apart
+    tail = np.array([50.0, 40.0, 30.0])  # retriever scores for i3..i5, another scale
+    out = RuleEngine(r, catalog).apply(
+        np.arange(6), np.concatenate([head, tail]), k=6, tier=np.array([0, 0, 0, 1, 1, 1])
+    )
+    assert out.rows.tolist() == [2, 1, 0, 4, 3, 5]  # head by the ranker; i4 boosted in its tier
+    assert len(set(out.scores[:3].tolist())) == 3 and out.scores[0] > out.scores[1]

@@ -157,9 +157,14 @@ class RuleEngine:
         k: int,
         history: np.ndarray | None = None,
         explain: bool = False,
+        tier: np.ndarray | None = None,
     ) -> Ranked:
-        """The top `k` of the candidates `rows` (catalog rows, any order) scored `scores`."""
+        """The top `k` of the candidates `rows` (catalog rows, any order) scored `scores`.
+        `tier` (0, 1, ...) orders candidates scored by different models: every tier-0 item
+        (the reranked head) stays ahead of tier 1 (the retriever's rest), scores are
+        standardised within their tier, and boosts reorder within a tier."""
         rows, scores = np.asarray(rows), np.asarray(scores, dtype=np.float32)
+        tier = np.zeros(len(rows), np.int64) if tier is None else np.asarray(tier, np.int64)
         removed: dict[str, int] = {}
         keep = np.ones(len(rows), dtype=bool)
         drops = [
@@ -173,14 +178,19 @@ class RuleEngine:
             if hit.any():
                 removed[name] = int(hit.sum())
             keep &= ~drop
-        rows, scores = rows[keep], scores[keep]
+        rows, scores, tier = rows[keep], scores[keep], tier[keep]
         if not len(rows):
             return Ranked(rows, scores, removed, {})
-        model_order = rows[np.argsort(-scores, kind="stable")]
+        model_order = rows[np.lexsort((-scores, tier))]  # stable: ties keep the given order
 
-        # Boosts on the z-scored model score: weights are in the candidates' standard deviations.
-        std = float(scores.std()) if len(scores) > 1 else 0.0
-        final = (scores - scores.mean()) / (std if std > 0 else 1.0)
+        # Boosts on the z-scored model score: weights are in the standard deviations of the
+        # candidates' scores (of the same tier).
+        final = np.empty_like(scores)
+        for t in np.unique(tier):
+            mine = tier == t
+            s = scores[mine]
+            std = float(s.std()) if len(s) > 1 else 0.0
+            final[mine] = (s - s.mean()) / (std if std > 0 else 1.0)
         boosted: dict[int, list[str]] = {}
         for name, gain in self.boosts:
             g = gain[rows]
@@ -188,7 +198,7 @@ class RuleEngine:
             if explain:
                 for i in np.flatnonzero(g):
                     boosted.setdefault(int(rows[i]), []).append(f"boost {name} {g[i]:+.3g}")
-        order = np.argsort(-final, kind="stable")
+        order = np.lexsort((-final, tier))
         rows, final = rows[order], final[order]
 
         capped: dict[int, list[str]] = {}

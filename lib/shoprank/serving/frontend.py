@@ -108,15 +108,18 @@ class Frontend:
         """Stage two on the first rerank_top candidates (they stay ahead, in the ranker's
         order), then the rules."""
         final = np.asarray(scores, dtype=np.float32)
+        tier = None
         top = min(self.args.rerank_top, len(ids))
         if rerank and self.backends.score is not None and top:
             got = await self.backends.score(history, context, extra, ids[:top])
-            head = np.array([-np.inf if s is None else s for s in got["scores"]], np.float32)
-            final = np.concatenate([head + 1e6, final[top:]]).astype(np.float32)
+            # (ids come from the catalog, so the ranker knows every one of them)
+            head = np.array(got["scores"], np.float32)
+            final = np.concatenate([head, final[top:]])
+            tier = np.arange(len(ids)) >= top  # the reranked head first, then the rest
         rows = np.array([self.rows[i] for i in ids], dtype=np.int64)
         seen = np.array([self.rows[i] for i in history or [] if i in self.rows], dtype=np.int64)
         engine = self.rules.current()
-        ranked = engine.apply(rows, final, k, history=seen, explain=explain)
+        ranked = engine.apply(rows, final, k, history=seen, explain=explain, tier=tier)
         items = [
             schemas.Item(
                 item_id=engine.ids[r],

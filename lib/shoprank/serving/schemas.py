@@ -59,6 +59,8 @@ class ScoreRequest(_Body):
 
 class Item(BaseModel):
     item_id: str
+    # The model's score standardised among the request's candidates scored by the same model
+    # (the ranker's head, the retriever's rest), plus any boosts.
     score: float
     title: str | None = None
     why: list[str] | None = None  # explain=true: the rules that moved it
