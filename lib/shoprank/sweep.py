@@ -214,8 +214,13 @@ def run(cfg: Config, variants: dict[str, tuple[dict, int]]) -> tune.ResultGrid:
         return tune.Tuner.restore(path, trainable, resume_errored=True).fit()
 
     if cfg.sweep.algorithm == "optuna":
+        earlier = earlier_trials(cfg)
+        # TPE samples at random until it has 10 trials; with the earlier sweep's seed it would
+        # draw that sweep's values again (seen: its winner, retrained), so shift the seed.
         search = WarmOptunaSearch(
-            earlier_trials(cfg), points_to_evaluate=start_points(cfg) or None, seed=cfg.run.seed
+            earlier,
+            points_to_evaluate=start_points(cfg) or None,
+            seed=cfg.run.seed + len(earlier),
         )
     else:
         search = tune.search.BasicVariantGenerator(
