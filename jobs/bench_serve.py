@@ -27,8 +27,8 @@ import httpx
 import numpy as np
 import yaml
 
-from shoprank import report
-from shoprank.runtime import init_ray
+from shoprank.evaluation import report
+from shoprank.run import init_ray
 from shoprank.serving.features import ParquetFeatureStore
 from shoprank.serving.schemas import AppArgs
 from shoprank.serving.services import read_catalog

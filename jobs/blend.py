@@ -11,32 +11,26 @@ jobs/evaluate.py then applies them to test. jobs/train.py does the same right af
 
 from __future__ import annotations
 
-import argparse
-
-from shoprank import pipeline
-from shoprank.config import load_config
-from shoprank.runtime import init_ray
+from shoprank import run as runs
+from shoprank.retrieval import blend
+from shoprank.run import log
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (default: the built-in synthetic shop)")
+    parser = runs.parser(__doc__)
     parser.add_argument("--retriever", help="exported retriever (default: the run's export)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_intermixed_args()  # options may come between overrides
 
     # 1. Config and the retriever.
-    cfg = load_config(args.config, args.overrides)
-    out = pipeline.start(cfg)
-    retriever = args.retriever or str(out / "export")
-    if cfg.eval.blend_trials < 1:
-        raise SystemExit(f"eval.blend_trials={cfg.eval.blend_trials}: give at least 1 trial")
-    init_ray()
+    run = runs.start(args, with_ray=False)
+    retriever = args.retriever or str(run.out / "export")
+    if run.cfg.eval.blend_trials < 1:
+        raise SystemExit(f"eval.blend_trials={run.cfg.eval.blend_trials}: give at least 1 trial")
+    runs.init_ray()
 
-    # 2. Data, then the search on the valid users (data.val_users of them; null = all).
-    data, examples = pipeline.prepare(cfg, out)
-    found = pipeline.tune_blend(cfg, data, examples, retriever)
-    print(f"[shoprank] wrote {retriever}/blend.json ({len(found['trials'])} trials)")
+    # 2. The search on the valid users (data.val_users of them; null = all).
+    found = blend.fit(run, retriever)
+    log(f"wrote {retriever}/{blend.FILE} ({len(found['trials'])} trials)")
 
 
 if __name__ == "__main__":

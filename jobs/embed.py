@@ -10,40 +10,34 @@ index parameters alone rebuild the index from the stored embeddings.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from shoprank import pipeline
-from shoprank.config import load_config
+from shoprank import run as runs
 from shoprank.data.load import counts_table, load_catalog
-from shoprank.retrieval import ensure_index
-from shoprank.runtime import init_ray
+from shoprank.retrieval.embed import ensure_index
+from shoprank.run import log
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (default: the built-in synthetic shop)")
+    parser = runs.parser(__doc__)
     parser.add_argument("--model", help="exported retriever folder (default: the run's export)")
     parser.add_argument("--force", action="store_true", help="embed even if nothing changed")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_intermixed_args()  # options may come between overrides
 
     # 1. Config and the model to embed with.
-    cfg = load_config(args.config, args.overrides)
-    out = pipeline.start(cfg)
-    export_dir = Path(args.model or out / "export")
-    init_ray()
+    run = runs.start(args)
+    export_dir = Path(args.model or run.out / "export")
 
     # 2. The validated catalog (bad rows quarantined and counted, never embedded).
-    pipeline.ensure_data(cfg)
-    catalog, counts = load_catalog(cfg.data, str(out / "quarantine"))
-    print("[shoprank] data quality:\n" + counts_table({"catalog": counts}))
+    runs.ensure_data(run.cfg)
+    catalog, counts = load_catalog(run.cfg.data, str(run.out / "quarantine"))
+    log("data quality:\n" + counts_table({"catalog": counts}))
 
     # 3. Embed (Ray Data actor pool) and index (faiss), unless nothing changed.
-    index, status = ensure_index(str(export_dir), catalog, cfg, force=args.force)
+    index, status = ensure_index(str(export_dir), catalog, run.cfg, force=args.force)
     info = {k: v for k, v in index.info.items() if k != "fingerprint"}
-    print(f"[shoprank] index {status}: {export_dir / 'index'}\n{json.dumps(info, indent=2)}")
+    log(f"index {status}: {export_dir / 'index'}\n{json.dumps(info, indent=2)}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def tiny_shop(tmp_path_factory) -> Path:
 def ray_local():
     import ray
 
-    from shoprank.runtime import init_ray
+    from shoprank.run import init_ray
 
     init_ray(num_cpus=4)
     yield ray
@@ -90,8 +90,8 @@ def make_export(folder: Path, kind: str, tiny_model_dir: str, cfg, seed: int) ->
 
     from shoprank.config import ModelConfig
     from shoprank.data.text import render_items
-    from shoprank.index import INDEX_DIR, ItemIndex
     from shoprank.models.encoder import METADATA, embed_texts, load_encoder, load_tokenizer
+    from shoprank.retrieval.index import INDEX_DIR, ItemIndex
 
     torch.manual_seed(seed)
     if kind == "ranker":

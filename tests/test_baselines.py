@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shoprank.baselines import CoVisitation, Popularity, TfidfHistory
-from shoprank.metrics import ranking_metrics, target_ranks
+from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
+from shoprank.evaluation.metrics import ranking_metrics, target_ranks
 
 DATA = Path(__file__).parents[2] / "shared/data/amazon-scientific"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shoprank import blend, metrics
+from shoprank.evaluation import metrics
+from shoprank.retrieval import blend
 
 
 def test_standardize_rows_and_constant_rows() -> None:

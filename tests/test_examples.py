@@ -7,8 +7,8 @@ import zlib
 import pytest
 
 from conftest import shop_overrides
-from shoprank import pipeline
 from shoprank.config import load_config
+from shoprank.run import Run, output_dir
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def _valid_users(tmp_path, shop, n) -> list[str]:
             f"data.val_users={n}".replace("None", "null"),
         ],
     )
-    _, examples = pipeline.prepare(cfg, pipeline.output_dir(cfg))
+    examples = Run(cfg, output_dir(cfg)).examples
     return sorted(examples["valid"].unique("user_id"))
 
 

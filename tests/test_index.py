@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from shoprank import index as ann
 from shoprank.config import IndexConfig
+from shoprank.retrieval import index as ann
 
 
 def _unit(rng, n: int, d: int) -> np.ndarray:

@@ -7,8 +7,8 @@ import pytest
 from scipy.special import expit
 from sklearn.metrics import log_loss, ndcg_score, roc_auc_score
 
-from shoprank import metrics
-from shoprank.metrics import (
+from shoprank.evaluation import metrics
+from shoprank.evaluation.metrics import (
     auc,
     graded_ndcg,
     grouped_ranks,

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 
 from conftest import shop_overrides
-from shoprank import pipeline
 from shoprank.config import load_config
 from shoprank.data.text import render_items
 from shoprank.data.tokenize import tokenize
-from shoprank.evaluation import (
+from shoprank.evaluation.sampled import group_metrics
+from shoprank.evaluation.scorers import (
     CrossEncoderScorer,
     ZeroShotScorer,
     collect_scores,
-    group_metrics,
 )
-from shoprank.export import export_model
-from shoprank.training import best_checkpoint, fit
+from shoprank.run import Run, output_dir
+from shoprank.train.export import export_model
+from shoprank.train.loop import best_checkpoint, fit
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +42,8 @@ def test_minilm_fine_tuned_beats_zero_shot(ray_local, tmp_path, tiny_shop):
             "data.max_train_positives=null",
         ],
     )
-    out = pipeline.output_dir(cfg)
-    data, examples = pipeline.prepare(cfg, out)
+    run = Run(cfg, output_dir(cfg))
+    data, examples = run.data, run.examples
     train = tokenize(examples["train"], cfg.model.name, cfg.model.max_length).materialize()
     valid = tokenize(examples["valid"], cfg.model.name, cfg.model.max_length, keep_text=True)
     valid = valid.materialize()

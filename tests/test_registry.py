@@ -94,7 +94,7 @@ def _register(root: str, src: str, start, results) -> None:
 
 
 def test_concurrent_writers_get_distinct_complete_versions(tmp_path):
-    import shoprank.export  # noqa: F401  (forked writers inherit it instead of importing torch)
+    import shoprank.train.export  # noqa: F401  (forked writers inherit it instead of importing torch)
 
     root = str(tmp_path / "reg")
     sources = [str(fake_export(tmp_path / f"src{i}", 0.01 * i, i, size=1 << 20)) for i in range(8)]

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from shoprank.report import bar_chart, curve_plot, metrics_table, score_histogram, write_report
+from shoprank.evaluation.report import (
+    bar_chart,
+    curve_plot,
+    metrics_table,
+    score_histogram,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

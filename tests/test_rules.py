@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from shoprank.rules import RuleEngine, Rules, RulesError, RulesFile, load_rules
+from shoprank.serving.rules import RuleEngine, Rules, RulesError, RulesFile, load_rules
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 

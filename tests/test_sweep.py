@@ -14,7 +14,7 @@ import pytest
 from conftest import shop_overrides
 from shoprank.config import ConfigError, load_config
 from shoprank.registry import Registry
-from shoprank.sweep import concurrency, data_variants, param_space, start_points
+from shoprank.train.sweep import concurrency, data_variants, param_space, start_points
 
 SWEEP = Path(__file__).resolve().parents[1] / "tune" / "sweep.py"
 
@@ -73,7 +73,7 @@ def test_a_restored_silent_trial_and_a_published_winner(tmp_path):
     import pyarrow.fs as pafs
     from ray import tune
 
-    from shoprank.sweep import Trial, published, trial_values
+    from shoprank.train.sweep import Trial, published, trial_values
 
     cfg = load_config("tune/synthetic.yaml", [f"registry.root={tmp_path / 'reg'}"])
     folder = tmp_path / "train_trial_x"
@@ -100,7 +100,7 @@ def test_a_restored_silent_trial_and_a_published_winner(tmp_path):
 def test_warm_start_tells_optuna_the_earlier_trials(tmp_path):
     import pyarrow as pa
 
-    from shoprank.sweep import WarmOptunaSearch, earlier_trials
+    from shoprank.train.sweep import WarmOptunaSearch, earlier_trials
 
     earlier = tmp_path / "old" / "sweep"
     earlier.mkdir(parents=True)

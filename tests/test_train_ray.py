@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from conftest import shop_overrides
-from shoprank import pipeline
 from shoprank.config import load_config
 from shoprank.data.tokenize import tokenize
-from shoprank.evaluation import CrossEncoderScorer, collect_scores, group_metrics
-from shoprank.export import METADATA, export_model, load_checkpoint_model
+from shoprank.evaluation.sampled import group_metrics
+from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores
 from shoprank.models.ranker import ranker_logits
-from shoprank.training import MODEL_DIR, best_checkpoint, fit, run_history
+from shoprank.run import Run, output_dir
+from shoprank.train.export import METADATA, export_model, load_checkpoint_model
+from shoprank.train.loop import MODEL_DIR, best_checkpoint, fit, run_history
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +52,7 @@ def _config(tmp_path, shop, model_dir, stage, name, max_steps):
 
 
 def _data(cfg, out):
-    _, examples = pipeline.prepare(cfg, out)
+    examples = Run(cfg, out).examples
     train = tokenize(examples["train"], cfg.model.name, cfg.model.max_length).materialize()
     valid = tokenize(examples["valid"], cfg.model.name, cfg.model.max_length).materialize()
     return train, valid
@@ -64,7 +65,7 @@ def test_lora_zero_trains_checkpoints_and_resumes(
     ray_local, tmp_path, tiny_shop, tiny_model_dir, stage
 ):
     cfg = _config(tmp_path, tiny_shop, tiny_model_dir, stage, f"zero{stage}", max_steps=8)
-    out = pipeline.output_dir(cfg)
+    out = output_dir(cfg)
     train, valid = _data(cfg, out)
     result = fit(cfg, "ranker", {"train": train, "valid": valid}, train.count())
     history = run_history(result)

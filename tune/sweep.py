@@ -11,40 +11,36 @@ run.name to resume: finished trials are kept, unfinished ones resume from their 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from shoprank import pipeline, sweep
-from shoprank.config import load_config, with_values
+from shoprank import run as runs
+from shoprank.config import with_values
+from shoprank.evaluation.protocols import after_training
 from shoprank.registry import publish
-from shoprank.runtime import init_ray
+from shoprank.run import log
+from shoprank.train import sweep
+from shoprank.train.datasets import training_datasets
+from shoprank.train.export import export_run
 
 DEFAULT = Path(__file__).resolve().parent / "synthetic.yaml"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(DEFAULT), help="sweep YAML (default: %(default)s)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_intermixed_args()  # options may come between overrides
-
     # 1. Config: the training config every trial starts from, plus the search.
-    cfg = load_config(args.config, args.overrides)
-    out = pipeline.start(cfg)
-    init_ray()
+    run = runs.start(runs.parser(__doc__, str(DEFAULT)).parse_intermixed_args())
+    cfg, out = run.cfg, run.out
 
     # 2. Data once: validated, examples per searched data.* value, tokenized, materialised.
-    data, examples = pipeline.prepare(cfg, out)
     variants = {}
     for values in sweep.data_variants(cfg):
         variant = with_values(cfg, values)
-        own = pipeline.examples_for(variant, data) if values else examples
-        datasets = pipeline.training_datasets(variant, data, own)
+        # A data variant builds its own examples from the same validated data.
+        examples = (
+            runs.Run(variant, out, _shared={"data": run.data}).examples if values else run.examples
+        )
+        datasets = training_datasets(variant, run.data.catalog, examples)
         variants[sweep.variant_key(variant)] = (datasets, datasets["train"].count())
-    print(
-        f"[shoprank] training groups per data variant: "
-        f"{ {k: rows for k, (_, rows) in variants.items()} }"
-    )
+    log(f"training groups per data variant: { {k: rows for k, (_, rows) in variants.items()} }")
 
     # 3. Search: Tune prints the live table of trials.
     grid = sweep.run(cfg, variants)
@@ -56,26 +52,28 @@ def main() -> None:
     own = sweep.pick(cfg, table, grid, "default")
     done = sweep.published(cfg, best)
     if done is not None:
-        print(
-            f"[shoprank] sweep report: {sweep_report}; its winner {best.row['trial']} is "
+        log(
+            f"sweep report: {sweep_report}; its winner {best.row['trial']} is "
             f"already {done.name} v{done.version}: nothing new to export or register"
         )
         return
     for folder, trial in {"export-default": own, "export": best}.items():
         if trial is not None:
-            pipeline.export_run(
-                trial.cfg,
-                data,
+            trial_run = run.with_config(trial.cfg)
+            trial_run.history = trial.history
+            export_run(
+                trial_run,
                 sweep.checkpoint(cfg, trial.row["checkpoint"]),
                 trial.metrics,
-                trial.history,
                 out / folder,
                 sweep={"name": cfg.run.name, **trial.row},
             )
     export_dir = str(out / "export")
 
     # 5. Blend weights (retriever) and the report on eval.split, as the fine-tuning job does.
-    eval_report = pipeline.finish(best.cfg, out, data, examples, export_dir, best.history)
+    winner = run.with_config(best.cfg)
+    winner.history = best.history
+    eval_report = after_training(winner, export_dir)
 
     # 6. Registry: the winner becomes the candidate; production moves only past the gate.
     name = cfg.registry.model or cfg.run.name
@@ -93,14 +91,15 @@ def main() -> None:
     for label, trial in (("winner", best), ("the config's own values", own)):
         if trial is not None:
             values = ", ".join(f"{k}={trial.row[k]}" for k in cfg.sweep.space)
-            print(
-                f"[shoprank] {label}: trial {trial.row['trial']} {values}: "
+            log(
+                f"{label}: trial {trial.row['trial']} {values}: "
                 f"val_{cfg.train.metric}={trial.row['best']:.4f} ({trial.row['status']})"
             )
-    print(f"[shoprank] registered {name} v{version.version} at {version.uri}")
+    log(f"registered {name} v{version.version} at {version.uri}")
     if decision:
-        print(f"[shoprank] production {'->' if decision.promoted else 'stays'}: {decision.reason}")
-    print(f"[shoprank] sweep report: {sweep_report}\n[shoprank] evaluation report: {eval_report}")
+        log(f"production {'->' if decision.promoted else 'stays'}: {decision.reason}")
+    log(f"sweep report: {sweep_report}")
+    log(f"evaluation report: {eval_report}")
 
 
 if __name__ == "__main__":

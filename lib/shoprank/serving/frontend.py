@@ -17,10 +17,10 @@ import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from shoprank.rules import RulesFile
 from shoprank.serving import schemas
 from shoprank.serving.auth import HEADER, ApiKeys, hash_user
 from shoprank.serving.features import ParquetFeatureStore
+from shoprank.serving.rules import RulesFile
 from shoprank.serving.services import read_catalog
 
 log = logging.getLogger("ray.serve")

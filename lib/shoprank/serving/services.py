@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from shoprank.data.read import resolve
 from shoprank.data.text import render_items
-from shoprank.serving.models import Following, RankerModel, RetrieverModel
+from shoprank.serving.follow import Following, RankerModel, RetrieverModel
 
 
 def read_catalog(path: str) -> pa.Table:

@@ -8,18 +8,24 @@ gets no credit for the judgments' own order.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import ray
 
-from shoprank import metrics
-from shoprank.baselines import Popularity, TfidfHistory
 from shoprank.config import Config
+from shoprank.data.load import counts_table
 from shoprank.data.text import render_items
 from shoprank.data.tokenize import KEY, tokenize
-from shoprank.evaluation import CrossEncoderScorer, collect_scores, ranker_precision
+from shoprank.evaluation import metrics, report
+from shoprank.evaluation.baselines import Popularity, TfidfHistory
+from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_precision
 from shoprank.models.encoder import read_metadata
-from shoprank.retrieval import EncoderSpec, embed_text_list
+from shoprank.retrieval.embed import EncoderSpec, embed_text_list
+from shoprank.run import Run
+
+PRIMARY = "ndcg@10"
 
 
 def _bi_encoder_scores(
@@ -59,7 +65,7 @@ def _cross_encoder_scores(
     return out
 
 
-def evaluate_judgments(
+def score_judgments(
     cfg: Config,
     catalog: pa.Table,
     judgments: pa.Table,
@@ -98,3 +104,36 @@ def evaluate_judgments(
         name: {f"ndcg@{k}": metrics.graded_ndcg(qids, gains, s, k=k), "queries": n_queries}
         for name, s in scores.items()
     }
+
+
+def evaluate(run: Run, model_dir: str | None) -> tuple[dict[str, dict[str, float]], str]:
+    """NDCG@10 over the judgments file: zero-shot vs fine-tuned vs baselines; report.md."""
+    cfg, data = run.cfg, run.data
+    if data.judgments is None:
+        raise ValueError(
+            f"data.task=search is evaluated on judgments, but data.judgments={cfg.data.judgments!r}"
+            " does not exist; point it at a judgments Parquet (jobs/prepare.py esci|wands)"
+        )
+    table = score_judgments(cfg, data.catalog, data.judgments, model_dir, run.baselines)
+    folder = run.out / "report_search"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(table, indent=2))
+    images = {"NDCG@10 by model": report.bar_chart(table, ["ndcg@10"], folder / "metrics.png")}
+    if run.history:
+        images["Training"] = report.training_curve(
+            run.history, ["val_ndcg@10"], folder / "training.png"
+        )
+    n_queries = int(next(iter(table.values()))["queries"]) if table else 0
+    protocol = (
+        f"{data.judgments.num_rows} judged (query, item) pairs over {n_queries} queries with a "
+        "positive gain; each query's judged items ordered by the model's score, NDCG@10 with "
+        "the judged gains (tied scores share their gains)."
+    )
+    sections = [
+        ("Results", report.metrics_table(table, ["ndcg@10"])),
+        ("Protocol", protocol),
+        ("Data quality", counts_table(data.counts)),
+    ]
+    path = report.write_report(folder, f"shoprank search: {cfg.run.name}", sections, images)
+    report.print_table(table, ["ndcg@10"])
+    return table, str(path)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -255,3 +257,35 @@ class CoVisitation:
             block = next(self.score_catalog_chunks(histories[start : start + _USER_CHUNK]))
             out.extend(block[u, self._columns(c)] for u, c in enumerate(cands))
         return out
+
+
+def train_pairs(train_groups) -> tuple[list[str], list[list[str]]]:
+    """Every training group's positive and the history before it: what baselines learn from."""
+    positives, histories = [], []
+    columns = ["item_ids", "history_ids"]
+    for batch in train_groups.select_columns(columns).iter_batches(batch_format="pyarrow"):
+        positives.extend(pc.list_element(batch["item_ids"], 0).to_pylist())
+        histories.extend(batch["history_ids"].to_pylist())
+    return positives, histories
+
+
+def fit_baselines(
+    cfg, catalog: pa.Table, positives: list[str], histories: list[list[str]]
+) -> dict[str, Popularity | TfidfHistory | CoVisitation]:
+    """The baselines `eval.baselines` names, fitted on the training part only: each training
+    group's positive item and the history before it (`train_pairs`)."""
+    from shoprank.data.text import render_items
+
+    fitted: dict = {}
+    ids = catalog["item_id"].to_pylist()
+    if "popularity" in cfg.eval.baselines:
+        fitted["popularity"] = Popularity().fit(positives, catalog=ids)
+    if "tfidf" in cfg.eval.baselines:
+        fitted["tfidf"] = TfidfHistory(decay=cfg.eval.history_decay).fit(
+            ids, render_items(catalog, cfg.data.item_template)
+        )
+    if "covisit" in cfg.eval.baselines:
+        fitted["co-visitation"] = CoVisitation(cfg.eval.covisit_window, cfg.eval.history_decay).fit(
+            ids, histories, positives
+        )
+    return fitted

@@ -13,23 +13,31 @@ only scores the users whose target was retrieved: the metrics still cover every 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import ray
 
-from shoprank import blend, metrics
-from shoprank.baselines import CoVisitation, Popularity, TfidfHistory
 from shoprank.config import Config
+from shoprank.data.load import counts_table
 from shoprank.data.text import history_context, render_items
 from shoprank.data.tokenize import KEY, tokenize
-from shoprank.evaluation import CrossEncoderScorer, collect_scores, ranker_precision
-from shoprank.index import INDEX_DIR, read_embeddings
+from shoprank.evaluation import metrics, report
+from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
+from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_precision
 from shoprank.models.encoder import read_metadata
-from shoprank.retrieval import Contexts, EncoderSpec, embed_catalog, embed_contexts, ensure_index
+from shoprank.retrieval import blend
+from shoprank.retrieval.embed import (
+    Contexts,
+    EncoderSpec,
+    embed_catalog,
+    embed_contexts,
+    ensure_index,
+)
+from shoprank.run import Run
 
 # Users per block when a full [users, catalog] score matrix is ranked.
 _CHUNK = 1024
@@ -39,6 +47,7 @@ RETRIEVER = "fine-tuned retriever"
 BLEND = "blended stage one"
 TWO_STAGE = "fine-tuned retriever + ranker"
 BLEND_TWO_STAGE = "blended stage one + ranker"
+PRIMARY = "ndcg@10"
 
 
 @dataclass
@@ -77,44 +86,6 @@ def baseline_ranks(
                 ]
             )
     return out
-
-
-def blend_signals(
-    cfg: Config, catalog: pa.Table, contexts: Contexts, baselines: dict, retriever_dir: str
-) -> dict[str, np.ndarray]:
-    """Every blend signal for these users, over the catalog vectors the retriever's index holds."""
-    ids, items = read_embeddings(Path(retriever_dir) / INDEX_DIR)
-    if ids != catalog["item_id"].to_pylist():
-        raise ValueError(f"{retriever_dir}/{INDEX_DIR} does not cover this catalog; re-embed it")
-    return blend.signals(
-        contexts.embedding, contexts.history_ids, items, ids, baselines, cfg.eval.history_decay
-    )
-
-
-def fit_blend(
-    cfg: Config, catalog: pa.Table, valid: ray.data.Dataset, baselines: dict, retriever_dir: str
-) -> dict:
-    """Search the blend weights on the valid users and store them beside the retriever."""
-    ensure_index(retriever_dir, catalog, cfg)
-    ids = catalog["item_id"].to_pylist()
-    contexts = embed_contexts(valid, EncoderSpec.from_export(retriever_dir), cfg, ids)
-    signals = blend_signals(cfg, catalog, contexts, baselines, retriever_dir)
-    alone = {
-        name: metrics.ranking_metrics(metrics.target_ranks(s, contexts.target), cfg.eval.ks)
-        for name, s in signals.items()
-    }
-    weights, trials = blend.search_weights(
-        signals, contexts.target, cfg.eval.blend_trials, cfg.train.metric, cfg.run.seed
-    )
-    best = metrics.target_ranks(blend.blend(signals, weights), contexts.target)
-    details = {
-        "chosen_on": f"valid, {len(contexts.target)} users, {cfg.eval.blend_trials} Optuna trials",
-        "metric": cfg.train.metric,
-        "valid": {"blend": metrics.ranking_metrics(best, cfg.eval.ks), **alone},
-        "trials": trials,
-    }
-    blend.save(retriever_dir, weights, details)
-    return {"weights": weights, **details}
 
 
 def rerank(
@@ -182,7 +153,7 @@ def rerank(
     return out, len(users)
 
 
-def evaluate(
+def rank_all(
     cfg: Config,
     catalog: pa.Table,
     groups: ray.data.Dataset,
@@ -222,7 +193,7 @@ def evaluate(
         weights = cfg.eval.blend_weights or blend.load(retriever_dir)
         if weights:
             started = time.perf_counter()
-            signals = blend_signals(cfg, catalog, contexts, baselines, retriever_dir)
+            signals = blend.signals_for(cfg, catalog, contexts, baselines, retriever_dir)
             blended = blend.blend(signals, weights)
             del signals
             stage_one = metrics.target_ranks(blended, contexts.target)
@@ -265,3 +236,54 @@ def evaluate(
     order = sorted(out.ranks, key=stage)  # stable: mixes stay in config order
     out.ranks = {n: out.ranks[n] for n in order}
     return out
+
+
+def evaluate(
+    run: Run, retriever_dir: str | None, ranker_dir: str | None
+) -> tuple[dict[str, dict[str, float]], str]:
+    """Stage one and two on `eval.split` by the full-catalog protocol; report with plots."""
+    cfg, catalog, split = run.cfg, run.data.catalog, run.cfg.eval.split
+    outcome = rank_all(cfg, catalog, run.examples[split], run.baselines, retriever_dir, ranker_dir)
+    table = outcome.table(cfg.eval.ks)
+    columns = [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")]
+    folder = run.out / f"report_{split}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(
+        json.dumps({"metrics": table, "timings_s": outcome.timings}, indent=2)
+    )
+    n = cfg.eval.retrieve_top
+    curves = {name: metrics.recall_curve(r, n) for name, r in outcome.ranks.items()}
+    images = {
+        "Metrics by model": report.bar_chart(table, columns, folder / "metrics.png"),
+        f"Recall@K, K = 1..{n}": report.curve_plot(
+            curves,
+            "K",
+            "Recall@K",
+            f"full catalog ({catalog.num_rows} items)",
+            folder / "recall_at_k.png",
+        ),
+    }
+    if run.history:
+        images["Training"] = report.training_curve(
+            run.history, ["val_ndcg@10", "val_recall@10"], folder / "training.png"
+        )
+    users = len(next(iter(outcome.ranks.values())))
+    protocol = (
+        f"{users} {split} users; each held-out item ranked among all "
+        f"{catalog.num_rows} catalog items (history not removed, ties count against the "
+        f"model). Stage one retrieves the top {n}; its candidate recall at {n}: "
+        + ", ".join(f"{k} {float(np.mean(r < n)):.4f}" for k, r in outcome.ranks.items())
+        + "."
+    )
+    timings = ", ".join(f"{k} {v} s" for k, v in outcome.timings.items())
+    sections = [
+        ("Results", report.metrics_table(table, columns)),
+        ("Protocol", protocol),
+        ("Stages", "\n\n".join(outcome.notes) or "–"),
+        ("Timings", timings),
+        ("Data quality", counts_table(run.data.counts)),
+    ]
+    title = f"shoprank retrieval: {cfg.run.name} ({split}, full catalog)"
+    path = report.write_report(folder, title, sections, images)
+    report.print_table(table, columns)
+    return table, str(path)

@@ -184,3 +184,22 @@ def write_report(
     path = out_dir / "report.md"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def training_curve(history: list[dict], keys: list[str], path: str | Path) -> Path:
+    """Training loss at every logged step, validation metrics at every validation."""
+    losses = [h for h in history if h.get("train_loss") is not None]
+    series = {"train loss": ([h["step"] for h in losses], [h["train_loss"] for h in losses])}
+    for key in keys:
+        points = [h for h in history if key in h]
+        if points:
+            series[key] = ([h["step"] for h in points], [h[key] for h in points])
+    return curve_plot(series, "optimizer step", "value", "training and validation", path)
+
+
+def print_table(table: dict[str, dict[str, float]], columns: list[str]) -> None:
+    """A result table on the console, one model a row."""
+    width = max(len(name) for name in table)
+    print(f"\n{'model':<{width}}  " + "  ".join(f"{m:>9}" for m in columns))
+    for name, row in table.items():
+        print(f"{name:<{width}}  " + "  ".join(f"{row.get(m, float('nan')):9.4f}" for m in columns))

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import optuna
 
-from shoprank import metrics
-from shoprank.baselines import CoVisitation, Popularity, TfidfHistory, history_weights
+from shoprank.evaluation import metrics
+from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory, history_weights
 
 SIGNALS = ("retriever", "history", "covisit", "tfidf", "popularity")
 FILE = "blend.json"
@@ -134,3 +134,48 @@ def load(export_dir: str | Path) -> dict[str, float] | None:
     """The weights stored beside a retriever export, or None when it has none."""
     path = Path(export_dir) / FILE
     return json.loads(path.read_text())["weights"] if path.exists() else None
+
+
+def signals_for(
+    cfg, catalog, contexts, baselines: dict, retriever_dir: str
+) -> dict[str, np.ndarray]:
+    """Every blend signal for these users, over the catalog vectors the retriever's index holds."""
+    from shoprank.retrieval.index import INDEX_DIR, read_embeddings
+
+    ids, items = read_embeddings(Path(retriever_dir) / INDEX_DIR)
+    if ids != catalog["item_id"].to_pylist():
+        raise ValueError(f"{retriever_dir}/{INDEX_DIR} does not cover this catalog; re-embed it")
+    return signals(
+        contexts.embedding, contexts.history_ids, items, ids, baselines, cfg.eval.history_decay
+    )
+
+
+def fit(run, retriever_dir: str) -> dict:
+    """Search the blend weights on the valid users (every one unless `data.val_users` caps
+    them) and store them beside the retriever; prints the valid table."""
+    from shoprank.evaluation.report import print_table
+    from shoprank.retrieval.embed import EncoderSpec, embed_contexts, ensure_index
+
+    cfg, catalog, valid, baselines = run.cfg, run.data.catalog, run.examples["valid"], run.baselines
+    ensure_index(retriever_dir, catalog, cfg)
+    ids = catalog["item_id"].to_pylist()
+    contexts = embed_contexts(valid, EncoderSpec.from_export(retriever_dir), cfg, ids)
+    signals = signals_for(cfg, catalog, contexts, baselines, retriever_dir)
+    alone = {
+        name: metrics.ranking_metrics(metrics.target_ranks(s, contexts.target), cfg.eval.ks)
+        for name, s in signals.items()
+    }
+    weights, trials = search_weights(
+        signals, contexts.target, cfg.eval.blend_trials, cfg.train.metric, cfg.run.seed
+    )
+    best = metrics.target_ranks(blend(signals, weights), contexts.target)
+    details = {
+        "chosen_on": f"valid, {len(contexts.target)} users, {cfg.eval.blend_trials} Optuna trials",
+        "metric": cfg.train.metric,
+        "valid": {"blend": metrics.ranking_metrics(best, cfg.eval.ks), **alone},
+        "trials": trials,
+    }
+    save(retriever_dir, weights, details)
+    print(f"[shoprank] blend weights (chosen on {details['chosen_on']}): {weights}", flush=True)
+    print_table(details["valid"], [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")])
+    return {"weights": weights, **details}

@@ -14,6 +14,7 @@ from torch import nn
 
 from shoprank import __version__
 from shoprank.config import Config
+from shoprank.data import read
 from shoprank.models.encoder import (
     METADATA,
     load_encoder,
@@ -21,9 +22,9 @@ from shoprank.models.encoder import (
     load_tokenizer,
 )
 from shoprank.models.retriever import SETTINGS
-from shoprank.training import MODEL_DIR
+from shoprank.train.loop import MODEL_DIR
 
-__all__ = ["METADATA", "code_version", "export_model", "load_checkpoint_model"]
+__all__ = ["METADATA", "code_version", "export_model", "export_run", "load_checkpoint_model"]
 
 
 def code_version() -> dict:
@@ -85,3 +86,22 @@ def export_model(checkpoint_dir: str, cfg: Config, out_dir: str, metadata: dict)
     with open(os.path.join(out_dir, METADATA), "w") as f:
         json.dump(meta, f, indent=2, default=str)
     return out_dir
+
+
+def export_run(run, checkpoint, best: dict, out_dir: Path, **metadata) -> str:
+    """A training checkpoint of `run` as a plain Hugging Face folder, with where it came from:
+    its metrics, every logged step, the data snapshot and its quality counts."""
+    cfg = run.cfg
+    with checkpoint.as_directory() as ckpt_dir:
+        return export_model(
+            ckpt_dir,
+            cfg,
+            str(out_dir),
+            {
+                "metrics": best,
+                "data": {p: read.snapshot([p]) for p in (cfg.data.catalog, cfg.data.events)},
+                "data_quality": run.data.counts,
+                "history": run.history,
+                **metadata,
+            },
+        )

@@ -7,15 +7,12 @@ Every scorer is a callable class for `map_batches` (the model loads once per act
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import ray
 import torch
 
-from shoprank import metrics
-from shoprank.baselines import CoVisitation, Popularity, TfidfHistory
 from shoprank.config import Config, ModelConfig
-from shoprank.data.text import render_items
 from shoprank.data.tokenize import KEY
+from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
 from shoprank.models.encoder import embed_texts, load_encoder, load_tokenizer
 from shoprank.models.ranker import flatten_groups, load_for_inference
 
@@ -103,64 +100,7 @@ def collect_scores(
     return np.concatenate(scores), np.concatenate(labels), np.concatenate(keys) if keys else None
 
 
-def group_metrics(scores: np.ndarray, labels: np.ndarray, probabilistic: bool) -> dict[str, float]:
-    """AUC, NDCG@10, Recall@10 (and logloss when scores are logits of a probability)."""
-    groups = np.repeat(np.arange(len(scores)), scores.shape[1])
-    out = metrics.pointwise_and_ranking(groups, labels.ravel(), scores.ravel(), ks=(10,))
-    if not probabilistic:
-        out["logloss"] = float("nan")
-    return out
-
-
-def fit_baselines(cfg: Config, catalog, positives: list[str], histories: list[list[str]]) -> dict:
-    """Baselines fitted on the training part only: each training group's positive item and
-    the history before it (`pipeline.train_pairs`)."""
-    fitted: dict = {}
-    ids = catalog["item_id"].to_pylist()
-    if "popularity" in cfg.eval.baselines:
-        fitted["popularity"] = Popularity().fit(positives, catalog=ids)
-    if "tfidf" in cfg.eval.baselines:
-        fitted["tfidf"] = TfidfHistory(decay=cfg.eval.history_decay).fit(
-            ids, render_items(catalog, cfg.data.item_template)
-        )
-    if "covisit" in cfg.eval.baselines:
-        fitted["co-visitation"] = CoVisitation(cfg.eval.covisit_window, cfg.eval.history_decay).fit(
-            ids, histories, positives
-        )
-    return fitted
-
-
 def ranker_precision(cfg: Config) -> str:
     """eval.ranker_precision, else bf16 weights when the run uses bf16 (DESIGN.md: the fastest
     batch scoring), else fp32."""
     return cfg.eval.ranker_precision or ("bf16" if cfg.train.bf16 else "fp32")
-
-
-def evaluate_groups(
-    cfg: Config, groups: ray.data.Dataset, catalog: pa.Table, model_dir: str, baselines: dict
-) -> tuple[dict[str, dict[str, float]], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Metrics for zero-shot, fine-tuned and baselines on the same groups, plus raw scores."""
-    bf16 = cfg.train.bf16
-    runs: dict[str, tuple] = {}
-    if cfg.eval.zero_shot:
-        runs["zero-shot " + cfg.model.name] = (
-            ZeroShotScorer,
-            {
-                "model": cfg.model,
-                "item_ids": catalog["item_id"].to_pylist(),
-                "item_texts": render_items(catalog, cfg.data.item_template),
-                "bf16": bf16,
-            },
-        )
-    runs["fine-tuned ranker"] = (
-        CrossEncoderScorer,
-        {"model_dir": model_dir, "precision": ranker_precision(cfg)},
-    )
-    for name, fitted in baselines.items():
-        runs[name] = (BaselineScorer, {"baseline": fitted})
-    table, raw = {}, {}
-    for name, (scorer, kwargs) in runs.items():
-        scores, labels, _ = collect_scores(groups, scorer, kwargs, num_cpus=cfg.eval.num_cpus)
-        raw[name] = (scores, labels)
-        table[name] = group_metrics(scores, labels, probabilistic=scorer is CrossEncoderScorer)
-    return table, raw

@@ -20,10 +20,10 @@ import torch
 
 from shoprank.config import ModelConfig
 from shoprank.data.text import history_context
-from shoprank.index import INDEX_DIR, ItemIndex
 from shoprank.models.encoder import embed_texts, load_encoder, load_tokenizer, read_metadata
 from shoprank.models.ranker import load_for_inference
 from shoprank.registry import Registry, Version
+from shoprank.retrieval.index import INDEX_DIR, ItemIndex
 
 T = TypeVar("T")
 

@@ -23,9 +23,9 @@ from ray.train import CheckpointConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from shoprank import metrics
 from shoprank.config import Config, TrainConfig
 from shoprank.data.read import uri
+from shoprank.evaluation import metrics
 from shoprank.models import ranker, retriever
 
 DS_TAG = "deepspeed"

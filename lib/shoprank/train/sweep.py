@@ -23,11 +23,11 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from shoprank import report
 from shoprank.config import Config, ConfigError, with_values
 from shoprank.data.read import resolve, uri
+from shoprank.evaluation import report
 from shoprank.registry import Registry, Version
-from shoprank.training import fit, plan_steps, validation_steps
+from shoprank.train.loop import fit, plan_steps, validation_steps
 
 TUNE_DIR = "tune"  # the Tune experiment, under the run's storage folder
 TRIALS_DIR = "trials"  # one Ray Train run per trial, named by trial id

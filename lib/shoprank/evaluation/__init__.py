@@ -1,0 +1,1 @@
+"""Evaluation: one evaluator per protocol, the metrics, the baselines and the report."""

@@ -1,0 +1,1 @@
+"""Stage one: catalog embedding (Ray Data), the ANN index, the blend of signals."""

@@ -1,0 +1,103 @@
+"""Hard negatives for training: items a previous retriever ranks high that the user did not buy.
+
+A ranker trained only on random negatives learns to tell a microscope from a glove; stage two
+must tell apart the items stage one already found similar, so its training groups get some of
+those (Ray Data: embed the training contexts, then an actor samples from the index's results).
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from shoprank.config import Config
+from shoprank.data.text import render_items
+from shoprank.data.tokenize import list_column, tokenize_towers
+from shoprank.retrieval import index as ann
+from shoprank.retrieval.embed import EncoderSpec, embed, index_fingerprint
+
+
+class HardNegativeSampler:
+    """Ray Data actor: add `n` hard negatives to each training group from the index's results.
+
+    Negatives are drawn from ranks [lo, hi) of the previous retriever's results, skipping the
+    positive and the user's history: the very top is left out because, in a shop, the items
+    ranked just above the one bought are often ones the user would have liked as well.
+    """
+
+    def __init__(self, index_dir: str, texts: list[str], n: int, ranks: tuple[int, int], seed: int):
+        self.index = ann.ItemIndex.load(index_dir)
+        self.rows = {item: i for i, item in enumerate(self.index.item_ids)}
+        self.texts, self.n, self.ranks, self.seed = texts, n, ranks, seed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        lo, hi = self.ranks
+        _, found = self.index.search(batch["embedding"], hi)
+        ids, texts, labels = [], [], []
+        for i, row in enumerate(found):
+            skip = {self.rows[x] for x in batch["history_ids"][i]} | set(batch["item_rows"][i])
+            pool = [int(r) for r in row[lo:] if r >= 0 and int(r) not in skip]
+            if len(pool) < self.n:  # a tiny catalog: fall back to any other item
+                pool = [r for r in range(len(self.texts)) if r not in skip]
+            rng = np.random.default_rng([self.seed, zlib.crc32(str(batch["context"][i]).encode())])
+            picked = rng.choice(pool, size=self.n, replace=False).tolist()
+            ids.append([*batch["item_ids"][i], *(self.index.item_ids[r] for r in picked)])
+            texts.append([*batch["item_texts"][i], *(self.texts[r] for r in picked)])
+            labels.append([*batch["labels"][i], *([0.0] * self.n)])
+        return {
+            "user_id": batch["user_id"],
+            "split": batch["split"],
+            "context": batch["context"],
+            "history_ids": list_column(batch["history_ids"]),
+            "item_ids": _lists(ids),
+            "item_texts": _lists(texts),
+            "labels": _lists(labels),
+        }
+
+
+def _lists(values: list[list]) -> np.ndarray:
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
+
+
+def mine_hard_negatives(
+    train: ray.data.Dataset, cfg: Config, catalog: pa.Table
+) -> ray.data.Dataset:
+    """Training groups with `data.hard_negatives` more negatives from a previous retriever."""
+    source = cfg.data.hard_negatives_from
+    if not source:
+        raise ValueError(
+            "data.hard_negatives > 0 needs data.hard_negatives_from=<retriever export>"
+        )
+    spec = EncoderSpec.from_export(source)
+    index_dir = Path(source) / ann.INDEX_DIR
+    info = ann.read_info(index_dir)
+    if info is None or info["fingerprint"] != index_fingerprint(cfg, spec):
+        raise ValueError(
+            f"{index_dir} is missing or covers another catalog; run "
+            f"python jobs/embed.py --model {source} with this config first"
+        )
+    ids = catalog["item_id"].to_pylist()
+    tokens = tokenize_towers(
+        train, spec.model, spec.context_max_length, spec.item_max_length, ids, keep_text=True
+    )
+    # Materialised first, so that the embedding actors (holding eval.num_cpus each) are gone
+    # before the sampler needs a CPU: a 2-CPU laptop cannot hold both pools at once.
+    contexts = embed(tokens, spec, "ctx_", cfg).materialize()
+    return contexts.map_batches(
+        HardNegativeSampler,
+        fn_constructor_kwargs={
+            "index_dir": str(index_dir),
+            "texts": render_items(catalog, cfg.data.item_template),
+            "n": cfg.data.hard_negatives,
+            "ranks": tuple(cfg.data.hard_negative_ranks),
+            "seed": cfg.run.seed,
+        },
+        batch_format="numpy",
+        concurrency=1,
+    )

@@ -1,0 +1,1 @@
+"""Training: the one loop (Ray Train + DeepSpeed), export, and Tune sweeps over it."""
