@@ -1,6 +1,9 @@
-import pytest
+from pathlib import Path
 
-from shoprank.config import ConfigError, load_config
+import pytest
+import yaml
+
+from shoprank.config import Config, ConfigError, load_config
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -42,3 +45,30 @@ def test_renamed_key_of_older_exports_still_loads():
     old["eval"]["tfidf_decay"] = 0.3
     assert Config.model_validate(old).eval.history_decay == 0.3
     assert "history_decay" in Config().to_yaml()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted([*ROOT.glob("configs/*.yaml"), *ROOT.glob("tune/*.yaml")])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_config_file_loads_as_an_overlay_of_what_it_extends(path):
+    """Each YAML validates, and names only values that differ from what it extends (the
+    defaults for configs/synthetic.yaml): an overlay, not a copy that drifts from its base."""
+    cfg = load_config(path)
+    tree = yaml.safe_load(path.read_text())
+    parent = tree.pop("extends", None)
+    base = load_config((path.parent / parent).resolve() if parent else None)
+    if path.name == "synthetic.yaml" and path.parent.name == "configs":
+        assert cfg.model_dump(exclude={"run"}) == Config().model_dump(exclude={"run"})
+    for section, values in tree.items():
+        for key, value in values.items():
+            ours, theirs = getattr(getattr(cfg, section), key), getattr(getattr(base, section), key)
+            if section == "run" and key == "name":
+                continue
+            assert ours != theirs, f"{path.name}: {section}.{key}={value!r} repeats its base"
+
+
+def test_all_config_files_are_covered():
+    assert {p.name for p in CONFIGS} >= {"synthetic.yaml", "amazon.yaml", "amazon-retriever.yaml"}
+    assert len(CONFIGS) >= 7

@@ -72,7 +72,7 @@ class ModelConfig(Section):
     # A Hugging Face model id or path; "minilm" is the bundled all-MiniLM-L6-v2.
     name: str = "minilm"
     max_length: int = Field(128, ge=8)
-    # "eager" attention and no dropout make bf16 autocast pay off on CPU (DESIGN.md).
+    # "eager" attention and no dropout make bf16 autocast pay off on CPU (docs/DESIGN.md).
     attn_implementation: str | None = "eager"
     dropout: float | None = 0.0
 
@@ -154,9 +154,9 @@ class EvalConfig(Section):
     retriever: str | None = None
     ranker: str | None = None
     retrieve_top: int = Field(100, ge=1)  # N candidates from stage one
-    # Blended stage one (lib/shoprank/blend.py): the retriever's weights for the other signals
-    # are searched on valid after training (this many Optuna trials; 0 = no blend) and stored
-    # beside the export; weights given here override the stored ones.
+    # Blended stage one (lib/shoprank/retrieval/blend.py): the retriever's weights for the
+    # other signals are searched on valid after training (this many Optuna trials; 0 = no
+    # blend) and stored beside the export; weights given here override the stored ones.
     blend_trials: int = Field(60, ge=0)
     blend_weights: dict[str, float] | None = None
     # How many of them the ranker rescores (None = all N): the cost of stage two on a CPU.

@@ -1,4 +1,4 @@
-"""The canonical Parquet contract (DESIGN.md): one place that names every column and type."""
+"""The canonical Parquet contract (docs/DESIGN.md): one place that names every column and type."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ JUDGMENTS_SCHEMA = pa.schema(
 )
 JUDGMENTS_REQUIRED = ("query_id", "query", "item_id", "label")
 
-# ESCI letters to gains, as DESIGN.md states them.
+# ESCI letters to gains, as docs/DESIGN.md states them.
 ESCI_GAINS = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}
 
 # Name of the column that validation adds to quarantined rows.

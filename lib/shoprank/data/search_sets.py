@@ -7,7 +7,7 @@ that the search ranker and retriever can be fine-tuned on them (data.task=search
 ESCI (github.com/amazon-science/esci-data): `shopping_queries_dataset_examples.parquet`
 (query_id, query, product_id, product_locale, esci_label E/S/C/I, split train/test) and
 `shopping_queries_dataset_products.parquet` (product_id, product_title, product_description,
-product_brand, product_color, product_locale). Gains E 1, S 0.1, C 0.01, I 0 (DESIGN.md).
+product_brand, product_color, product_locale). Gains E 1, S 0.1, C 0.01, I 0 (docs/DESIGN.md).
 
 WANDS (github.com/wayfair/WANDS): tab-separated `product.csv` (product_id, product_name,
 product_class, category hierarchy, product_description, ...), `query.csv` (query_id, query,

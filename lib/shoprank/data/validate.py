@@ -1,4 +1,4 @@
-"""Validation of catalog, events and judgments against the Parquet contract (DESIGN.md).
+"""Validation of catalog, events and judgments against the Parquet contract (docs/DESIGN.md).
 
 Bad rows are never dropped silently: every `check_*` function returns all input rows, conformed
 to the contract's types, plus a string column `contract.REASON` that is null for good rows and

@@ -85,7 +85,7 @@ class TfidfHistory:
     then L2-normalised; item vectors are the L2-normalised TF-IDF rows. ``decay=0`` keeps only
     the newest item (0**0 == 1). The vectorizer is scikit-learn's default plus
     ``sublinear_tf=True`` (1 + log tf): that setting reproduces the recall of the reference rows
-    in data/amazon-scientific/README.md exactly (plain tf is ~0.0007 lower). Keyword arguments
+    in the Amazon dataset's README exactly (plain tf is ~0.0007 lower). Keyword arguments
     override or extend the TfidfVectorizer settings.
     """
 

@@ -1,11 +1,11 @@
 """Full-catalog evaluation of the two stages: retrieve N from every item, then rerank them.
 
-Protocol (data/amazon-scientific/README.md): each user's held-out item is ranked among ALL
+Protocol (docs/DESIGN.md, "Evaluation protocols"): each user's held-out item is ranked among ALL
 catalog items, ties against the model, history not removed; Recall@k and NDCG@k averaged over
 all users. Baselines and the zero-shot encoder score the whole catalog exactly; the fine-tuned
-retriever goes through its ANN index (top N); the blended stage one (lib/shoprank/blend.py, when
-the retriever export holds blend.json) scores the catalog exactly, and the ranker reorders the
-top N of whichever stage one came last.
+retriever goes through its ANN index (top N); the blended stage one (retrieval/blend.py, when the
+retriever export holds blend.json) scores the catalog exactly, and the ranker reorders the top N
+of whichever stage one came last.
 
 A target outside the top N is a miss at every k <= N whatever the ranker does, so stage two
 only scores the users whose target was retrieved: the metrics still cover every user.
@@ -202,7 +202,7 @@ def rank_all(
             out.ranks[BLEND] = stage_one
             timed(BLEND, started)
             out.notes.append(
-                f"Blended stage one (lib/shoprank/blend.py): standardised signals weighted "
+                f"Blended stage one (retrieval/blend.py): standardised signals weighted "
                 f"{weights}, exact over the catalog; its top {cfg.eval.retrieve_top} go to "
                 "stage two."
             )

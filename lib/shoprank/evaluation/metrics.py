@@ -1,8 +1,8 @@
 """Metrics shared by training, evaluation and tuning.
 
 One module so that a number printed during training, in an evaluation report and in a Tune
-trial means the same thing. Ranking metrics follow the protocol in
-``data/amazon-scientific/README.md``: one relevant item per user, 0-based ranks, and ties
+trial means the same thing. Ranking metrics follow the sequential-recommendation protocol
+(docs/DESIGN.md, "Evaluation protocols"): one relevant item per user, 0-based ranks, and ties
 counted AGAINST the model (a constant scorer must not look good).
 """
 

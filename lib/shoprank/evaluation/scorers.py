@@ -101,6 +101,6 @@ def collect_scores(
 
 
 def ranker_precision(cfg: Config) -> str:
-    """eval.ranker_precision, else bf16 weights when the run uses bf16 (DESIGN.md: the fastest
+    """eval.ranker_precision, else bf16 weights when the run uses bf16 (docs/DESIGN.md: the fastest
     batch scoring), else fp32."""
     return cfg.eval.ranker_precision or ("bf16" if cfg.train.bf16 else "fp32")

@@ -1,7 +1,7 @@
 """The ranker: a cross-encoder reading `[CLS] context [SEP] item` and giving one logit.
 
 r̂ = sigmoid(logit) is the probability of a click or purchase; training minimises binary
-cross-entropy over the positive and its sampled negatives (DESIGN.md), or, as the option for
+cross-entropy over the positive and its sampled negatives (docs/DESIGN.md), or, as the option for
 ranking metrics, a softmax over each group with the positive first.
 """
 
