@@ -31,7 +31,8 @@ def main() -> None:
     model = args.model or (str(own) if (own / METADATA).exists() else None)
     if not (model or args.retriever or args.ranker or run.cfg.eval.retriever):
         raise SystemExit(f"{own} holds no exported model; run jobs/train.py first")
-    run.history = read_metadata(model).get("history", []) if model else []
+    meta = read_metadata(model) if model else {}
+    run.history, run.steps = meta.get("history", []), meta.get("steps", [])
     runs.init_ray()
 
     # 2. Data (the same validated events and held-out examples as training), evaluation, report.

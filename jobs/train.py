@@ -16,7 +16,7 @@ from shoprank.evaluation.protocols import after_training
 from shoprank.run import log
 from shoprank.train.datasets import training_datasets
 from shoprank.train.export import export_run
-from shoprank.train.loop import best_checkpoint, fit, run_history
+from shoprank.train.loop import best_checkpoint, fit, saved_state
 
 
 def main() -> None:
@@ -34,7 +34,8 @@ def main() -> None:
     result = fit(cfg, cfg.model.kind, datasets, n_train)
     wall = time.perf_counter() - started
     checkpoint, best = best_checkpoint(result, cfg)
-    run.history = run_history(result)
+    state = saved_state(result.checkpoint)
+    run.history, run.steps = state.history, state.steps
 
     # 4. Export the best checkpoint as a plain Hugging Face folder.
     export_dir = export_run(run, checkpoint, best, run.out / "export", train_wall_s=wall)

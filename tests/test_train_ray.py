@@ -18,7 +18,7 @@ from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores
 from shoprank.models.ranker import ranker_logits
 from shoprank.run import Run, output_dir
 from shoprank.train.export import METADATA, export_model, load_checkpoint_model
-from shoprank.train.loop import MODEL_DIR, best_checkpoint, fit, run_history
+from shoprank.train.loop import MODEL_DIR, best_checkpoint, fit, run_history, saved_state
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +41,7 @@ def _config(tmp_path, shop, model_dir, stage, name, max_steps):
             "train.epochs=50",
             f"train.max_steps={max_steps}",
             "train.eval_every_steps=4",
+            "train.log_every_steps=2",
             "train.warmup_ratio=0",
             "train.early_stopping_patience=null",
             "train.keep_checkpoints=2",
@@ -73,6 +74,11 @@ def test_lora_zero_trains_checkpoints_and_resumes(
 
     # Loss goes down: the last training window's loss is below the first batch's (ln 2 at init).
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+    # Every logged step is kept (what the report's training curve plots), with its throughput
+    # and the share of time spent waiting for data.
+    steps = saved_state(result.checkpoint).steps
+    assert [s["step"] for s in steps] == [2, 4, 6, 8]
+    assert all(s["pairs_per_s"] > 0 and 0 <= s["data_wait"] < 1 for s in steps)
 
     # The checkpoint holds the LoRA weights (ZeRO-3 gathers them before saving).
     checkpoint, best = best_checkpoint(result, cfg)

@@ -21,6 +21,7 @@ from shoprank.run import log
 from shoprank.train import sweep
 from shoprank.train.datasets import training_datasets
 from shoprank.train.export import export_run
+from shoprank.train.loop import saved_state
 
 DEFAULT = Path(__file__).resolve().parent / "synthetic.yaml"
 
@@ -60,10 +61,11 @@ def main() -> None:
     for folder, trial in {"export-default": own, "export": best}.items():
         if trial is not None:
             trial_run = run.with_config(trial.cfg)
-            trial_run.history = trial.history
+            checkpoint = sweep.checkpoint(cfg, trial.row["checkpoint"])
+            trial_run.history, trial_run.steps = trial.history, saved_state(checkpoint).steps
             export_run(
                 trial_run,
-                sweep.checkpoint(cfg, trial.row["checkpoint"]),
+                checkpoint,
                 trial.metrics,
                 out / folder,
                 sweep={"name": cfg.run.name, **trial.row},
@@ -73,6 +75,7 @@ def main() -> None:
     # 5. Blend weights (retriever) and the report on eval.split, as the fine-tuning job does.
     winner = run.with_config(best.cfg)
     winner.history = best.history
+    winner.steps = saved_state(sweep.checkpoint(cfg, best.row["checkpoint"])).steps
     eval_report = after_training(winner, export_dir)
 
     # 6. Registry: the winner becomes the candidate; production moves only past the gate.

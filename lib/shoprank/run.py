@@ -101,8 +101,9 @@ class Run:
 
     cfg: Config
     out: Path
-    # Every report of the training run being evaluated (per-step losses and validations).
+    # The training run being evaluated: its validation reports and its logged steps.
     history: list[dict] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)
     _shared: dict = field(default_factory=dict, repr=False)
 
     def with_config(self, cfg: Config) -> Run:

@@ -263,9 +263,9 @@ def evaluate(
             folder / "recall_at_k.png",
         ),
     }
-    if run.history:
+    if run.history or run.steps:
         images["Training"] = report.training_curve(
-            run.history, ["val_ndcg@10", "val_recall@10"], folder / "training.png"
+            run.history, run.steps, ["val_ndcg@10", "val_recall@10"], folder / "training.png"
         )
     users = len(next(iter(outcome.ranks.values())))
     protocol = (

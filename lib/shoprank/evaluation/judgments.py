@@ -119,9 +119,9 @@ def evaluate(run: Run, model_dir: str | None) -> tuple[dict[str, dict[str, float
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(table, indent=2))
     images = {"NDCG@10 by model": report.bar_chart(table, ["ndcg@10"], folder / "metrics.png")}
-    if run.history:
+    if run.history or run.steps:
         images["Training"] = report.training_curve(
-            run.history, ["val_ndcg@10"], folder / "training.png"
+            run.history, run.steps, ["val_ndcg@10"], folder / "training.png"
         )
     n_queries = int(next(iter(table.values()))["queries"]) if table else 0
     protocol = (

@@ -186,10 +186,14 @@ def write_report(
     return path
 
 
-def training_curve(history: list[dict], keys: list[str], path: str | Path) -> Path:
+def training_curve(
+    history: list[dict], steps: list[dict], keys: list[str], path: str | Path
+) -> Path:
     """Training loss at every logged step, validation metrics at every validation."""
-    losses = [h for h in history if h.get("train_loss") is not None]
-    series = {"train loss": ([h["step"] for h in losses], [h["train_loss"] for h in losses])}
+    if steps:
+        series = {"train loss": ([s["step"] for s in steps], [s["loss"] for s in steps])}
+    else:  # an export from before steps were logged: the loss at each validation
+        series = {"train loss": ([h["step"] for h in history], [h["train_loss"] for h in history])}
     for key in keys:
         points = [h for h in history if key in h]
         if points:

@@ -93,9 +93,9 @@ def evaluate(run: Run, model_dir: str) -> tuple[dict[str, dict[str, float]], str
         images["Fine-tuned scores: positives vs sampled negatives"] = report.score_histogram(
             scores[labels == 1], scores[labels == 0], out / "scores.png", "fine-tuned ranker"
         )
-    if run.history:
+    if run.history or run.steps:
         images["Training"] = report.training_curve(
-            run.history, ["val_ndcg@10", "val_auc"], out / "training.png"
+            run.history, run.steps, ["val_ndcg@10", "val_auc"], out / "training.png"
         )
     sections = [
         ("Results", report.metrics_table(table, COLUMNS)),

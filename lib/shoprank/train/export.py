@@ -102,6 +102,7 @@ def export_run(run, checkpoint, best: dict, out_dir: Path, **metadata) -> str:
                 "data": {p: read.snapshot([p]) for p in (cfg.data.catalog, cfg.data.events)},
                 "data_quality": run.data.counts,
                 "history": run.history,
+                "steps": run.steps,
                 **metadata,
             },
         )

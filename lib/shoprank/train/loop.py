@@ -124,12 +124,36 @@ TASKS: dict[str, Task] = {
 
 
 @dataclass
+class StepRecord:
+    """One logged training step: what the console prints, the report plots and the export keeps.
+
+    `loss` is the mean over the steps since the previous record; `pairs_per_s` counts every
+    worker's (context, item) pairs over that window; `data_wait` is the share of the window's
+    wall time the loop spent waiting for its next batch (Ray Data), not computing.
+    """
+
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    pairs_per_s: float
+    data_wait: float
+
+    def line(self, total_steps: int) -> str:
+        return (
+            f"step {self.step}/{total_steps} loss={self.loss:.4f} lr={self.lr:.2e} "
+            f"pairs/s={self.pairs_per_s:.1f} data wait={100 * self.data_wait:.0f}%"
+        )
+
+
+@dataclass
 class TrainState:
     epoch: int = 0
     step: int = 0
     best: float | None = None
     bad_evals: int = 0
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # every validation report
+    steps: list[dict] = field(default_factory=list)  # every StepRecord, as dicts
 
     def save(self, directory: str) -> None:
         with open(os.path.join(directory, STATE_FILE), "w") as f:
@@ -281,7 +305,9 @@ def train_loop_per_worker(config: dict) -> None:
     while state.step < total_steps and not stop:
         # On resume mid-epoch, skip the micro-batches this epoch already trained on.
         skip = (state.step - state.epoch * steps_per_epoch) * cfg.train.grad_accum
-        losses, pairs, started = [], 0, time.perf_counter()
+        losses, pairs, started = [], 0, time.perf_counter()  # since the last validation
+        window = {"losses": [], "pairs": 0, "wait": 0.0, "started": time.perf_counter()}
+        waited_from = time.perf_counter()
         for batch in train_shard.iter_torch_batches(
             device=ray.train.torch.get_device(),
             batch_size=cfg.train.batch_size,
@@ -289,32 +315,47 @@ def train_loop_per_worker(config: dict) -> None:
             local_shuffle_buffer_size=256,
             local_shuffle_seed=cfg.run.seed + state.epoch,
         ):
+            window["wait"] += time.perf_counter() - waited_from
             if skip > 0:
                 skip -= 1
+                waited_from = time.perf_counter()
                 continue
             loss = task.loss(engine, batch, cfg)
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
+            window["losses"].append(losses[-1])
             pairs += batch["labels"].numel()
+            window["pairs"] += batch["labels"].numel()
             if engine.global_steps == state.step:
+                waited_from = time.perf_counter()
                 continue  # inside a gradient-accumulation window
             state.step = engine.global_steps
-            rate = pairs * world / (time.perf_counter() - started)
-            if rank == 0 and state.step % cfg.train.log_every_steps == 0:
-                print(
-                    f"[shoprank] step {state.step}/{total_steps} "
-                    f"loss={np.mean(losses[-cfg.train.log_every_steps :]):.4f} "
-                    f"lr={engine.get_lr()[0]:.2e} pairs/s={rate:.1f}",
-                    flush=True,
+            now = time.perf_counter()
+            rate = pairs * world / (now - started)
+            if state.step % cfg.train.log_every_steps == 0 or state.step in validate_at:
+                elapsed = now - window["started"]
+                record = StepRecord(
+                    step=state.step,
+                    epoch=state.step // steps_per_epoch,
+                    loss=float(np.mean(window["losses"])),
+                    lr=float(engine.get_lr()[0]),
+                    pairs_per_s=window["pairs"] * world / elapsed,
+                    data_wait=window["wait"] / elapsed,
                 )
+                state.steps.append(asdict(record))
+                if rank == 0:
+                    print(f"[shoprank] {record.line(total_steps)}", flush=True)
+                window = {"losses": [], "pairs": 0, "wait": 0.0, "started": time.perf_counter()}
             end_of_epoch = state.step % steps_per_epoch == 0
             if state.step in validate_at:
                 state.epoch = state.step // steps_per_epoch
                 stop = validate_and_checkpoint(float(np.mean(losses)), rate)
                 losses, pairs, started = [], 0, time.perf_counter()
+                window["started"] = time.perf_counter()  # validation time is not training
             if stop or end_of_epoch or state.step >= total_steps:
                 break
+            waited_from = time.perf_counter()
 
 
 def fit(
@@ -373,9 +414,14 @@ def best_checkpoint(result, cfg: Config):
     return ranked[0]
 
 
+def saved_state(checkpoint) -> TrainState:
+    """The loop's state saved with a checkpoint: validations and logged steps up to it."""
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.as_directory() as d:
+        return TrainState.load(d)
+
+
 def run_history(result) -> list[dict]:
     """Every validation report of the run, read from its latest checkpoint."""
-    if result.checkpoint is None:
-        return []
-    with result.checkpoint.as_directory() as d:
-        return TrainState.load(d).history
+    return saved_state(result.checkpoint).history
