@@ -1,4 +1,4 @@
-"""Baselines: hand-made catalog behaviour, and the Amazon README reference rows."""
+"""Baselines: hand-made catalog behaviour, and the Amazon reference rows (docs/DESIGN.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The ranker's inference precisions: bf16 weights and int8 dynamic quantization stay close to
-fp32 (the Amazon quality change is measured by jobs/evaluate.py, see the README)."""
+fp32 (the Amazon quality change is measured by jobs/evaluate.py, see RESULTS.md)."""
 
 from __future__ import annotations
 

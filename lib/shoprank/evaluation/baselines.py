@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-# TfidfVectorizer settings that reproduce the README reference rows (see TfidfHistory).
+# TfidfVectorizer settings that reproduce the Amazon reference rows (docs/DESIGN.md).
 DEFAULT_TFIDF: dict[str, object] = {"sublinear_tf": True}
 
 # Users scored per block in TfidfHistory: 1024 x 4385 float32 is ~18 MB.
@@ -84,8 +84,8 @@ class TfidfHistory:
     The user vector is ``sum_i decay**i * tfidf(history[i])`` with the history NEWEST FIRST,
     then L2-normalised; item vectors are the L2-normalised TF-IDF rows. ``decay=0`` keeps only
     the newest item (0**0 == 1). The vectorizer is scikit-learn's default plus
-    ``sublinear_tf=True`` (1 + log tf): that setting reproduces the recall of the reference rows
-    in the Amazon dataset's README exactly (plain tf is ~0.0007 lower). Keyword arguments
+    ``sublinear_tf=True`` (1 + log tf): that setting reproduces the recall of the Amazon
+    reference rows (docs/DESIGN.md) exactly (plain tf is ~0.0007 lower). Keyword arguments
     override or extend the TfidfVectorizer settings.
     """
 

@@ -54,7 +54,7 @@ def target_ranks(
     catalog; ``scores`` may be a read-only broadcast view (e.g. popularity). NaN scores rank last.
 
     Note: a stable descending sort (ties broken by column index, as ``argsort``/``topk`` based
-    evaluators do) ranks higher. The README reference rows of data/amazon-scientific match that
+    evaluators do) ranks higher. The Amazon reference rows (docs/DESIGN.md) match that
     variant; with ties against, TF-IDF NDCG comes out ~0.0025 lower (recall is unchanged).
     """
     scores = np.asarray(scores)

@@ -1,1 +1,2 @@
-"""Serving: what the Ray Serve app (serve/app.py) is made of, testable without Serve."""
+"""Serving: what the Ray Serve app (lib/shoprank/serving/app.py, run by serve/config.yaml) is
+made of, testable without Serve."""
