@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 import yaml
 
+from shoprank.console import log
 from shoprank.evaluation import report
 from shoprank.run import init_ray
 from shoprank.serving.features import ParquetFeatureStore
@@ -210,7 +211,7 @@ def main() -> None:
         out / "latency_throughput.png",
     )
     print("\n".join(lines))
-    print(f"[shoprank] wrote {out / 'bench.json'}, {out / 'bench.md'}")
+    log(f"wrote {out / 'bench.json'}, {out / 'bench.md'}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ jobs/evaluate.py then applies them to test. jobs/train.py does the same right af
 from __future__ import annotations
 
 from shoprank import run as runs
+from shoprank.console import log
 from shoprank.retrieval import blend
-from shoprank.run import log
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 
 from shoprank import run as runs
+from shoprank.console import log
 from shoprank.data.load import counts_table, load_catalog
 from shoprank.retrieval.embed import ensure_index
-from shoprank.run import log
 
 
 def main() -> None:

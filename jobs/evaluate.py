@@ -13,9 +13,9 @@ for data.task=search. Held-out examples are rebuilt from the same data and seed 
 from __future__ import annotations
 
 from shoprank import run as runs
+from shoprank.console import log
 from shoprank.evaluation.protocols import Models, evaluate
 from shoprank.models.encoder import METADATA, read_metadata
-from shoprank.run import log
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 
 from shoprank import run as runs
+from shoprank.console import log
 from shoprank.evaluation.protocols import after_training
-from shoprank.run import log
 from shoprank.train.datasets import training_datasets
 from shoprank.train.export import export_run
 from shoprank.train.loop import best_checkpoint, fit, saved_state

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from shoprank import run as runs
 from shoprank.config import with_values
+from shoprank.console import log
 from shoprank.evaluation.protocols import after_training
 from shoprank.registry import publish
-from shoprank.run import log
 from shoprank.train import sweep
 from shoprank.train.datasets import training_datasets
 from shoprank.train.export import export_run

@@ -20,21 +20,14 @@ from pathlib import Path
 import ray
 
 from shoprank.config import Config, load_config
+from shoprank.console import log, quiet
 from shoprank.data import read
-
-# No phoning home from a closed network, and no tokenizer thread pools fighting Ray workers.
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def log(message: str) -> None:
-    """One line of a job's own output, flushed at once (Ray forwards worker lines as they come)."""
-    print(f"[shoprank] {message}", flush=True)
 
 
 def init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
+    quiet()
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)

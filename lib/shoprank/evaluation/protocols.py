@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shoprank.config import Config
-from shoprank.run import Run, log
+from shoprank.console import log
+from shoprank.run import Run
 
 PRIMARY = {"sampled": "ndcg@10", "full_catalog": "ndcg@10", "judgments": "ndcg@10"}
 

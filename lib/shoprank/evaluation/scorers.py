@@ -10,6 +10,7 @@ import numpy as np
 import ray
 import torch
 
+from shoprank import console  # noqa: F401  (Ray Data actors: foreign warnings filtered)
 from shoprank.config import Config, ModelConfig
 from shoprank.data.tokenize import KEY
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from shoprank.config import LoraConfig, ModelConfig
+from shoprank.console import log
 
 
 def bundled_models() -> dict[str, Path]:
@@ -83,7 +84,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
             f"model; pick from {sorted(n for n in names if n)[:30]}"
         )
     if missing:
-        print(f"[shoprank] lora.target_modules: {missing} not in this model, adapting the rest")
+        log(f"lora.target_modules: {missing} not in this model, adapting the rest")
     to_save = [m for m in cfg.modules_to_save if m in names]
     peft_cfg = PeftLoraConfig(
         r=cfg.r,

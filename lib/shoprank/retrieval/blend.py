@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 
+from shoprank.console import log
 from shoprank.evaluation import metrics
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory, history_weights
 
@@ -176,6 +177,6 @@ def fit(run, retriever_dir: str) -> dict:
         "trials": trials,
     }
     save(retriever_dir, weights, details)
-    print(f"[shoprank] blend weights (chosen on {details['chosen_on']}): {weights}", flush=True)
+    log(f"blend weights (chosen on {details['chosen_on']}): {weights}")
     print_table(details["valid"], [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")])
     return {"weights": weights, **details}

@@ -17,6 +17,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from shoprank import console  # noqa: F401  (Ray Data actors: foreign warnings filtered)
 from shoprank.config import Config, ModelConfig
 from shoprank.data.examples import positive_only
 from shoprank.data.read import snapshot

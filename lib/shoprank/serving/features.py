@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from shoprank.console import log
 from shoprank.data.contract import POSITIVE_EVENTS
 from shoprank.data.read import resolve
 
@@ -67,7 +68,7 @@ class ParquetFeatureStore:
             try:
                 self.refresh()
             except (OSError, pa.ArrowException) as err:  # keep serving the last snapshot
-                print(f"[shoprank] feature store refresh failed, keeping the last one: {err}")
+                log(f"feature store refresh failed, keeping the last one: {err}")
 
     def history(self, user_id: str) -> list[str] | None:
         return self._histories.get(user_id)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from shoprank.config import ModelConfig
+from shoprank.console import log
 from shoprank.data.text import history_context
 from shoprank.models.encoder import embed_texts, load_encoder, load_tokenizer, read_metadata
 from shoprank.models.ranker import load_for_inference
@@ -83,9 +84,9 @@ class Following(Generic[T]):
                 time.sleep(every_s)
                 try:
                     if self.refresh():
-                        print(f"[shoprank] {self.name}: now serving v{self.current()[1]}")
+                        log(f"{self.name}: now serving v{self.current()[1]}")
                 except Exception as err:  # noqa: BLE001 - logged; serving goes on with the old one
-                    print(f"[shoprank] {self.name}: refresh failed, keeping the current: {err}")
+                    log(f"{self.name}: refresh failed, keeping the current: {err}")
 
         threading.Thread(target=loop, daemon=True).start()
 

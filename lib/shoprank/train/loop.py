@@ -23,7 +23,9 @@ from ray.train import CheckpointConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
 
+from shoprank import console
 from shoprank.config import Config, TrainConfig
+from shoprank.console import log
 from shoprank.data.read import uri
 from shoprank.evaluation import metrics
 from shoprank.models import ranker, retriever
@@ -241,6 +243,7 @@ def save_trainable(engine, directory: str, zero_stage: int, rank: int) -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
+    console.quiet()  # this is a Ray Train worker process: its own warnings filters
     import deepspeed  # imported here: it initialises accelerator state on import
 
     cfg = Config.model_validate(config["cfg"])
@@ -265,7 +268,7 @@ def train_loop_per_worker(config: dict) -> None:
             engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=not cfg.lora.enabled)
             state = TrainState.load(d)
         if rank == 0:
-            print(f"[shoprank] resumed at step {state.step} (epoch {state.epoch})")
+            log(f"resumed at step {state.step} (epoch {state.epoch})")
 
     def validate_and_checkpoint(train_loss: float, samples_per_s: float) -> bool:
         """Report metrics with a checkpoint; True when early stopping says to stop."""
@@ -293,10 +296,7 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
         if rank == 0:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in report.items() if isinstance(v, float))
-            print(
-                f"[shoprank] step {state.step}/{total_steps} epoch {state.epoch}: {shown}",
-                flush=True,
-            )
+            log(f"validation at step {state.step}/{total_steps} (epoch {state.epoch}): {shown}")
         patience = cfg.train.early_stopping_patience
         return patience is not None and state.bad_evals >= patience
 
@@ -345,7 +345,7 @@ def train_loop_per_worker(config: dict) -> None:
                 )
                 state.steps.append(asdict(record))
                 if rank == 0:
-                    print(f"[shoprank] {record.line(total_steps)}", flush=True)
+                    log(record.line(total_steps))
                 window = {"losses": [], "pairs": 0, "wait": 0.0, "started": time.perf_counter()}
             end_of_epoch = state.step % steps_per_epoch == 0
             if state.step in validate_at:

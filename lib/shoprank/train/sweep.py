@@ -24,6 +24,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from shoprank.config import Config, ConfigError, with_values
+from shoprank.console import log
 from shoprank.data.read import resolve, uri
 from shoprank.evaluation import report
 from shoprank.registry import Registry, Version
@@ -210,7 +211,7 @@ def run(cfg: Config, variants: dict[str, tuple[dict, int]]) -> tune.ResultGrid:
     )
     path = _join(cfg.run.storage, cfg.run.name, TUNE_DIR)
     if tune.Tuner.can_restore(path):
-        print(f"[shoprank] resuming the sweep in {path}")
+        log(f"resuming the sweep in {path}")
         return tune.Tuner.restore(path, trainable, resume_errored=True).fit()
 
     if cfg.sweep.algorithm == "optuna":
