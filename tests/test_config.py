@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shoprank.config import Config, ConfigError, load_config
+from shoprank.config import Config, ConfigError, differences, load_config
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -72,3 +72,11 @@ def test_every_config_file_loads_as_an_overlay_of_what_it_extends(path):
 def test_all_config_files_are_covered():
     assert {p.name for p in CONFIGS} >= {"synthetic.yaml", "amazon.yaml", "amazon-retriever.yaml"}
     assert len(CONFIGS) >= 7
+
+
+def test_differences_name_what_a_run_changed():
+    cfg = load_config(ROOT / "configs/amazon.yaml", ["train.lr=5e-5"])
+    changed = differences(cfg)
+    assert changed["train.lr"] == 5e-5 and changed["data.history_len"] == 3
+    assert "train.zero_stage" not in changed  # the default, not a change
+    assert differences(Config()) == {}

@@ -74,23 +74,27 @@ def test_train_then_evaluate(ray_local, tmp_path, tiny_shop, tiny_model_dir, mon
     assert valid["fine-tuned ranker"]["auc"] >= 0.0
 
 
-def test_search_ranker_is_evaluated_on_judgments(
-    ray_local, tmp_path, tiny_shop, tiny_model_dir, monkeypatch, capsys
-):
-    args = [
-        *shop_overrides(tiny_shop),
+def search_args(tmp_path, shop, model_dir, name: str) -> list[str]:
+    """A search run (data.task=search) of the tiny model, a few steps."""
+    return [
+        *shop_overrides(shop),
         f"run.storage={tmp_path}",
-        "run.name=search",
+        f"run.name={name}",
         "data.task=search",
-        f"model.name={tiny_model_dir}",
+        f"model.name={model_dir}",
         "model.max_length=48",
         "train.max_steps=4",
-        "train.batch_size=4",
         "data.val_users=8",
-        "data.eval_candidates=10",
         "data.max_train_positives=100",
         "data.max_bad_fraction=0.5",
     ]
+
+
+def test_search_ranker_is_evaluated_on_judgments(
+    ray_local, tmp_path, tiny_shop, tiny_model_dir, monkeypatch, capsys
+):
+    args = search_args(tmp_path, tiny_shop, tiny_model_dir, "search")
+    args += ["train.batch_size=4", "data.eval_candidates=10"]
     run_job("train.py", args, monkeypatch)
     printed = capsys.readouterr().out
     table = json.loads((tmp_path / "search" / "report_search" / "metrics.json").read_text())
@@ -107,23 +111,13 @@ def test_search_ranker_is_evaluated_on_judgments(
 def test_search_retriever_is_evaluated_on_judgments(
     ray_local, tmp_path, tiny_shop, tiny_model_dir, monkeypatch, capsys
 ):
-    args = [
-        *shop_overrides(tiny_shop),
-        f"run.storage={tmp_path}",
-        "run.name=search-retriever",
-        "data.task=search",
+    args = search_args(tmp_path, tiny_shop, tiny_model_dir, "search-retriever") + [
         "model.kind=retriever",
-        f"model.name={tiny_model_dir}",
-        "model.max_length=48",
         "retriever.context_max_length=32",
         "data.negatives=0",  # in-batch negatives only
         "data.eval_candidates=1",
-        "train.max_steps=4",
         "train.batch_size=8",
         "train.num_workers=1",
-        "data.val_users=8",
-        "data.max_train_positives=100",
-        "data.max_bad_fraction=0.5",
     ]
     run_job("train.py", args, monkeypatch)
     out = tmp_path / "search-retriever"

@@ -263,6 +263,17 @@ class ConfigError(ValueError):
     pass
 
 
+def differences(cfg: Config, base: Config | None = None) -> dict[str, Any]:
+    """The dotted keys whose values differ from `base` (the defaults): what a run changed."""
+    ours, theirs = cfg.model_dump(mode="json"), (base or Config()).model_dump(mode="json")
+    return {
+        f"{section}.{key}": value
+        for section, values in ours.items()
+        for key, value in values.items()
+        if value != theirs[section][key]
+    }
+
+
 def with_values(cfg: Config, values: dict[str, Any]) -> Config:
     """A copy of `cfg` with dotted keys replaced (a sweep trial's hyper-parameters)."""
     tree = cfg.model_dump(mode="json")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ray
 
-from shoprank.config import Config, load_config
+from shoprank.config import Config, differences, load_config
 from shoprank.console import log, quiet
 from shoprank.data import read
 
@@ -69,9 +69,10 @@ def start(args: argparse.Namespace, with_ray: bool = True) -> Run:
     """Load, print and save the resolved config; start or join Ray; the run's context."""
     cfg = load_config(args.config, args.overrides)
     run = Run(cfg, output_dir(cfg))
-    text = cfg.to_yaml()
-    log("resolved config:\n" + text)
-    (run.out / "config.yaml").write_text(text)
+    (run.out / "config.yaml").write_text(cfg.to_yaml())
+    changed = "\n".join(f"  {k}: {v}" for k, v in differences(cfg).items()) or "  (none)"
+    log(f"resolved config saved to {run.out / 'config.yaml'}; it differs from the defaults in:")
+    print(changed, flush=True)
     if with_ray:
         init_ray()
     return run
@@ -85,7 +86,13 @@ def ensure_data(cfg: Config) -> None:
 
     target = Path(cfg.data.catalog).parent
     log(f"{cfg.data.catalog} not found: generating the synthetic shop in {target}")
-    log(str(generate_shop(target, seed=cfg.run.seed)))
+    made = generate_shop(target, seed=cfg.run.seed)
+    planted = sum(n for kind in made["planted"].values() for n in kind.values())
+    log(
+        f"synthetic shop: {made['items']} items, {made['users']} users, {made['events']} events "
+        f"in {made['partitions']} day partitions, {made['judgments']} search judgments; "
+        f"{planted} bad rows planted on purpose (validation must catch them)"
+    )
 
 
 @dataclass

@@ -131,7 +131,7 @@ def build_examples(
         ExampleBuilder,
         fn_constructor_kwargs={"catalog": catalog, "cfg": cfg, "seed": seed},
         batch_format="pyarrow",
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
     ).materialize()
     out = {}
     for split in SPLITS:

@@ -7,6 +7,7 @@ The ranker reads (context, item) pairs; the retriever reads contexts and items s
 from __future__ import annotations
 
 import numpy as np
+import ray
 
 from shoprank.models.encoder import load_tokenizer
 
@@ -145,7 +146,7 @@ def _map(ds, tokenizer: type, kwargs: dict, batch_size: int):
         fn_constructor_kwargs=kwargs,
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=1,  # one tokenizer per Ray actor
+        compute=ray.data.ActorPoolStrategy(size=1),  # one tokenizer per Ray actor
     )
 
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 import ray
 
 from shoprank.config import Config
+from shoprank.console import log
 from shoprank.data.load import counts_table
 from shoprank.data.text import history_context, render_items
 from shoprank.data.tokenize import KEY, tokenize
@@ -167,6 +168,7 @@ def rank_all(
 
     def timed(name: str, started: float) -> None:
         out.timings[name] = round(time.perf_counter() - started, 1)
+        log(f"{name}: every user ranked over the catalog ({out.timings[name]} s)")
 
     contexts = None
     if cfg.eval.zero_shot:

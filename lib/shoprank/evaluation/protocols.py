@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shoprank.config import Config
-from shoprank.console import log
 from shoprank.run import Run
 
 PRIMARY = {"sampled": "ndcg@10", "full_catalog": "ndcg@10", "judgments": "ndcg@10"}
@@ -60,5 +59,4 @@ def after_training(run: Run, export_dir: str) -> str:
 
         blend.fit(run, export_dir)
     _, path = evaluate(run, Models(model=export_dir))
-    log(f"report ({protocol(cfg)} protocol, {PRIMARY[protocol(cfg)]} first): {path}")
     return path

@@ -8,12 +8,14 @@ come from the one metrics module (ties count against the model).
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
 import ray
 
 from shoprank.config import Config
+from shoprank.console import log
 from shoprank.data.load import counts_table
 from shoprank.data.text import render_items
 from shoprank.data.tokenize import tokenize
@@ -63,10 +65,14 @@ def evaluate_groups(
     for name, fitted in baselines.items():
         runs[name] = (BaselineScorer, {"baseline": fitted})
     table, raw = {}, {}
+    n = groups.count()
     for name, (scorer, kwargs) in runs.items():
+        started = time.perf_counter()
+        log(f"scoring {n} {cfg.eval.split} groups of {cfg.data.eval_candidates} with {name}")
         scores, labels, _ = collect_scores(groups, scorer, kwargs, num_cpus=cfg.eval.num_cpus)
         raw[name] = (scores, labels)
         table[name] = group_metrics(scores, labels, probabilistic=scorer is CrossEncoderScorer)
+        log(f"{name}: {table[name][PRIMARY]:.4f} {PRIMARY} ({time.perf_counter() - started:.0f} s)")
     return table, raw
 
 

@@ -89,7 +89,7 @@ def collect_scores(
         fn_constructor_kwargs=kwargs,
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=num_cpus,  # Ray sets the actor's torch threads to this
     )
     scores, labels, keys = [], [], []

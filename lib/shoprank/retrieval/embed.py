@@ -116,7 +116,7 @@ def embed(ds: ray.data.Dataset, spec: EncoderSpec, prefix: str, cfg: Config) -> 
         fn_constructor_kwargs={"spec": spec, "prefix": prefix, "bf16": cfg.train.bf16},
         batch_size=cfg.index.embed_batch_size,
         batch_format="numpy",
-        concurrency=cfg.index.embed_actors,
+        compute=ray.data.ActorPoolStrategy(size=cfg.index.embed_actors),
         num_cpus=cfg.eval.num_cpus,  # Ray sets each actor's torch threads to this
     )
 

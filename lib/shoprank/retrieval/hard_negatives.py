@@ -99,5 +99,5 @@ def mine_hard_negatives(
             "seed": cfg.run.seed,
         },
         batch_format="numpy",
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
     )

@@ -26,4 +26,8 @@ def training_datasets(
     if cfg.model.kind == "retriever":
         items = text_rows(render_items(catalog, cfg.data.item_template))
         out["catalog"] = tokenize_items(items, cfg.model.name, cfg.model.max_length).materialize()
+    for ds in out.values():
+        # Streamed to the workers at every epoch and validation: the loop logs its own steps,
+        # so a progress bar for each pass would only repeat them.
+        ds.context.enable_progress_bars = False
     return out

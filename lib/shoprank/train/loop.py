@@ -8,6 +8,7 @@ stopping and reporting, lives here once.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -244,9 +245,15 @@ def save_trainable(engine, directory: str, zero_stage: int, rank: int) -> None:
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     console.quiet()  # this is a Ray Train worker process: its own warnings filters
+    console.quiet_train_worker()
+    cfg = Config.model_validate(config["cfg"])
+    if not cfg.train.use_gpu:  # or DeepSpeed warns on every worker that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed  # imported here: it initialises accelerator state on import
 
-    cfg = Config.model_validate(config["cfg"])
+    # DeepSpeed's WARNING lines are about itself (e.g. the scheduler read before step 1).
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+
     task = TASKS[config["task"]]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
