@@ -15,7 +15,7 @@ from __future__ import annotations
 from shoprank import run as runs
 from shoprank.console import log
 from shoprank.evaluation.protocols import Models, evaluate
-from shoprank.models.encoder import METADATA, read_metadata
+from shoprank.models.export_meta import METADATA, read_export
 
 
 def main() -> None:
@@ -31,8 +31,9 @@ def main() -> None:
     model = args.model or (str(own) if (own / METADATA).exists() else None)
     if not (model or args.retriever or args.ranker or run.cfg.eval.retriever):
         raise SystemExit(f"{own} holds no exported model; run jobs/train.py first")
-    meta = read_metadata(model) if model else {}
-    run.history, run.steps = meta.get("history", []), meta.get("steps", [])
+    if model:
+        meta = read_export(model)
+        run.history, run.steps = meta.history, meta.steps
     runs.init_ray()
 
     # 2. Data (the same validated events and held-out examples as training), evaluation, report.

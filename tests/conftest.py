@@ -98,9 +98,10 @@ def make_export(folder: Path, kind: str, tiny_model_dir: str, cfg, seed: int) ->
     import torch
     from transformers import AutoModelForSequenceClassification, BertModel
 
-    from shoprank.config import ModelConfig
     from shoprank.data.text import render_items
-    from shoprank.models.encoder import METADATA, embed_texts, load_encoder, load_tokenizer
+    from shoprank.models.encoder import load_tokenizer
+    from shoprank.models.export_meta import METADATA
+    from shoprank.models.retriever import EncoderSpec
     from shoprank.retrieval.index import INDEX_DIR, ItemIndex
 
     torch.manual_seed(seed)
@@ -123,9 +124,8 @@ def make_export(folder: Path, kind: str, tiny_model_dir: str, cfg, seed: int) ->
     (folder / METADATA).write_text(json.dumps(meta))
     if kind == "retriever":
         catalog = pq.read_table(cfg.data.catalog)
-        encoder = load_encoder(ModelConfig(attn_implementation=None), str(folder)).eval()
-        texts = render_items(catalog, cfg.data.item_template)
-        emb = embed_texts(encoder, load_tokenizer(str(folder)), texts, 32)
+        encoder = EncoderSpec.from_export(str(folder)).load()
+        emb = encoder.embed(render_items(catalog, cfg.data.item_template), "item")
         ids = catalog["item_id"].to_pylist()
         ItemIndex.build(ids, emb, {"kind": "flat"}, {}).save(folder / INDEX_DIR)
     return folder

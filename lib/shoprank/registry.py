@@ -216,7 +216,8 @@ class Registry:
     ) -> Version:
         """Copies an export (index/ included) into the next version, with its metrics, config,
         data snapshot, code, parent and the caller's `metadata`; visible only once complete."""
-        from shoprank.train.export import METADATA, code_version  # imports torch: only when needed
+        from shoprank.models.export_meta import METADATA
+        from shoprank.train.export import code_version  # imports torch: only when needed
 
         src_fs, src = resolve(export_dir)
         export_meta = self._read_json(posixpath.join(src, METADATA), src_fs)

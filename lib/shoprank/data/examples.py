@@ -21,7 +21,7 @@ from ray.data.expressions import col
 from shoprank.config import DataConfig
 from shoprank.data.contract import POSITIVE_EVENTS, SPLITS
 from shoprank.data.sampling import sample_negatives, user_rng
-from shoprank.data.text import history_context, render_items
+from shoprank.data.text import render_context, render_items
 
 EXAMPLE_SCHEMA = pa.schema(
     [
@@ -51,6 +51,7 @@ class ExampleBuilder:
         self.seed = seed
         self.item_ids = catalog["item_id"].to_pylist()
         self.texts = render_items(catalog, cfg.item_template)
+        self.text_of = dict(zip(self.item_ids, self.texts, strict=True))
         self.index = {item: i for i, item in enumerate(self.item_ids)}
 
     def __call__(self, events: pa.Table) -> pa.Table:
@@ -72,7 +73,7 @@ class ExampleBuilder:
         for i, (target, split) in enumerate(zip(seq, splits, strict=True)):
             if i == 0 and not search:
                 continue  # no history to predict from
-            history = seq[max(0, i - self.cfg.history_len) : i][::-1]
+            history = [self.item_ids[h] for h in seq[:i][::-1]]  # newest first
             n_neg = self.cfg.negatives if split == "train" else self.cfg.eval_candidates - 1
             candidates = [target, *sample_negatives(rng, len(self.item_ids), exclude, n_neg)]
             rows["user_id"].append(user)
@@ -80,9 +81,9 @@ class ExampleBuilder:
             rows["context"].append(
                 queries[i]  # search: the query the user typed
                 if search
-                else history_context([self.texts[h] for h in history], self.cfg.history_separator)
+                else render_context(history, self.text_of, self.cfg)
             )
-            rows["history_ids"].append([self.item_ids[h] for h in seq[:i][::-1]])
+            rows["history_ids"].append(history)
             rows["item_ids"].append([self.item_ids[c] for c in candidates])
             rows["item_texts"].append([self.texts[c] for c in candidates])
             rows["labels"].append([1.0] + [0.0] * n_neg)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
+
+from shoprank.config import DataConfig
 
 _EMPTY_SEGMENTS = re.compile(r"(?:\s*\.\s*){2,}")
 _SPACES = re.compile(r"\s+")
@@ -41,3 +43,22 @@ def render_items(catalog: pa.Table, template: str) -> list[str]:
 def history_context(item_texts: Sequence[str], separator: str) -> str:
     """A recommendation context: item texts, newest first (callers pass them in that order)."""
     return separator.join(item_texts)
+
+
+def render_context(
+    history_ids: Sequence[str],
+    texts: Mapping[str, str],
+    data: DataConfig,
+    extra: str | None = None,
+) -> str:
+    """THE context a model reads for a history (item ids, newest first): in training examples,
+    evaluation and serving alike, with the model's own `data` settings.
+
+    Ids without a text (items the catalog lacks) are dropped first, then the newest
+    `history_len` are kept: training never saw an unknown item, so a history that holds one
+    must read like the same history without it. `extra` context words (device, page...) go
+    last, after the separator.
+    """
+    known = [texts[i] for i in history_ids if i in texts][: data.history_len]
+    text = history_context(known, data.history_separator)
+    return f"{text}{data.history_separator}{extra}" if extra else text

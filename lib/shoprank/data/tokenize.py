@@ -15,6 +15,38 @@ from shoprank.models.encoder import load_tokenizer
 KEY = "key"
 
 
+def pair_tokens(
+    tokenizer, contexts: list[str], items: list[str], max_length: int, pad: bool = True
+) -> dict[str, np.ndarray]:
+    """`[CLS] context [SEP] item` token rows: THE pair encoding of the ranker, in training,
+    evaluation and serving alike. `pad` pads to max_length (rectangular Ray Data columns);
+    otherwise to the longest pair."""
+    tok = tokenizer(
+        contexts,
+        items,
+        padding="max_length" if pad else "longest",
+        truncation="longest_first",
+        max_length=max_length,
+        return_tensors="np",
+    )
+    return {k: v.astype(np.int32) for k, v in tok.items()}
+
+
+def text_tokens(
+    tokenizer, texts: list[str], max_length: int, pad: bool = True
+) -> dict[str, np.ndarray]:
+    """One text a row (a context or an item, for a bi-encoder tower); padded as `pair_tokens`."""
+    tok = tokenizer(
+        [str(t) for t in texts],
+        padding="max_length" if pad else "longest",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="np",
+        return_token_type_ids=False,
+    )
+    return {k: v.astype(np.int32) for k, v in tok.items()}
+
+
 class PairTokenizer:
     """`[CLS] context [SEP] item` for every candidate of a group, as [group, length] arrays.
 
@@ -34,16 +66,9 @@ class PairTokenizer:
         size = groups[0]
         contexts = [c for c in batch["context"] for _ in range(size)]
         items = [t for texts in batch["item_texts"] for t in texts]
-        tok = self.tokenizer(
-            contexts,
-            items,
-            padding="max_length",
-            truncation="longest_first",
-            max_length=self.max_length,
-            return_tensors="np",
-        )
+        tok = pair_tokens(self.tokenizer, contexts, items, self.max_length)
         n = len(batch["context"])
-        out = {k: v.astype(np.int32).reshape(n, size, -1) for k, v in tok.items()}
+        out = {k: v.reshape(n, size, -1) for k, v in tok.items()}
         out["labels"] = np.stack(batch["labels"]).astype(np.float32)
         if KEY in batch:
             out[KEY] = batch[KEY]
@@ -76,15 +101,7 @@ class TowerTokenizer:
         self.keep_text = keep_text
 
     def _tokens(self, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
-        tok = self.tokenizer(
-            texts,
-            padding="max_length",
-            truncation=True,
-            max_length=max_length,
-            return_tensors="np",
-            return_token_type_ids=False,
-        )
-        return {k: v.astype(np.int32) for k, v in tok.items()}
+        return text_tokens(self.tokenizer, texts, max_length)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         groups = {len(items) for items in batch["item_texts"]}
@@ -117,18 +134,11 @@ class ItemTokenizer:
         self.max_length = max_length
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tok = self.tokenizer(
-            [str(t) for t in batch["text"]],
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="np",
-            return_token_type_ids=False,
-        )
+        tok = text_tokens(self.tokenizer, list(batch["text"]), self.max_length)
         return {
             "row": batch["row"],
-            "item_input_ids": tok["input_ids"].astype(np.int32),
-            "item_attention_mask": tok["attention_mask"].astype(np.int32),
+            "item_input_ids": tok["input_ids"],
+            "item_attention_mask": tok["attention_mask"],
         }
 
 

@@ -24,20 +24,15 @@ import ray
 from shoprank.config import Config
 from shoprank.console import log
 from shoprank.data.load import counts_table
-from shoprank.data.text import history_context, render_items
+from shoprank.data.text import render_context, render_items
 from shoprank.data.tokenize import KEY, tokenize
 from shoprank.evaluation import metrics, report
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
 from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_precision
-from shoprank.models.encoder import read_metadata
+from shoprank.models.export_meta import read_export
+from shoprank.models.retriever import EncoderSpec
 from shoprank.retrieval import blend
-from shoprank.retrieval.embed import (
-    Contexts,
-    EncoderSpec,
-    embed_catalog,
-    embed_contexts,
-    ensure_index,
-)
+from shoprank.retrieval.embed import Contexts, embed_catalog, embed_contexts, ensure_index
 from shoprank.run import Run
 
 # Users per block when a full [users, catalog] score matrix is ranked.
@@ -110,20 +105,14 @@ def rerank(
     if not len(users):
         return {mix: stage_one.copy() for mix in cfg.eval.rerank_mix}, 0
     # The ranker reads contexts the way it was trained: its own template and history length.
-    rcfg = Config.model_validate(read_metadata(ranker_dir)["config"])
+    rcfg = read_export(ranker_dir, kind="ranker").config
     texts = np.array(render_items(catalog, rcfg.data.item_template), dtype=object)
     text_of = dict(zip(catalog["item_id"].to_pylist(), texts, strict=True))
     block = candidates[users, :m]
     table = pa.table(
         {
             KEY: pa.array(users, pa.int64()),
-            "context": [
-                history_context(
-                    [text_of[i] for i in contexts.history_ids[u][: rcfg.data.history_len]],
-                    rcfg.data.history_separator,
-                )
-                for u in users
-            ],
+            "context": [render_context(contexts.history_ids[u], text_of, rcfg.data) for u in users],
             "item_texts": [list(texts[row]) for row in block],
             "labels": [
                 (row == contexts.target[u]).astype(np.float32).tolist()

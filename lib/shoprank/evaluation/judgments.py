@@ -21,8 +21,9 @@ from shoprank.data.tokenize import KEY, tokenize
 from shoprank.evaluation import metrics, report
 from shoprank.evaluation.baselines import Popularity, TfidfHistory
 from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_precision
-from shoprank.models.encoder import read_metadata
-from shoprank.retrieval.embed import EncoderSpec, embed_text_list
+from shoprank.models.export_meta import read_export
+from shoprank.models.retriever import EncoderSpec
+from shoprank.retrieval.embed import embed_text_list
 from shoprank.run import Run
 
 PRIMARY = "ndcg@10"
@@ -43,7 +44,7 @@ def _cross_encoder_scores(
     model_dir: str, queries: list[str], items: list[str], cfg: Config
 ) -> np.ndarray:
     """The ranker over every pair; each pair is a group of one, keyed to keep its place."""
-    max_length = read_metadata(model_dir)["max_length"]
+    max_length = read_export(model_dir, kind="ranker").max_length
     table = pa.table(
         {
             KEY: pa.array(np.arange(len(queries)), pa.int64()),
@@ -93,7 +94,7 @@ def score_judgments(
             EncoderSpec.zero_shot(cfg), queries, items, cfg
         )
     if model_dir:
-        kind = read_metadata(model_dir)["kind"]
+        kind = read_export(model_dir).kind
         if kind == "retriever":
             tuned = _bi_encoder_scores(EncoderSpec.from_export(model_dir), queries, items, cfg)
         else:

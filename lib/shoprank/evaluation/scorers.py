@@ -14,8 +14,8 @@ from shoprank import console  # noqa: F401  (Ray Data actors: foreign warnings f
 from shoprank.config import Config, ModelConfig
 from shoprank.data.tokenize import KEY
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
-from shoprank.models.encoder import embed_texts, load_encoder, load_tokenizer
-from shoprank.models.ranker import flatten_groups, load_for_inference
+from shoprank.models.ranker import Ranker
+from shoprank.models.retriever import EncoderSpec
 
 
 def _scored(batch: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, np.ndarray]:
@@ -26,17 +26,18 @@ def _scored(batch: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, np.nd
 
 
 class CrossEncoderScorer:
-    """A fine-tuned ranker exported as a plain Hugging Face folder."""
+    """Ray Data actor around the one ranker inference class (`models.ranker.Ranker`)."""
 
     def __init__(self, model_dir: str, precision: str):
-        self.model = load_for_inference(model_dir, precision)
+        self.ranker = Ranker.from_export(model_dir, precision)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tensors = {k: torch.from_numpy(v) for k, v in batch.items() if v.dtype == np.int32}
-        b, g = batch["labels"].shape
-        logits = self.model(**flatten_groups(tensors)).logits
-        return _scored(batch, logits.float().view(b, g).numpy())
+        device = self.ranker.device
+        tensors = {
+            k: torch.from_numpy(v).to(device) for k, v in batch.items() if v.dtype == np.int32
+        }
+        return _scored(batch, self.ranker.score_tokens(tensors).cpu().numpy())
 
 
 class ZeroShotScorer:
@@ -46,18 +47,15 @@ class ZeroShotScorer:
     """
 
     def __init__(self, model: ModelConfig, item_ids: list[str], item_texts: list[str], bf16: bool):
-        self.encoder = load_encoder(model).eval()
-        self.tokenizer = load_tokenizer(model.name)
-        self.max_length = model.max_length
-        self.bf16 = bf16
+        spec = EncoderSpec(
+            model.name, "mean", model.max_length, model.max_length, model.attn_implementation
+        )
+        self.encoder = spec.load(bf16)
         self.index = {item: i for i, item in enumerate(item_ids)}
-        self.items = self._embed(item_texts)
-
-    def _embed(self, texts: list[str]) -> np.ndarray:
-        return embed_texts(self.encoder, self.tokenizer, texts, self.max_length, bf16=self.bf16)
+        self.items = self.encoder.embed(item_texts, "item")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ctx = self._embed(list(batch["context"]))
+        ctx = self.encoder.embed([str(c) for c in batch["context"]], "context")
         rows = np.array([[self.index[i] for i in ids] for ids in batch["item_ids"]])
         scores = np.einsum("bd,bgd->bg", ctx, self.items[rows])
         return _scored(batch, scores)

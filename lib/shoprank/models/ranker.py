@@ -7,12 +7,15 @@ ranking metrics, a softmax over each group with the positive first.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from shoprank.config import Config
-from shoprank.models.encoder import apply_lora, load_sequence_scorer
+from shoprank.data.tokenize import pair_tokens
+from shoprank.models.encoder import apply_lora, load_sequence_scorer, load_tokenizer
+from shoprank.models.export_meta import read_export
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -62,3 +65,55 @@ def load_for_inference(model_dir: str, precision: str) -> nn.Module:
     if precision == "int8":
         model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     return model
+
+
+class Ranker:
+    """Cross-encoder inference: one logit per (context, item) pair.
+
+    The one scorer behind training-time validation (`score_tokens` on the engine's module),
+    evaluation (Ray Data actors holding one) and the Serve app (`score` on texts): the same
+    pair encoding (`data.tokenize.pair_tokens`), the same weights at the same precision.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, max_length: int = 128, batch_size=64):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length, self.batch_size = max_length, batch_size
+
+    @classmethod
+    def from_export(cls, directory: str, precision: str = "fp32", batch_size: int = 64) -> Ranker:
+        meta = read_export(directory, kind="ranker")
+        model = load_for_inference(directory, precision)
+        # int8 dynamic quantization runs on the CPU only; fp32 and bf16 go to a GPU if given.
+        if precision != "int8" and torch.cuda.is_available():
+            model = model.to("cuda")
+        return cls(model, load_tokenizer(directory), meta.max_length, batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def score_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, G, L] token groups -> [B, G] fp32 logits."""
+        b, g = batch["input_ids"].shape[:2]
+        return self.model(**flatten_groups(batch)).logits.float().view(b, g)
+
+    @torch.inference_mode()
+    def score(self, contexts: list[str], items: list[str]) -> np.ndarray:
+        """One logit per pair, in the given order. Pairs go through in batches of similar
+        length (sorted by characters), so short pairs do not pay for long ones' padding."""
+        if len(contexts) != len(items):
+            raise ValueError(f"{len(contexts)} contexts for {len(items)} items")
+        order = np.argsort([len(c) + len(i) for c, i in zip(contexts, items, strict=True)])
+        out = np.empty(len(items), dtype=np.float32)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            tok = pair_tokens(
+                self.tokenizer,
+                [contexts[r] for r in rows],
+                [items[r] for r in rows],
+                self.max_length,
+                pad=False,
+            )
+            tensors = {k: torch.from_numpy(v).long().to(self.device) for k, v in tok.items()}
+            out[rows] = self.model(**tensors).logits.float().view(-1).cpu().numpy()
+        return out

@@ -8,16 +8,23 @@ plus any hard negatives in its group), with a softmax temperature that is learne
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoprank.config import Config
-from shoprank.models.encoder import apply_lora, encode, load_encoder
+from shoprank.config import Config, ModelConfig
+from shoprank.data.tokenize import text_tokens
+from shoprank.models.encoder import apply_lora, encode, load_encoder, load_tokenizer
+from shoprank.models.export_meta import METADATA, read_export
 
 SETTINGS = "retriever.json"
 # CLIP's cap on the learned logit scale (1 / temperature): keeps training stable.
@@ -108,3 +115,112 @@ LOSS_INPUTS = (
 def retriever_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """`model` is the BiEncoder or the DeepSpeed engine wrapping it."""
     return model(**{k: batch[k] for k in LOSS_INPUTS})
+
+
+class Encoder:
+    """Bi-encoder inference: L2-normalised embeddings of contexts and items, pooled as trained.
+
+    The one embedder behind training-time validation (around the engine's encoder), catalog
+    and context embedding in Ray Data (`retrieval/embed.py`), evaluation and the Serve app:
+    the same text encoding (`data.tokenize.text_tokens`), pooling, lengths and precision.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        pooling: str,
+        context_max_length: int | None = None,  # None: embeds tokens only (training's view)
+        item_max_length: int | None = None,
+        bf16: bool = False,
+        batch_size: int = 64,
+    ):
+        self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
+        self.max_length = {"context": context_max_length, "item": item_max_length}
+        self.bf16, self.batch_size = bf16, batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def embed_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[N, L] token rows -> [N, d] fp32 unit vectors."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return encode(self.model, input_ids, attention_mask, self.pooling)
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str], kind: Literal["context", "item"]) -> np.ndarray:
+        """[N, d] unit vectors, in the given order; batches of similar length."""
+        order = np.argsort([len(t) for t in texts])
+        out: np.ndarray | None = None
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            tok = text_tokens(
+                self.tokenizer, [texts[r] for r in rows], self.max_length[kind], False
+            )
+            ids, mask = (
+                torch.from_numpy(tok[k]).to(self.device) for k in ("input_ids", "attention_mask")
+            )
+            emb = self.embed_tokens(ids, mask).cpu().numpy()
+            if out is None:
+                out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
+            out[rows] = emb
+        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which encoder embeds texts, and how: an exported retriever or a pretrained model."""
+
+    model: str
+    pooling: str
+    context_max_length: int
+    item_max_length: int
+    attn_implementation: str | None = None
+
+    @classmethod
+    def from_export(cls, directory: str) -> EncoderSpec:
+        meta = read_export(directory, kind="retriever")
+        return cls(
+            str(Path(directory).resolve()),
+            meta.pooling,
+            meta.context_max_length,
+            meta.item_max_length,
+        )
+
+    @classmethod
+    def zero_shot(cls, cfg: Config) -> EncoderSpec:
+        """The pretrained encoder as it is: the baseline every fine-tuned retriever must beat."""
+        return cls(
+            cfg.model.name,
+            cfg.retriever.pooling,
+            cfg.retriever.context_max_length,
+            cfg.model.max_length,
+            cfg.model.attn_implementation,
+        )
+
+    def load(self, bf16: bool = False) -> Encoder:
+        """The encoder this describes, ready to embed (on a GPU when the process has one)."""
+        model_cfg = ModelConfig(attn_implementation=self.attn_implementation, dropout=None)
+        model = load_encoder(model_cfg, self.model).eval()
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        tokenizer = load_tokenizer(self.model)
+        return Encoder(
+            model, tokenizer, self.pooling, self.context_max_length, self.item_max_length, bf16
+        )
+
+    def fingerprint(self) -> dict:
+        """Changes whenever the weights or the way texts are embedded change (not when the
+        export is copied elsewhere, e.g. into the registry)."""
+        info = asdict(self)
+        folder = Path(self.model)
+        if (folder / METADATA).exists():
+            digest = hashlib.sha256()
+            for weights in sorted(folder.glob("*.safetensors")):
+                with open(weights, "rb") as f:
+                    for chunk in iter(lambda f=f: f.read(1 << 24), b""):
+                        digest.update(chunk)
+            info["model"] = "export"
+            info["weights_sha256"] = digest.hexdigest()
+        return info

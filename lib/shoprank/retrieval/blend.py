@@ -155,7 +155,8 @@ def fit(run, retriever_dir: str) -> dict:
     """Search the blend weights on the valid users (every one unless `data.val_users` caps
     them) and store them beside the retriever; prints the valid table."""
     from shoprank.evaluation.report import print_table
-    from shoprank.retrieval.embed import EncoderSpec, embed_contexts, ensure_index
+    from shoprank.models.retriever import EncoderSpec
+    from shoprank.retrieval.embed import embed_contexts, ensure_index
 
     cfg, catalog, valid, baselines = run.cfg, run.data.catalog, run.examples["valid"], run.baselines
     ensure_index(retriever_dir, catalog, cfg)

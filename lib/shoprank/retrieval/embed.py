@@ -7,9 +7,8 @@ Embedding is Ray Data batch inference: text -> tokens (`data/tokenize.py`) -> an
 
 from __future__ import annotations
 
-import hashlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,66 +17,13 @@ import ray
 import torch
 
 from shoprank import console  # noqa: F401  (Ray Data actors: foreign warnings filtered)
-from shoprank.config import Config, ModelConfig
+from shoprank.config import Config
 from shoprank.data.examples import positive_only
 from shoprank.data.read import snapshot
 from shoprank.data.text import render_items
 from shoprank.data.tokenize import list_column, tokenize_items, tokenize_towers
-from shoprank.models.encoder import METADATA, encode, load_encoder, read_metadata
+from shoprank.models.retriever import EncoderSpec
 from shoprank.retrieval import index as ann
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """Which encoder embeds texts, and how: an exported retriever or a pretrained model."""
-
-    model: str
-    pooling: str
-    context_max_length: int
-    item_max_length: int
-    attn_implementation: str | None = None
-
-    @classmethod
-    def from_export(cls, directory: str) -> EncoderSpec:
-        meta = read_metadata(directory)
-        if meta.get("kind") != "retriever":
-            raise ValueError(
-                f"{directory} holds a {meta.get('kind')!r} export; a retriever is needed "
-                "(jobs/train.py with model.kind=retriever)"
-            )
-        return cls(
-            str(Path(directory).resolve()),
-            meta["pooling"],
-            meta["context_max_length"],
-            meta["item_max_length"],
-        )
-
-    @classmethod
-    def zero_shot(cls, cfg: Config) -> EncoderSpec:
-        """The pretrained encoder as it is: the baseline every fine-tuned retriever must beat."""
-        return cls(
-            cfg.model.name,
-            cfg.retriever.pooling,
-            cfg.retriever.context_max_length,
-            cfg.model.max_length,
-            cfg.model.attn_implementation,
-        )
-
-    def fingerprint(self) -> dict:
-        """Changes whenever the weights or the way texts are embedded change (not when the
-        export is copied elsewhere, e.g. into the registry)."""
-        info = asdict(self)
-        folder = Path(self.model)
-        if (folder / METADATA).exists():
-            digest = hashlib.sha256()
-            for weights in sorted(folder.glob("*.safetensors")):
-                with open(weights, "rb") as f:
-                    for chunk in iter(lambda f=f: f.read(1 << 24), b""):
-                        digest.update(chunk)
-            info["model"] = "export"
-            info["weights_sha256"] = digest.hexdigest()
-        return info
-
 
 TOKEN_PREFIXES = ("ctx_input", "ctx_attention", "item_input", "item_attention")
 
@@ -86,16 +32,15 @@ class TokenEmbedder:
     """Ray Data actor: token columns `<prefix>input_ids/attention_mask` -> `embedding`."""
 
     def __init__(self, spec: EncoderSpec, prefix: str, bf16: bool):
-        model_cfg = ModelConfig(attn_implementation=spec.attn_implementation, dropout=None)
-        self.encoder = load_encoder(model_cfg, spec.model).eval()
-        self.pooling, self.prefix, self.bf16 = spec.pooling, prefix, bf16
+        self.encoder = spec.load(bf16)
+        self.prefix = prefix
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = torch.from_numpy(batch[f"{self.prefix}input_ids"])
-        mask = torch.from_numpy(batch[f"{self.prefix}attention_mask"])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            emb = encode(self.encoder, ids, mask, self.pooling)
+        device = self.encoder.device
+        ids = torch.from_numpy(batch[f"{self.prefix}input_ids"]).to(device)
+        mask = torch.from_numpy(batch[f"{self.prefix}attention_mask"]).to(device)
+        emb = self.encoder.embed_tokens(ids, mask).cpu()
         out = {
             k: list_column(v) if v.dtype == object and v.ndim == 1 and _ragged(v) else v
             for k, v in batch.items()

@@ -17,8 +17,9 @@ import ray
 from shoprank.config import Config
 from shoprank.data.text import render_items
 from shoprank.data.tokenize import list_column, tokenize_towers
+from shoprank.models.retriever import EncoderSpec
 from shoprank.retrieval import index as ann
-from shoprank.retrieval.embed import EncoderSpec, embed, index_fingerprint
+from shoprank.retrieval.embed import embed, index_fingerprint
 
 
 class HardNegativeSampler:

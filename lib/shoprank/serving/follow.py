@@ -16,22 +16,14 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 import numpy as np
-import torch
 
-from shoprank.config import ModelConfig
 from shoprank.console import log
-from shoprank.data.text import history_context
-from shoprank.models.encoder import embed_texts, load_encoder, load_tokenizer, read_metadata
-from shoprank.models.ranker import load_for_inference
+from shoprank.models.export_meta import read_export
+from shoprank.models.retriever import EncoderSpec
 from shoprank.registry import Registry, Version
 from shoprank.retrieval.index import INDEX_DIR, ItemIndex
 
 T = TypeVar("T")
-
-
-def _device() -> torch.device:
-    """A GPU when the replica was given one (ray_actor_options num_gpus), else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Following(Generic[T]):
@@ -92,68 +84,16 @@ class Following(Generic[T]):
 
 
 class RetrieverModel:
-    """An exported retriever: the context tower and the catalog's ANN index."""
+    """An exported retriever: its context tower (the one `Encoder`) and the catalog's ANN index."""
 
     def __init__(self, directory: str, bf16: bool = True):
-        meta = read_metadata(directory)
-        if meta.get("kind") != "retriever":
-            raise ValueError(f"{directory} holds a {meta.get('kind')!r}, not a retriever")
-        model_cfg = ModelConfig(attn_implementation="eager", dropout=None)
-        self.encoder = load_encoder(model_cfg, directory).eval().to(_device())
-        self.tokenizer = load_tokenizer(directory)
-        self.pooling = meta["pooling"]
-        self.max_length = meta["context_max_length"]
-        self.separator = meta["config"]["data"]["history_separator"]
-        self.history_len = meta["config"]["data"]["history_len"]
-        self.bf16 = bf16
+        self.meta = read_export(directory, kind="retriever")
+        self.encoder = EncoderSpec.from_export(directory).load(bf16)
         self.index = ItemIndex.load(Path(directory) / INDEX_DIR)
 
-    def context(self, history_texts: list[str], extra: str | None = None) -> str:
-        """The context text the retriever was trained on: history item texts, newest first."""
-        text = history_context(history_texts[: self.history_len], self.separator)
-        return f"{text}{self.separator}{extra}" if extra else text
-
     def embed(self, texts: list[str]) -> np.ndarray:
-        return embed_texts(
-            self.encoder,
-            self.tokenizer,
-            texts,
-            self.max_length,
-            bf16=self.bf16,
-            pooling=self.pooling,
-        )
+        return self.encoder.embed(texts, "context")
 
     def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores [B, k], index rows [B, k]) of the nearest items to each context."""
         return self.index.search(self.embed(texts), k)
-
-
-class RankerModel:
-    """An exported cross-encoder at the configured precision."""
-
-    def __init__(self, directory: str, precision: str = "bf16", batch_size: int = 64):
-        meta = read_metadata(directory)
-        if meta.get("kind") != "ranker":
-            raise ValueError(f"{directory} holds a {meta.get('kind')!r}, not a ranker")
-        # int8 dynamic quantization runs on CPU only.
-        self.device = torch.device("cpu") if precision == "int8" else _device()
-        self.model = load_for_inference(directory, precision).to(self.device)
-        self.tokenizer = load_tokenizer(directory)
-        self.max_length = meta["max_length"]
-        self.precision, self.batch_size = precision, batch_size
-
-    @torch.inference_mode()
-    def score(self, contexts: list[str], items: list[str]) -> np.ndarray:
-        """One logit per (context, item) pair."""
-        out = []
-        for start in range(0, len(items), self.batch_size):
-            tok = self.tokenizer(
-                contexts[start : start + self.batch_size],
-                items[start : start + self.batch_size],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(self.device)
-            out.append(self.model(**tok).logits.float().view(-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

@@ -12,8 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shoprank.data.read import resolve
-from shoprank.data.text import render_items
-from shoprank.serving.follow import Following, RankerModel, RetrieverModel
+from shoprank.data.text import render_context, render_items
+from shoprank.models.export_meta import ExportMeta, read_export
+from shoprank.models.ranker import Ranker
+from shoprank.serving.follow import Following, RetrieverModel
 
 
 def read_catalog(path: str) -> pa.Table:
@@ -21,17 +23,17 @@ def read_catalog(path: str) -> pa.Table:
     return pq.read_table(inner, filesystem=fs)
 
 
-def item_texts(catalog: pa.Table, metadata: dict) -> dict[str, str]:
+def item_texts(catalog: pa.Table, meta: ExportMeta) -> dict[str, str]:
     """Item id -> text, rendered with the template the model was trained with."""
-    template = metadata["config"]["data"]["item_template"]
     ids = catalog["item_id"].to_pylist()
-    return dict(zip(ids, render_items(catalog, template), strict=True))
+    return dict(zip(ids, render_items(catalog, meta.data.item_template), strict=True))
 
 
 class RetrieverService:
     def __init__(self, registry: str, name: str, alias: str, catalog: pa.Table):
         def load(folder: str, version) -> tuple[RetrieverModel, dict[str, str]]:
-            return RetrieverModel(folder), item_texts(catalog, version.metadata)
+            model = RetrieverModel(folder)
+            return model, item_texts(catalog, model.meta)
 
         self.models = Following(registry, name, load, alias)
 
@@ -44,7 +46,7 @@ class RetrieverService:
         if query is not None:
             context = query
         else:
-            context = model.context([texts[i] for i in history or [] if i in texts], extra)
+            context = render_context(history or [], texts, model.meta.data, extra)
         scores, rows = model.search([context], n)
         keep = rows[0] >= 0
         ids = [model.index.item_ids[r] for r in rows[0][keep]]
@@ -58,22 +60,22 @@ class RankerService:
     def __init__(
         self, registry: str, name: str, alias: str, catalog: pa.Table, precision: str = "bf16"
     ):
-        def load(folder: str, version) -> tuple[RankerModel, dict[str, str], dict]:
-            data = version.metadata["config"]["data"]
-            return RankerModel(folder, precision), item_texts(catalog, version.metadata), data
+        def load(folder: str, version) -> tuple[Ranker, dict[str, str], ExportMeta]:
+            meta = read_export(folder, kind="ranker")
+            return Ranker.from_export(folder, precision), item_texts(catalog, meta), meta
 
         self.models = Following(registry, name, load, alias)
 
     def score_many(self, requests: list[tuple]) -> list[dict]:
         """Requests (history, context, extra, item ids) scored in one forward pass; each gets
         its scores in its own item order (None for ids the catalog lacks)."""
-        (model, texts, data), version = self.models.current()
-        sep = data["history_separator"]
+        (model, texts, meta), version = self.models.current()
+        sep = meta.data.history_separator
         contexts, items, known_per = [], [], []
         for history, context, extra, item_ids in requests:
-            if context is None:  # a history: its newest items, as the ranker was trained
-                context = sep.join(texts[i] for i in history[: data["history_len"]] if i in texts)
-            if extra:
+            if context is None:  # a history, rendered as the ranker was trained
+                context = render_context(history, texts, meta.data, extra)
+            elif extra:
                 context = f"{context}{sep}{extra}"
             known = [i for i in item_ids if i in texts]
             contexts += [context] * len(known)

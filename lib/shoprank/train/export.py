@@ -15,12 +15,8 @@ from torch import nn
 from shoprank import __version__
 from shoprank.config import Config
 from shoprank.data import read
-from shoprank.models.encoder import (
-    METADATA,
-    load_encoder,
-    load_sequence_scorer,
-    load_tokenizer,
-)
+from shoprank.models.encoder import load_encoder, load_sequence_scorer, load_tokenizer
+from shoprank.models.export_meta import METADATA
 from shoprank.models.retriever import SETTINGS
 from shoprank.train.loop import MODEL_DIR
 

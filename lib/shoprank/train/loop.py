@@ -72,7 +72,7 @@ def validate_groups(engine, cfg: Config) -> dict[str, float]:
         batch_size=batch_groups, device=ray.train.torch.get_device()
     ):
         with _autocast(cfg):
-            scores.append(ranker.ranker_logits(engine.module, batch).float().cpu().numpy())
+            scores.append(ranker.Ranker(engine.module).score_tokens(batch).cpu().numpy())
         labels.append(batch["labels"].cpu().numpy())
     gathered = _all_gather((np.concatenate(scores), np.concatenate(labels)))
     s = np.concatenate([g[0] for g in gathered])
@@ -86,12 +86,15 @@ def validate_full_catalog(engine, cfg: Config) -> dict[str, float]:
     """Retriever: every worker embeds its share of the catalog, all ranks share the matrix,
     then each user's target is ranked among ALL items (the full-catalog protocol)."""
     model, device = engine.module, ray.train.torch.get_device()
+    # The one bi-encoder inference class, around the encoder being trained.
+    encoder = retriever.Encoder(model.encoder, None, model.pooling, bf16=cfg.train.bf16)
     rows, embs = [], []
     for batch in ray.train.get_dataset_shard("catalog").iter_torch_batches(
         batch_size=cfg.train.eval_batch_size, device=device
     ):
-        with _autocast(cfg):
-            embs.append(model.embed(batch["item_input_ids"], batch["item_attention_mask"]).cpu())
+        embs.append(
+            encoder.embed_tokens(batch["item_input_ids"], batch["item_attention_mask"]).cpu()
+        )
         rows.append(batch["row"].cpu())
     parts = [p for p in _all_gather((rows, embs)) if p[0]]  # a worker's share may be empty
     order = torch.cat([r for p in parts for r in p[0]]).numpy()
@@ -101,8 +104,9 @@ def validate_full_catalog(engine, cfg: Config) -> dict[str, float]:
     for batch in ray.train.get_dataset_shard("valid").iter_torch_batches(
         batch_size=cfg.train.eval_batch_size, device=device
     ):
-        with _autocast(cfg):
-            ctx = model.embed(batch["ctx_input_ids"], batch["ctx_attention_mask"]).cpu().numpy()
+        ctx = (
+            encoder.embed_tokens(batch["ctx_input_ids"], batch["ctx_attention_mask"]).cpu().numpy()
+        )
         target = batch["item_rows"][:, 0].cpu().numpy()
         ranks.append(metrics.target_ranks(ctx @ items.T, target))
     all_ranks = np.concatenate([np.concatenate(r) for r in _all_gather(ranks) if r])

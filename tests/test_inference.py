@@ -1,0 +1,103 @@
+"""The one inference class per model kind, the one context renderer, the one export schema:
+the text path (serving) and the token path (training validation, Ray Data evaluation) agree."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_export
+from shoprank.config import Config, DataConfig, ModelConfig
+from shoprank.data.text import render_context
+from shoprank.data.tokenize import PairTokenizer, TowerTokenizer
+from shoprank.models.export_meta import METADATA, ExportError, read_export
+from shoprank.models.ranker import Ranker
+from shoprank.models.retriever import EncoderSpec
+
+TEXTS = {"a": "red mug", "b": "blue kettle with a long description of its spout", "c": "tea"}
+
+
+def test_render_context_drops_unknown_items_before_taking_the_newest():
+    data = DataConfig(history_len=2, history_separator=" | ")
+    # "x" is not in the catalog: the context reads as if the history were [a, b, c].
+    assert render_context(["x", "a", "b", "c"], TEXTS, data) == "red mug | " + TEXTS["b"]
+    assert render_context(["a"], TEXTS, data, extra="mobile") == "red mug | mobile"
+    assert render_context([], TEXTS, data) == ""
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tiny_model_dir, tiny_shop):
+    from conftest import shop_overrides
+    from shoprank.config import load_config
+
+    cfg = load_config(None, shop_overrides(tiny_shop))
+    tmp = tmp_path_factory.mktemp("exports")
+    return {
+        kind: str(make_export(tmp / kind, kind, tiny_model_dir, cfg, seed=3))
+        for kind in ("ranker", "retriever")
+    }
+
+
+def test_ranker_scores_texts_as_it_scores_tokens(exports):
+    """Serving scores text pairs in length-sorted batches; evaluation scores token groups
+    padded to max_length. Same logits, in the caller's order."""
+    ranker = Ranker.from_export(exports["ranker"], "fp32", batch_size=2)
+    with torch.no_grad():  # a random head scores everything alike: spread its logits apart
+        ranker.model.classifier.weight.mul_(1000.0)
+    contexts = ["red mug | tea", "tea", "blue kettle with a long description", "red mug"]
+    items = ["tea", "red mug", "tea", TEXTS["b"]]
+    served = ranker.score(contexts, items)
+    tokens = PairTokenizer(exports["ranker"], ranker.max_length)(
+        {
+            "context": np.array(contexts, dtype=object),
+            "item_texts": [[i] for i in items],
+            "labels": [[0.0]] * len(items),
+        }
+    )
+    with torch.inference_mode():
+        tensors = {k: torch.from_numpy(v) for k, v in tokens.items() if v.dtype == np.int32}
+        offline = ranker.score_tokens(tensors).numpy().ravel()
+    np.testing.assert_allclose(served, offline, rtol=1e-5, atol=1e-4)
+    assert np.ptp(served) > 1e-3  # scores apart: the check above means something
+
+
+def test_encoder_embeds_texts_as_it_embeds_tokens(exports):
+    encoder = EncoderSpec.from_export(exports["retriever"]).load()
+    texts = ["tea", TEXTS["b"], "red mug"]
+    served = encoder.embed(texts, "context")
+    meta = read_export(exports["retriever"])
+    tok = TowerTokenizer(exports["retriever"], meta.context_max_length, 8, ["a"])(
+        {
+            "context": np.array(texts, dtype=object),
+            "item_texts": [["red mug"]] * 3,
+            "item_ids": [["a"]] * 3,
+            "labels": [[1.0]] * 3,
+        }
+    )
+    with torch.inference_mode():
+        ids, mask = (torch.from_numpy(tok[f"ctx_{k}"]) for k in ("input_ids", "attention_mask"))
+        offline = encoder.embed_tokens(ids, mask).numpy()
+    np.testing.assert_allclose(served, offline, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
+
+
+def test_read_export_names_what_is_wrong(tmp_path, exports):
+    with pytest.raises(ExportError, match="not a shoprank export"):
+        read_export(tmp_path)
+    with pytest.raises(ExportError, match="holds a ranker export; a retriever is needed"):
+        read_export(exports["ranker"], kind="retriever")
+    meta = {
+        "kind": "retriever",
+        "base_model": "m",
+        "max_length": 8,
+        "config": Config().model_dump(),
+    }
+    (tmp_path / METADATA).write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="needs \\['pooling', 'context_max_length'"):
+        read_export(tmp_path)
+    typed = read_export(exports["retriever"], kind="retriever")
+    assert typed.data.item_template == Config().data.item_template
+    assert isinstance(typed.config.model, ModelConfig) and typed.pooling == "mean"
