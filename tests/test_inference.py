@@ -101,3 +101,51 @@ def test_read_export_names_what_is_wrong(tmp_path, exports):
     typed = read_export(exports["retriever"], kind="retriever")
     assert typed.data.item_template == Config().data.item_template
     assert isinstance(typed.config.model, ModelConfig) and typed.pooling == "mean"
+
+
+def test_stage_one_from_an_export_scores_as_the_run_that_chose_its_weights(
+    tmp_path, exports, tiny_shop
+):
+    """Evaluation blends the run's fitted baselines; serving loads the export's saved signals.
+    Both must give the same [users, catalog] scores."""
+    import shutil
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from shoprank.config import load_config
+    from shoprank.data.validate import check_catalog, split_quarantine
+    from shoprank.evaluation.baselines import fit_baselines
+    from shoprank.retrieval import blend
+    from shoprank.retrieval.index import INDEX_DIR, ItemIndex
+    from shoprank.retrieval.stage_one import StageOne, StageOneError, save_signals
+
+    catalog, _ = split_quarantine(check_catalog(pq.read_table(tiny_shop / "catalog.parquet")))
+    ids = catalog["item_id"].to_pylist()
+    export = tmp_path / "retriever"
+    shutil.copytree(exports["retriever"], export)
+    encoder = EncoderSpec.from_export(str(export)).load()
+    cfg = load_config(None, [])
+    items = encoder.embed(pc.cast(catalog["title"], "string").to_pylist(), "item")
+    ItemIndex.build(ids, items, {"kind": "flat"}, {}).save(export / INDEX_DIR)
+
+    rng = np.random.default_rng(0)
+    histories = [list(rng.choice(ids, size=rng.integers(1, 6), replace=False)) for _ in range(80)]
+    positives = list(rng.choice(ids, size=80))
+    baselines = fit_baselines(cfg, catalog, positives, histories)
+    weights = {"retriever": 1.0, "history": 0.5, "covisit": 0.7, "tfidf": 0.2, "popularity": 0.3}
+    blend.save(export, weights, {})
+    with pytest.raises(StageOneError, match="no signals/"):
+        StageOne.from_export(export, catalog)
+    save_signals(export, baselines, cfg.eval.history_decay, "test")
+
+    served = StageOne.from_export(export, catalog)
+    contexts = encoder.embed(["red mug", "tea kettle"], "context")
+    users = [histories[0], [*histories[1], "not-in-the-catalog"]]
+    offline = blend.blend(
+        blend.signals(contexts, users[:1] + [histories[1]], items, ids, baselines, 0.5), weights
+    )
+    np.testing.assert_allclose(served.scores(contexts, users), offline, rtol=1e-5, atol=1e-5)
+    # Another catalog than the index covers is refused, naming the fix.
+    with pytest.raises(StageOneError, match="jobs/embed.py"):
+        StageOne.from_export(export, catalog.slice(1))

@@ -66,6 +66,15 @@ class Popularity:
         self._index = {item: j for j, item in enumerate(self.item_ids.tolist())}
         return self
 
+    @classmethod
+    def from_counts(cls, item_ids: Sequence[str], counts: np.ndarray) -> Popularity:
+        """Counts saved with a model (`counts` in `item_ids` order)."""
+        out = cls()
+        out.item_ids = np.asarray(item_ids, dtype=object)
+        out.counts = np.asarray(counts, dtype=np.float64)
+        out._index = {item: j for j, item in enumerate(out.item_ids.tolist())}
+        return out
+
     def score(self, item_ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Train count of each given item (0 when unseen); works for any candidate list."""
         return np.array(
@@ -225,6 +234,17 @@ class CoVisitation:
         one_way = sp.csr_matrix((vals, (rows, cols)), shape=(n, n), dtype=np.float64)
         self._counts = sp.csr_matrix(one_way + one_way.T)  # duplicates summed
         return self
+
+    @classmethod
+    def from_counts(
+        cls, item_ids: Sequence[str], counts: sp.csr_matrix, window: int, decay: float
+    ) -> CoVisitation:
+        """A co-visitation matrix saved with a model (rows and columns in `item_ids` order)."""
+        out = cls(window, decay)
+        out.item_ids = list(item_ids)
+        out._index = {item: j for j, item in enumerate(out.item_ids)}
+        out._counts = sp.csr_matrix(counts, dtype=np.float64)
+        return out
 
     def _columns(self, ids: Sequence[str]) -> list[int]:
         try:

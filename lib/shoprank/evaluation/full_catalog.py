@@ -33,6 +33,7 @@ from shoprank.models.export_meta import read_export
 from shoprank.models.retriever import EncoderSpec
 from shoprank.retrieval import blend
 from shoprank.retrieval.embed import Contexts, embed_catalog, embed_contexts, ensure_index
+from shoprank.retrieval.stage_one import for_evaluation
 from shoprank.run import Run
 
 # Users per block when a full [users, catalog] score matrix is ranked.
@@ -181,12 +182,13 @@ def rank_all(
         stage_one = metrics.candidate_ranks(candidates, scores, contexts.target, len(ids))
         out.ranks[RETRIEVER] = stage_one
         timed(RETRIEVER, started)
-        weights = cfg.eval.blend_weights or blend.load(retriever_dir)
+        stage = for_evaluation(
+            retriever_dir, catalog, baselines, cfg.eval.history_decay, cfg.eval.blend_weights
+        )
+        weights = stage.weights
         if weights:
             started = time.perf_counter()
-            signals = blend.signals_for(cfg, catalog, contexts, baselines, retriever_dir)
-            blended = blend.blend(signals, weights)
-            del signals
+            blended = stage.scores(contexts.embedding, contexts.history_ids)
             stage_one = metrics.target_ranks(blended, contexts.target)
             candidates = metrics.top_n(blended, cfg.eval.retrieve_top)
             scores = np.take_along_axis(blended, candidates, axis=1)

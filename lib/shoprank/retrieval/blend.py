@@ -178,6 +178,10 @@ def fit(run, retriever_dir: str) -> dict:
         "trials": trials,
     }
     save(retriever_dir, weights, details)
+    from shoprank.retrieval.stage_one import save_signals
+
+    fitted_on = f"the training groups of {cfg.data.events} (run {cfg.run.name})"
+    save_signals(retriever_dir, baselines, cfg.eval.history_decay, fitted_on)
     log(f"blend weights (chosen on {details['chosen_on']}): {weights}")
     print_table(details["valid"], [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")])
     return {"weights": weights, **details}

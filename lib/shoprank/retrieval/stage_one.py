@@ -1,0 +1,149 @@
+"""Stage one as evaluated and as served: one class, one definition of every signal.
+
+A retriever export carries everything its blended stage one needs:
+- `index/`: the catalog's embeddings, in catalog order (jobs/embed.py);
+- `blend.json`: the weights chosen on valid (absent: the retriever alone is stage one);
+- `signals/`: the statistics of the collaborative signals, fitted on the training groups of
+  the data the model was trained on: item popularity and the co-visitation matrix. TF-IDF
+  depends on the catalog texts alone and is refitted from them.
+
+"The events before the moment scored" follows one rule in evaluation and serving: the signals'
+statistics are those of the training snapshot the model version was built from (a retrain
+refreshes them with the version); the history of the user being scored is what the caller
+passes (evaluation: every item before the held-out one; serving: the feature store's history).
+Scores are exact over the whole catalog: right for catalogs up to ~1e5 items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+
+from shoprank.data.text import render_items
+from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
+from shoprank.models.export_meta import read_export
+from shoprank.retrieval import blend
+from shoprank.retrieval.index import INDEX_DIR, read_embeddings
+
+SIGNALS_DIR = "signals"
+
+
+class StageOneError(ValueError):
+    pass
+
+
+def catalog_digest(item_ids: Sequence[str]) -> str:
+    """Which catalog, in which order: saved signals and index rows must line up with it."""
+    return hashlib.sha256("\n".join(item_ids).encode()).hexdigest()[:16]
+
+
+def save_signals(export_dir: str | Path, baselines: dict, decay: float, fitted_on: str) -> Path:
+    """Popularity counts and the co-visitation matrix beside a retriever export."""
+    out = Path(export_dir) / SIGNALS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    info: dict = {"decay": decay, "fitted_on": fitted_on}
+    for fitted in baselines.values():
+        if isinstance(fitted, Popularity):
+            np.save(out / "popularity.npy", fitted.counts)
+            info["item_ids_sha256"] = catalog_digest(list(fitted.item_ids))
+        elif isinstance(fitted, CoVisitation):
+            sp.save_npz(out / "covisit.npz", fitted.counts())
+            info["covisit_window"] = fitted.window
+            info["item_ids_sha256"] = catalog_digest(fitted.item_ids)
+    (out / "signals.json").write_text(json.dumps(info, indent=2))
+    return out
+
+
+class StageOne:
+    """Exact [users, catalog] stage-one scores: the blend of a retriever export's signals when it
+    has blend weights, else the retriever's inner product alone."""
+
+    def __init__(
+        self,
+        item_ids: list[str],
+        items: np.ndarray,
+        weights: dict[str, float] | None,
+        baselines: dict,
+        decay: float,
+    ):
+        self.item_ids, self.items = item_ids, items
+        self.weights, self.baselines, self.decay = weights, baselines, decay
+
+    @property
+    def blended(self) -> bool:
+        return bool(self.weights)
+
+    @classmethod
+    def from_export(cls, retriever_dir: str | Path, catalog: pa.Table) -> StageOne:
+        """The stage one of an export, over `catalog` (which its index must cover)."""
+        meta = read_export(retriever_dir, kind="retriever")
+        ids, items = read_embeddings(Path(retriever_dir) / INDEX_DIR)
+        served = catalog["item_id"].to_pylist()
+        if ids != served:
+            missing = len(set(ids) - set(served))
+            raise StageOneError(
+                f"{retriever_dir}/{INDEX_DIR} covers {len(ids)} items ({missing} of them not in "
+                f"the catalog of {len(served)} given here): embed this catalog with "
+                f"jobs/embed.py --model {retriever_dir}"
+            )
+        weights = blend.load(retriever_dir)
+        if not weights:
+            return cls(ids, items, None, {}, 0.0)
+        folder = Path(retriever_dir) / SIGNALS_DIR
+        if not (folder / "signals.json").exists():
+            raise StageOneError(
+                f"{retriever_dir} has blend weights but no {SIGNALS_DIR}/: choose them again with "
+                f"jobs/blend.py --retriever {retriever_dir}, which saves the signals too"
+            )
+        info = json.loads((folder / "signals.json").read_text())
+        if info.get("item_ids_sha256", catalog_digest(ids)) != catalog_digest(ids):
+            raise StageOneError(f"{folder} was fitted on another catalog than {INDEX_DIR}/")
+        decay = info["decay"]
+        baselines: dict = {
+            "tfidf": TfidfHistory(decay).fit(ids, render_items(catalog, meta.data.item_template))
+        }
+        if (folder / "popularity.npy").exists():
+            baselines["popularity"] = Popularity.from_counts(
+                ids, np.load(folder / "popularity.npy")
+            )
+        if (folder / "covisit.npz").exists():
+            baselines["co-visitation"] = CoVisitation.from_counts(
+                ids, sp.load_npz(folder / "covisit.npz"), info["covisit_window"], decay
+            )
+        return cls(ids, items, weights, baselines, decay)
+
+    def scores(self, contexts: np.ndarray, histories: Sequence[Sequence[str]]) -> np.ndarray:
+        """[users, items] scores; `contexts` are the retriever's context vectors, `histories`
+        the users' item ids, newest first."""
+        if not self.blended:
+            return contexts @ self.items.T
+        known = set(self.item_ids)  # an item the catalog lacks has no signal to give
+        histories = [[i for i in h if i in known] for h in histories]
+        signals = blend.signals(
+            contexts, histories, self.items, self.item_ids, self.baselines, self.decay
+        )
+        return blend.blend(signals, self.weights)
+
+
+def for_evaluation(
+    retriever_dir: str | Path, catalog: pa.Table, baselines: dict, decay: float, weights=None
+) -> StageOne:
+    """What evaluation ranks with: the export's own stage one (its saved signals, exactly what
+    the Serve app serves), `weights` (eval.blend_weights) overriding its blend. An export from
+    before signals were saved gets the run's baselines, fitted the same way."""
+    if (Path(retriever_dir) / SIGNALS_DIR / "signals.json").exists():
+        stage = StageOne.from_export(retriever_dir, catalog)
+    else:
+        ids, items = read_embeddings(Path(retriever_dir) / INDEX_DIR)
+        if ids != catalog["item_id"].to_pylist():
+            raise StageOneError(f"{retriever_dir}/{INDEX_DIR} does not cover this catalog")
+        stage = StageOne(ids, items, blend.load(retriever_dir), baselines, decay)
+    if weights:
+        stage.weights = dict(weights)
+    return stage
