@@ -123,7 +123,9 @@ def make_export(folder: Path, kind: str, tiny_model_dir: str, cfg, seed: int) ->
     }
     (folder / METADATA).write_text(json.dumps(meta))
     if kind == "retriever":
-        catalog = pq.read_table(cfg.data.catalog)
+        from shoprank.data.validate import check_catalog, split_quarantine
+
+        catalog, _ = split_quarantine(check_catalog(pq.read_table(cfg.data.catalog)))
         encoder = EncoderSpec.from_export(str(folder)).load()
         emb = encoder.embed(render_items(catalog, cfg.data.item_template), "item")
         ids = catalog["item_id"].to_pylist()

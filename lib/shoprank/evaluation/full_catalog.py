@@ -31,7 +31,7 @@ from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
 from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_precision
 from shoprank.models.export_meta import read_export
 from shoprank.models.retriever import EncoderSpec
-from shoprank.retrieval import blend
+from shoprank.retrieval import rerank
 from shoprank.retrieval.embed import Contexts, embed_catalog, embed_contexts, ensure_index
 from shoprank.retrieval.stage_one import for_evaluation
 from shoprank.run import Run
@@ -85,7 +85,7 @@ def baseline_ranks(
     return out
 
 
-def rerank(
+def two_stage_ranks(
     cfg: Config,
     ranker_dir: str,
     contexts: Contexts,
@@ -129,8 +129,6 @@ def rerank(
         num_cpus=cfg.eval.num_cpus,
         batch_size=max(1, cfg.train.eval_batch_size // m),
     )
-    first = blend.standardize(candidate_scores[keys, :m])
-    second = blend.standardize(scores)
     out = {}
     for mix in cfg.eval.rerank_mix:
         # Every scored group holds its target once: its rank is its place in the new order.
@@ -138,7 +136,7 @@ def rerank(
         final[keys] = metrics.grouped_ranks(
             np.repeat(np.arange(len(scores)), m),
             labels.ravel(),
-            ((1 - mix) * first + mix * second).ravel(),
+            rerank.mixed(candidate_scores[keys, :m], scores, mix).ravel(),
         )
         out[mix] = final
     return out, len(users)
@@ -202,7 +200,9 @@ def rank_all(
         if ranker_dir:
             started = time.perf_counter()
             name = BLEND_TWO_STAGE if weights else TWO_STAGE
-            mixed, n = rerank(cfg, ranker_dir, contexts, candidates, scores, stage_one, catalog)
+            mixed, n = two_stage_ranks(
+                cfg, ranker_dir, contexts, candidates, scores, stage_one, catalog
+            )
             for mix, ranks in mixed.items():
                 out.ranks[name if mix == 1 else f"{name} (mix {mix:g})"] = ranks
             timed(name, started)
@@ -238,6 +238,12 @@ def evaluate(
     cfg, catalog, split = run.cfg, run.data.catalog, run.cfg.eval.split
     outcome = rank_all(cfg, catalog, run.examples[split], run.baselines, retriever_dir, ranker_dir)
     table = outcome.table(cfg.eval.ks)
+    if ranker_dir and retriever_dir and split == "valid":  # every choice is made on valid
+        users = len(next(iter(outcome.ranks.values())))
+        decision = choose_rerank(cfg, table, ranker_dir, f"valid, {users} users")
+        rerank.save(retriever_dir, decision)
+        outcome.notes.append(f"Recorded in {retriever_dir}/{rerank.FILE}: {decision.summary()}.")
+        log(f"{rerank.FILE}: {decision.summary()}")
     columns = [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")]
     folder = run.out / f"report_{split}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -280,3 +286,25 @@ def evaluate(
     path = report.write_report(folder, title, sections, images)
     report.print_table(table, columns)
     return table, str(path)
+
+
+def choose_rerank(
+    cfg: Config, table: dict[str, dict[str, float]], ranker_dir: str, chosen_on: str
+) -> rerank.RerankDecision:
+    """The best `eval.rerank_mix` on this table against stage one alone, by the primary metric."""
+    blended = BLEND in table
+    first, second = (BLEND, BLEND_TWO_STAGE) if blended else (RETRIEVER, TWO_STAGE)
+    by_mix = {
+        mix: table[second if mix == 1 else f"{second} (mix {mix:g})"][PRIMARY]
+        for mix in cfg.eval.rerank_mix
+    }
+    mix = max(by_mix, key=lambda w: (by_mix[w], -w))  # ties: the lighter touch
+    return rerank.RerankDecision(
+        ranker_weights=rerank.weights_digest(ranker_dir),
+        rerank_top=min(cfg.eval.rerank_top or cfg.eval.retrieve_top, cfg.eval.retrieve_top),
+        mix=mix,
+        metric=PRIMARY,
+        stage_one=table[first][PRIMARY],
+        two_stage=by_mix[mix],
+        chosen_on=chosen_on,
+    )

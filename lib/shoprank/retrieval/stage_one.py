@@ -81,15 +81,16 @@ class StageOne:
 
     @classmethod
     def from_export(cls, retriever_dir: str | Path, catalog: pa.Table) -> StageOne:
-        """The stage one of an export, over `catalog` (which its index must cover)."""
+        """The stage one of an export, for `catalog`: every item its index holds must be in the
+        catalog (items added since are served once the catalog is embedded again)."""
         meta = read_export(retriever_dir, kind="retriever")
         ids, items = read_embeddings(Path(retriever_dir) / INDEX_DIR)
-        served = catalog["item_id"].to_pylist()
-        if ids != served:
-            missing = len(set(ids) - set(served))
+        served = {item: r for r, item in enumerate(catalog["item_id"].to_pylist())}
+        missing = [i for i in ids if i not in served]
+        if missing:
             raise StageOneError(
-                f"{retriever_dir}/{INDEX_DIR} covers {len(ids)} items ({missing} of them not in "
-                f"the catalog of {len(served)} given here): embed this catalog with "
+                f"{retriever_dir}/{INDEX_DIR} holds {len(missing)} of its {len(ids)} items that "
+                f"the catalog given here lacks (e.g. {missing[0]!r}): embed this catalog with "
                 f"jobs/embed.py --model {retriever_dir}"
             )
         weights = blend.load(retriever_dir)
@@ -105,9 +106,8 @@ class StageOne:
         if info.get("item_ids_sha256", catalog_digest(ids)) != catalog_digest(ids):
             raise StageOneError(f"{folder} was fitted on another catalog than {INDEX_DIR}/")
         decay = info["decay"]
-        baselines: dict = {
-            "tfidf": TfidfHistory(decay).fit(ids, render_items(catalog, meta.data.item_template))
-        }
+        texts = render_items(catalog.take([served[i] for i in ids]), meta.data.item_template)
+        baselines: dict = {"tfidf": TfidfHistory(decay).fit(ids, texts)}
         if (folder / "popularity.npy").exists():
             baselines["popularity"] = Popularity.from_counts(
                 ids, np.load(folder / "popularity.npy")

@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
 from shoprank.registry import Registry
-from shoprank.serving.frontend import Backends, Frontend, api, install
+from shoprank.serving.frontend import Backends, Frontend, api, install, stage_two_words
 from shoprank.serving.schemas import AppArgs
 from shoprank.serving.services import RankerService, RetrieverService, read_catalog
 
@@ -45,6 +45,9 @@ class Retriever:
 
     def retrieve(self, history, query, extra, n) -> dict:
         return self.service.retrieve(history, query, extra, n)
+
+    def describe(self) -> dict:
+        return self.service.describe()
 
     def version(self) -> int:
         return self.service.version()
@@ -113,10 +116,14 @@ class Ingress:
                 "ranker": await ranker.version.remote() if ranker else None,
             }
 
+        async def describe() -> dict:
+            return stage_two_words(await retriever.describe.remote(), args, ranker is not None)
+
         backends = Backends(
             retrieve=lambda *a: retriever.retrieve.remote(*a),
             score=(lambda *a: ranker.score.remote(*a)) if ranker else None,
             versions=versions,
+            describe=describe,
         )
         install(Frontend(args, backends))
 

@@ -17,6 +17,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from shoprank.retrieval.rerank import mixed
 from shoprank.serving import schemas
 from shoprank.serving.auth import HEADER, ApiKeys, hash_user
 from shoprank.serving.features import ParquetFeatureStore
@@ -34,6 +35,7 @@ class Backends:
     retrieve: Callable[..., Awaitable[dict]]  # (history, query, extra, n)
     score: Callable[..., Awaitable[dict]] | None  # (history, context, extra, item_ids)
     versions: Callable[[], Awaitable[dict[str, int | None]]]
+    describe: Callable[[], Awaitable[dict]]  # the retriever's stage one, in words
 
 
 class _Metrics:
@@ -103,21 +105,26 @@ class Frontend:
         history: list[str] | None = None,
         context: str | None = None,
         extra: str | None = None,
+        decision: dict | None = None,
         rerank: bool = True,
     ) -> tuple[list[schemas.Item], dict[str, int] | None]:
-        """Stage two on the first rerank_top candidates (they stay ahead, in the ranker's
-        order), then the rules."""
+        """Stage two on the first candidates as the retriever's `decision` (its rerank.json)
+        says: (1 - mix) z(stage one) + mix z(ranker), the head kept ahead; then the rules."""
         final = np.asarray(scores, dtype=np.float32)
         tier = None
-        top = min(self.args.rerank_top, len(ids))
-        if rerank and self.backends.score is not None and top:
+        top, mix = self.stage_two(decision) if rerank else (0, 0.0)
+        top = min(top, len(ids))
+        if top:
             got = await self.backends.score(history, context, extra, ids[:top])
-            # (ids come from the catalog, so the ranker knows every one of them)
-            head = np.array(got["scores"], np.float32)
-            final = np.concatenate([head, final[top:]])
-            tier = np.arange(len(ids)) >= top  # the reranked head first, then the rest
+            # The decision was measured with one ranker: another one's scores are not used.
+            if decision is None or got["weights"] == decision["ranker_weights"]:
+                # (ids come from the catalog, so the ranker knows every one of them)
+                head = mixed(final[:top], np.array(got["scores"], np.float32), mix)
+                final = np.concatenate([head.astype(np.float32), final[top:]])
+                tier = np.arange(len(ids)) >= top  # the reranked head first, then the rest
         rows = np.array([self.rows[i] for i in ids], dtype=np.int64)
         seen = np.array([self.rows[i] for i in history or [] if i in self.rows], dtype=np.int64)
+        before_rules = dict(zip(rows.tolist(), final.tolist(), strict=True))
         engine = self.rules.current()
         ranked = engine.apply(rows, final, k, history=seen, explain=explain, tier=tier)
         items = [
@@ -126,10 +133,22 @@ class Frontend:
                 score=float(s),
                 title=self.titles[r],
                 why=ranked.changes.get(int(r)) if explain else None,
+                model_score=before_rules[int(r)] if explain else None,
             )
             for r, s in zip(ranked.rows, ranked.scores, strict=True)
         ]
         return items, (ranked.removed if explain else None)
+
+    def stage_two(self, decision: dict | None) -> tuple[int, float]:
+        """(how many candidates the ranker rescores, its mix weight): the registry's record
+        (rerank.json) unless the app's `rerank_top` forces one (then the ranker's order)."""
+        if self.backends.score is None:
+            return 0, 0.0
+        if self.args.rerank_top is not None:
+            return self.args.rerank_top, 1.0
+        if decision is None or decision["two_stage"] <= decision["stage_one"]:
+            return 0, 0.0
+        return decision["rerank_top"], decision["mix"]
 
     async def recommend(self, body: schemas.RecommendRequest) -> schemas.RankedResponse:
         history = body.history
@@ -140,7 +159,14 @@ class Frontend:
         if history:
             got = await self.backends.retrieve(history, None, body.context, self.args.retrieve_top)
             items, removed = await self.rank(
-                got["item_ids"], got["scores"], body.k, body.explain, history, None, body.context
+                got["item_ids"],
+                got["scores"],
+                body.k,
+                body.explain,
+                history,
+                None,
+                body.context,
+                got["rerank"],
             )
         else:  # an unknown user, or no known item: the most popular items, flagged as such
             fallback = "popular"
@@ -150,7 +176,11 @@ class Frontend:
         who = hash_user(body.user_id) if body.user_id else "explicit history"
         log.info(f"recommend for {who}: {len(items)} items, fallback={fallback}")
         return schemas.RankedResponse(
-            items=items, fallback=fallback, removed=removed, version=await self.versions()
+            items=items,
+            fallback=fallback,
+            removed=removed,
+            version=await self.versions(),
+            stage_one=None if fallback else got["stage_one"],
         )
 
     async def search(self, body: schemas.SearchRequest) -> schemas.RankedResponse:
@@ -170,8 +200,12 @@ class Frontend:
                 continue
             ids.append(item)
             scores.append(score)
-        items, removed = await self.rank(ids, scores, body.k, body.explain, context=body.query)
-        return schemas.RankedResponse(items=items, removed=removed, version=await self.versions())
+        items, removed = await self.rank(
+            ids, scores, body.k, body.explain, context=body.query, decision=got["rerank"]
+        )
+        return schemas.RankedResponse(
+            items=items, removed=removed, version=await self.versions(), stage_one=got["stage_one"]
+        )
 
     async def score(self, body: schemas.ScoreRequest) -> schemas.ScoreResponse:
         if self.backends.score is None:
@@ -180,6 +214,21 @@ class Frontend:
         return schemas.ScoreResponse(
             scores=got["scores"], unknown_items=got["unknown"], version=await self.versions()
         )
+
+
+def stage_two_words(retriever: dict, args: schemas.AppArgs, has_ranker: bool) -> dict:
+    """What /version says about the two stages: the retriever's stage one and its rerank
+    record, or why the ranker is not used."""
+    if not has_ranker:
+        second = "no ranker deployed: stage one's order goes to the rules"
+    elif args.rerank_top is not None:
+        second = (
+            f"forced by the app's rerank_top={args.rerank_top}: the ranker's order on the "
+            "first candidates, whatever rerank.json records"
+        )
+    else:
+        second = retriever["rerank"]
+    return {"stage_one": retriever["stage_one"], "stage_two": second}
 
 
 # -- routes ------------------------------------------------------------------------------------
@@ -246,6 +295,7 @@ async def version(request: Request) -> dict:
     front = frontend(request)
     return {
         "models": await front.versions(),
+        **await front.backends.describe(),
         "names": {"retriever": front.args.retriever, "ranker": front.args.ranker},
         "alias": front.args.alias,
         "registry": front.args.registry,

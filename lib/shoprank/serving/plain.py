@@ -12,7 +12,7 @@ import json
 
 from fastapi import FastAPI
 
-from shoprank.serving.frontend import Backends, Frontend, api, install
+from shoprank.serving.frontend import Backends, Frontend, api, install, stage_two_words
 from shoprank.serving.schemas import AppArgs
 from shoprank.serving.services import RankerService, RetrieverService, read_catalog
 
@@ -32,10 +32,14 @@ def create(args: AppArgs) -> FastAPI:
     async def versions() -> dict[str, int | None]:
         return {"retriever": retriever.version(), "ranker": ranker.version() if ranker else None}
 
+    async def describe() -> dict:
+        return stage_two_words(retriever.describe(), args, ranker is not None)
+
     backends = Backends(
         retrieve=lambda *a: asyncio.to_thread(retriever.retrieve, *a),
         score=score if ranker else None,
         versions=versions,
+        describe=describe,
     )
     install(Frontend(args, backends, with_metrics=False))
     return api

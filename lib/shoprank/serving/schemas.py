@@ -64,6 +64,9 @@ class Item(BaseModel):
     score: float
     title: str | None = None
     why: list[str] | None = None  # explain=true: the rules that moved it
+    # explain=true: the model's own score before any rule (the ranker's logit for the reranked
+    # head, the stage-one score for the rest): what offline evaluation ranks by.
+    model_score: float | None = None
 
 
 class RankedResponse(BaseModel):
@@ -71,6 +74,9 @@ class RankedResponse(BaseModel):
     fallback: str | None = None  # e.g. "popular": the user was unknown
     removed: dict[str, int] | None = None  # explain=true: items each filter dropped
     version: dict[str, int | None]
+    # Which stage one answered: "blend" (the export's blended signals) or "retriever" (the
+    # retriever alone: search, or an export without blend weights); None for a fallback.
+    stage_one: str | None = None
 
 
 class ScoreResponse(BaseModel):
@@ -94,7 +100,10 @@ class AppArgs(_Body):
     poll_s: float = Field(10.0, gt=0)  # how often the models look for a new version
     refresh_s: float = Field(300.0, gt=0)  # how often the feature store re-reads its snapshot
     retrieve_top: int = Field(100, ge=1)  # stage one's candidates
-    rerank_top: int = Field(20, ge=1)  # of which the ranker rescores the first N
+    # How many of them the ranker rescores. None: as the retriever's registry version records
+    # (rerank.json: the count and mix chosen on valid, only if the ranker improved stage one
+    # there; else none). A number forces the ranker's order on that many: not what was evaluated.
+    rerank_top: int | None = Field(None, ge=1)
     ranker_precision: str = "bf16"  # fp32, bf16 or int8 (models/ranker.py)
     torch_threads: int = Field(1, ge=1)  # per model replica: replicas share the machine's cores
     # The Ranker's @serve.batch (None: serve/config.yaml's user_config decides); 1 = no batching.

@@ -11,16 +11,25 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shoprank.console import log
 from shoprank.data.read import resolve
 from shoprank.data.text import render_context, render_items
+from shoprank.data.validate import check_catalog, reason_counts, split_quarantine
+from shoprank.evaluation.metrics import top_n
 from shoprank.models.export_meta import ExportMeta, read_export
 from shoprank.models.ranker import Ranker
+from shoprank.retrieval import rerank
+from shoprank.retrieval.stage_one import StageOne
 from shoprank.serving.follow import Following, RetrieverModel
 
 
 def read_catalog(path: str) -> pa.Table:
+    """The catalog validated as training validated it: the rows a model can know, once each."""
     fs, inner = resolve(path)
-    return pq.read_table(inner, filesystem=fs)
+    good, bad = split_quarantine(check_catalog(pq.read_table(inner, filesystem=fs)))
+    if bad.num_rows:
+        log(f"catalog {path}: {bad.num_rows} rows left out {reason_counts(bad)}")
+    return good
 
 
 def item_texts(catalog: pa.Table, meta: ExportMeta) -> dict[str, str]:
@@ -30,46 +39,90 @@ def item_texts(catalog: pa.Table, meta: ExportMeta) -> dict[str, str]:
 
 
 class RetrieverService:
+    """Stage one: for a history, the export's own stage one (`retrieval.stage_one.StageOne`,
+    the blend it was evaluated with, exact over the catalog); for a query, the retriever's
+    index (search is evaluated on the bi-encoder alone)."""
+
     def __init__(self, registry: str, name: str, alias: str, catalog: pa.Table):
-        def load(folder: str, version) -> tuple[RetrieverModel, dict[str, str]]:
+        def load(folder: str, version) -> tuple:
             model = RetrieverModel(folder)
-            return model, item_texts(catalog, model.meta)
+            # Refused (the previous version keeps serving) when its index or signals do not
+            # line up with the served catalog.
+            stage = StageOne.from_export(folder, catalog)
+            decision = rerank.load(folder)
+            log(f"{name} v{version.version}: stage one = {describe(stage)}")
+            if decision is not None:
+                log(f"{name} v{version.version}: {decision.summary()}")
+            return model, item_texts(catalog, model.meta), stage, decision
 
         self.models = Following(registry, name, load, alias)
 
     def retrieve(
         self, history: list[str] | None, query: str | None, extra: str | None, n: int
     ) -> dict:
-        """The n nearest items to a query, or to the context built from a history (newest
-        first) plus any extra context words."""
-        (model, texts), version = self.models.current()
+        """The n best items for a query, or for a history (newest first) plus any extra
+        context words, with their stage-one scores."""
+        (model, texts, stage, decision), version = self.models.current()
+        record = decision.model_dump() if decision is not None else None
         if query is not None:
-            context = query
-        else:
-            context = render_context(history or [], texts, model.meta.data, extra)
+            return {**self._nearest(model, query, n, version), "rerank": record}
+        context = render_context(history or [], texts, model.meta.data, extra)
+        if not stage.blended:
+            return {**self._nearest(model, context, n, version), "rerank": record}
+        blended = stage.scores(model.embed([context]), [history or []])
+        rows = top_n(blended, n)[0]
+        return {
+            "item_ids": [stage.item_ids[r] for r in rows],
+            "scores": blended[0, rows].tolist(),
+            "version": version,
+            "stage_one": "blend",
+            "rerank": record,
+        }
+
+    @staticmethod
+    def _nearest(model: RetrieverModel, context: str, n: int, version: int) -> dict:
         scores, rows = model.search([context], n)
         keep = rows[0] >= 0
-        ids = [model.index.item_ids[r] for r in rows[0][keep]]
-        return {"item_ids": ids, "scores": scores[0][keep].tolist(), "version": version}
+        return {
+            "item_ids": [model.index.item_ids[r] for r in rows[0][keep]],
+            "scores": scores[0][keep].tolist(),
+            "version": version,
+            "stage_one": "retriever",
+        }
+
+    def describe(self) -> dict:
+        (_, _, stage, decision), version = self.models.current()
+        return {
+            "version": version,
+            "stage_one": describe(stage),
+            "rerank": decision.summary() if decision else "no rerank.json: no rerank decision",
+        }
 
     def version(self) -> int:
         return self.models.current()[1]
+
+
+def describe(stage: StageOne) -> str:
+    if not stage.blended:
+        return "the retriever alone (its export has no blend.json)"
+    return "blend " + ", ".join(f"{k} {v:g}" for k, v in stage.weights.items() if v)
 
 
 class RankerService:
     def __init__(
         self, registry: str, name: str, alias: str, catalog: pa.Table, precision: str = "bf16"
     ):
-        def load(folder: str, version) -> tuple[Ranker, dict[str, str], ExportMeta]:
+        def load(folder: str, version) -> tuple[Ranker, dict[str, str], ExportMeta, str]:
             meta = read_export(folder, kind="ranker")
-            return Ranker.from_export(folder, precision), item_texts(catalog, meta), meta
+            ranker = Ranker.from_export(folder, precision)
+            return ranker, item_texts(catalog, meta), meta, rerank.weights_digest(folder)
 
         self.models = Following(registry, name, load, alias)
 
     def score_many(self, requests: list[tuple]) -> list[dict]:
         """Requests (history, context, extra, item ids) scored in one forward pass; each gets
         its scores in its own item order (None for ids the catalog lacks)."""
-        (model, texts, meta), version = self.models.current()
+        (model, texts, meta, weights), version = self.models.current()
         sep = meta.data.history_separator
         contexts, items, known_per = [], [], []
         for history, context, extra, item_ids in requests:
@@ -91,6 +144,7 @@ class RankerService:
                     "scores": [got.get(i) for i in item_ids],
                     "unknown": [i for i in item_ids if i not in got],
                     "version": version,
+                    "weights": weights,
                 }
             )
         return out
