@@ -149,3 +149,65 @@ def test_serve_config_fits_two_cores_and_holds_a_batch():
     ranker = deployments["Ranker"]
     assert ranker["max_ongoing_requests"] >= ranker["user_config"]["max_batch_size"]
     assert app.Ranker.max_ongoing_requests >= app.Ranker.user_config["max_batch_size"]
+
+
+def test_the_ranker_reranks_only_as_the_retriever_version_records(
+    tmp_path, tiny_shop, tiny_model_dir
+):
+    """No rerank.json: stage one's order. A record that the ranker improves stage one, with the
+    served ranker's weights: its mix over its count. A record for other weights, or one where the
+    ranker lost: no rerank. /version says which."""
+    from fastapi.testclient import TestClient
+
+    from shoprank.registry import Registry
+    from shoprank.retrieval import rerank
+    from shoprank.serving.plain import create
+    from shoprank.serving.schemas import AppArgs
+
+    setup = serving_setup(tmp_path, tiny_shop, tiny_model_dir, KEY)
+    setup.rules.write_text("filters: {out_of_stock: false, already_purchased: false}\n")
+    args = {**setup.args, "ranker_precision": "fp32", "rerank_top": None, "poll_s": 3600}
+    history = setup.catalog["item_id"].to_pylist()[:3]
+    body = {"history": history, "k": 10, "explain": True}
+    registry = Registry(setup.args["registry"])
+    retriever = registry.get("retriever", "production").uri
+    ranker = registry.get("ranker", "production").uri
+
+    def served(record: rerank.RerankDecision | None):
+        if record is not None:
+            rerank.save(retriever, record)
+        with TestClient(create(AppArgs.model_validate(args))) as c:
+            c.headers["x-api-key"] = KEY
+            return c.post("/recommend", json=body).json(), c.get("/version").json()
+
+    alone, version = served(None)
+    assert "no rerank decision" in version["stage_two"]
+    record = rerank.RerankDecision(
+        ranker_weights=rerank.weights_digest(ranker),
+        rerank_top=4,
+        mix=0.5,
+        metric="ndcg@10",
+        stage_one=0.10,
+        two_stage=0.12,
+        chosen_on="valid, 9 users",
+    )
+    mixed, version = served(record)
+    assert "rerank the top 4, mix 0.5" in version["stage_two"]
+    head = [i["item_id"] for i in alone["items"][:4]]
+    assert {i["item_id"] for i in mixed["items"][:4]} == set(head)  # the head is reranked only
+    stage_one = np.array([i["model_score"] for i in alone["items"][:4]])
+    from shoprank.serving.services import RankerService, read_catalog
+
+    ranker_scores = RankerService(
+        setup.args["registry"], "ranker", "production", read_catalog(setup.args["catalog"]), "fp32"
+    ).score_many([(history, None, None, head)])[0]["scores"]
+    expected = rerank.mixed(stage_one, np.array(ranker_scores), 0.5)
+    got = {i["item_id"]: i["model_score"] for i in mixed["items"][:4]}
+    assert [got[i] for i in head] == pytest.approx(expected.tolist(), abs=1e-4)
+
+    for stale in (
+        record.model_copy(update={"ranker_weights": "another ranker"}),
+        record.model_copy(update={"two_stage": 0.09}),
+    ):
+        again, _ = served(stale)
+        assert [i["item_id"] for i in again["items"]] == [i["item_id"] for i in alone["items"]]
