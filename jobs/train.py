@@ -14,6 +14,7 @@ import time
 from shoprank import run as runs
 from shoprank.console import log
 from shoprank.evaluation.protocols import after_training
+from shoprank.registry import publish_run
 from shoprank.train.datasets import training_datasets
 from shoprank.train.export import export_run
 from shoprank.train.loop import best_checkpoint, fit, saved_state
@@ -42,6 +43,13 @@ def main() -> None:
 
     # 5. Blend weights (retriever), then evaluate: zero-shot vs fine-tuned vs baselines.
     report = after_training(run, export_dir)
+
+    # 6. The registry: the export becomes the `candidate`; production moves only past the gate.
+    if cfg.registry.register:
+        version, decision = publish_run(cfg, export_dir)
+        log(f"registered {version.name} v{version.version} at {version.uri}")
+        if decision:
+            log(f"production {'->' if decision.promoted else 'stays'}: {decision.reason}")
     metric = cfg.train.metric
     log(f"best checkpoint: {checkpoint.path} ({metric}={best[f'val_{metric}']:.4f})")
     log(f"exported model: {export_dir}")

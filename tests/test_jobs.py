@@ -27,6 +27,7 @@ def test_train_then_evaluate(ray_local, tmp_path, tiny_shop, tiny_model_dir, mon
     args = [
         *shop_overrides(tiny_shop),
         f"run.storage={tmp_path}",
+        f"registry.root={tmp_path / 'registry'}",
         "run.name=job",
         f"model.name={tiny_model_dir}",
         "model.max_length=64",
@@ -50,6 +51,12 @@ def test_train_then_evaluate(ray_local, tmp_path, tiny_shop, tiny_model_dir, mon
     for row in ("zero-shot", "fine-tuned ranker", "popularity", "tfidf"):
         assert row in printed
     assert f"exported model: {out / 'export'}" in printed
+    # ... registered as the candidate and, with no production before, promoted.
+    from shoprank.registry import Registry
+
+    registry = Registry(str(tmp_path / "registry"))
+    assert registry.aliases("job") == {"candidate": 1, "production": 1}
+    assert "registered job v1" in printed and "production ->" in printed
 
     metrics = json.loads((out / "report_test" / "metrics.json").read_text())
     assert set(metrics) >= {"fine-tuned ranker", "popularity", "tfidf"}
@@ -79,6 +86,7 @@ def search_args(tmp_path, shop, model_dir, name: str) -> list[str]:
     return [
         *shop_overrides(shop),
         f"run.storage={tmp_path}",
+        f"registry.root={tmp_path / 'registry'}",
         f"run.name={name}",
         "data.task=search",
         f"model.name={model_dir}",

@@ -74,7 +74,8 @@ def offline(ray_local, tmp_path_factory, tiny_shop, tiny_model_dir):
         )
         for u, user in enumerate(contexts.user_id)
     }
-    return tmp, export, catalog, expected
+    targets = {str(user): ids[contexts.target[u]] for u, user in enumerate(contexts.user_id)}
+    return tmp, export, targets, expected
 
 
 def _serve(tmp, export, tiny_shop):
@@ -119,7 +120,10 @@ def mismatches(answers: dict, expected: dict, tol: float = 1e-4) -> list[str]:
 def test_recommend_serves_what_offline_evaluation_ranked(offline, tiny_shop, tiny_model_dir):
     from ray import serve
 
-    tmp, export, _, expected = offline
+    from shoprank.evaluation.metrics import ranking_metrics
+    from shoprank.evaluation.replay import MISS, replay
+
+    tmp, export, targets, expected = offline
     url = _serve(tmp, export, tiny_shop)
     try:
         version = httpx.get(url + "/version").json()
@@ -132,11 +136,22 @@ def test_recommend_serves_what_offline_evaluation_ranked(offline, tiny_shop, tin
                 assert got.status_code == 200, got.text
                 assert got.json()["stage_one"] == "blend"
                 answers[user] = got.json()["items"]
+        # The replay job's client: the held-out items' ranks in the answers are the ranks in
+        # the offline top-K (rules off by request this time, not by the rules file).
+        users = list(expected)
+        histories = [expected[u][0] for u in users]
+        ranks, answered = replay(url, KEY, histories, [targets[u] for u in users], K, 4)
     finally:
         serve.delete("parity")
         serve.shutdown()
     assert len(expected) > 100  # every test user of the tiny shop
     assert mismatches(answers, expected) == []
+    offline_ranks = [
+        expected[u][1].index(targets[u]) if targets[u] in expected[u][1] else MISS for u in users
+    ]
+    assert answered == {"blend": len(users)}
+    assert ranks.tolist() == offline_ranks
+    assert ranking_metrics(ranks, [1, 5, K]) == ranking_metrics(np.array(offline_ranks), [1, 5, K])
 
     # The check catches a skew: the same export served with history_len 3 instead of the
     # trained 10 (its contexts read fewer items) answers differently for most users. (The

@@ -19,6 +19,7 @@ def test_retriever_train_embed_and_two_stage_evaluate(
     common = [
         *shop_overrides(tiny_shop),
         f"run.storage={tmp_path}",
+        f"registry.root={tmp_path / 'registry'}",
         f"model.name={tiny_model_dir}",
         "model.max_length=48",
         "data.val_users=30",

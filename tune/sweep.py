@@ -17,7 +17,7 @@ from shoprank import run as runs
 from shoprank.config import with_values
 from shoprank.console import log
 from shoprank.evaluation.protocols import after_training
-from shoprank.registry import publish
+from shoprank.registry import publish_run
 from shoprank.train import sweep
 from shoprank.train.datasets import training_datasets
 from shoprank.train.export import export_run
@@ -79,16 +79,9 @@ def main() -> None:
     eval_report = after_training(winner, export_dir)
 
     # 6. Registry: the winner becomes the candidate; production moves only past the gate.
-    name = cfg.registry.model or cfg.run.name
-    metric = cfg.registry.metric or f"val_{cfg.train.metric}"
-    version, decision = publish(
-        cfg.registry.root,
-        name,
+    version, decision = publish_run(
+        cfg,
         export_dir,
-        metric,
-        cfg.train.metric_mode,
-        cfg.registry.margin,
-        cfg.registry.promote,
         metadata={"sweep": {"name": cfg.run.name, "report": str(sweep_report), **best.row}},
     )
     for label, trial in (("winner", best), ("the config's own values", own)):
@@ -98,7 +91,7 @@ def main() -> None:
                 f"{label}: trial {trial.row['trial']} {values}: "
                 f"val_{cfg.train.metric}={trial.row['best']:.4f} ({trial.row['status']})"
             )
-    log(f"registered {name} v{version.version} at {version.uri}")
+    log(f"registered {version.name} v{version.version} at {version.uri}")
     if decision:
         log(f"production {'->' if decision.promoted else 'stays'}: {decision.reason}")
     log(f"sweep report: {sweep_report}")

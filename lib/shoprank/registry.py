@@ -438,6 +438,25 @@ def publish(
     return version, decision
 
 
+def publish_run(
+    cfg, export_dir: str, metadata: dict | None = None
+) -> tuple[Version, Decision | None]:
+    """A job's export published as `cfg.registry` says: registered under `registry.model` (default
+    `run.name`) and, when `registry.promote`, through the gate on `registry.metric` (default
+    `val_<train.metric>`) with `registry.margin`."""
+    r = cfg.registry
+    return publish(
+        r.root,
+        r.model or cfg.run.name,
+        export_dir,
+        r.metric or f"val_{cfg.train.metric}",
+        cfg.train.metric_mode,
+        r.margin,
+        r.promote,
+        metadata,
+    )
+
+
 def _folder(n: int) -> str:
     return f"v{n:04d}"
 

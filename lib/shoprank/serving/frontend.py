@@ -21,7 +21,7 @@ from shoprank.retrieval.rerank import mixed
 from shoprank.serving import schemas
 from shoprank.serving.auth import HEADER, ApiKeys, hash_user
 from shoprank.serving.features import ParquetFeatureStore
-from shoprank.serving.rules import RulesFile
+from shoprank.serving.rules import Filters, RuleEngine, Rules, RulesFile
 from shoprank.serving.services import read_catalog
 
 log = logging.getLogger("ray.serve")
@@ -78,6 +78,8 @@ class Frontend:
         stock = self.catalog["in_stock"].to_pylist() if "in_stock" in names else [True] * n
         self.columns["in_stock"] = [s is not False for s in stock]  # unknown = in stock
         self.rules = RulesFile(args.rules, self.catalog)
+        no_filters = Filters(out_of_stock=False, already_purchased=False)
+        self.no_rules = RuleEngine(Rules(filters=no_filters), self.catalog)  # rules: false
         self.features = ParquetFeatureStore(args.events, refresh_s=args.refresh_s)
         self.metrics = _Metrics() if with_metrics else None
         log.info(f"shoprank frontend up: {len(self.keys)} API keys, {n} catalog items")
@@ -107,6 +109,7 @@ class Frontend:
         extra: str | None = None,
         decision: dict | None = None,
         rerank: bool = True,
+        rules: bool = True,
     ) -> tuple[list[schemas.Item], dict[str, int] | None]:
         """Stage two on the first candidates as the retriever's `decision` (its rerank.json)
         says: (1 - mix) z(stage one) + mix z(ranker), the head kept ahead; then the rules."""
@@ -125,7 +128,7 @@ class Frontend:
         rows = np.array([self.rows[i] for i in ids], dtype=np.int64)
         seen = np.array([self.rows[i] for i in history or [] if i in self.rows], dtype=np.int64)
         before_rules = dict(zip(rows.tolist(), final.tolist(), strict=True))
-        engine = self.rules.current()
+        engine = self.rules.current() if rules else self.no_rules
         ranked = engine.apply(rows, final, k, history=seen, explain=explain, tier=tier)
         items = [
             schemas.Item(
@@ -167,12 +170,15 @@ class Frontend:
                 None,
                 body.context,
                 got["rerank"],
+                rules=body.rules,
             )
         else:  # an unknown user, or no known item: the most popular items, flagged as such
             fallback = "popular"
             ids = [i for i in self.features.popular(self.args.retrieve_top) if i in self.rows]
             scores = np.linspace(1.0, 0.0, num=len(ids)).tolist()
-            items, removed = await self.rank(ids, scores, body.k, body.explain, rerank=False)
+            items, removed = await self.rank(
+                ids, scores, body.k, body.explain, rerank=False, rules=body.rules
+            )
         who = hash_user(body.user_id) if body.user_id else "explicit history"
         log.info(f"recommend for {who}: {len(items)} items, fallback={fallback}")
         return schemas.RankedResponse(

@@ -23,6 +23,9 @@ class RecommendRequest(_Body):
     # Extra context words (device, page...) appended to the history text.
     context: str | None = Field(None, max_length=MAX_TEXT)
     explain: bool = False
+    # false: the models' own order, no business rules (what offline evaluation measures; the
+    # replay job and parity checks ask for it).
+    rules: bool = True
 
     @model_validator(mode="after")
     def _who(self) -> RecommendRequest:
