@@ -39,7 +39,11 @@ class Retriever:
     def __init__(self, args: AppArgs):
         _threads(args.torch_threads)
         self.service = RetrieverService(
-            args.registry, args.retriever, args.alias, read_catalog(args.catalog)
+            args.registry,
+            args.retriever,
+            args.alias,
+            read_catalog(args.catalog),
+            args.retriever_precision,
         )
         self.service.models.follow(args.poll_s)
 

@@ -19,7 +19,9 @@ from shoprank.serving.services import RankerService, RetrieverService, read_cata
 
 def create(args: AppArgs) -> FastAPI:
     catalog = read_catalog(args.catalog)
-    retriever = RetrieverService(args.registry, args.retriever, args.alias, catalog)
+    retriever = RetrieverService(
+        args.registry, args.retriever, args.alias, catalog, args.retriever_precision
+    )
     ranker = None
     if args.ranker:
         ranker = RankerService(

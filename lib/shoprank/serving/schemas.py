@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_K = 100
@@ -108,6 +110,9 @@ class AppArgs(_Body):
     # there; else none). A number forces the ranker's order on that many: not what was evaluated.
     rerank_top: int | None = Field(None, ge=1)
     ranker_precision: str = "bf16"  # fp32, bf16 or int8 (models/ranker.py)
+    # The retriever's context tower: bf16 autocast (the fastest on AMX CPUs and GPUs) or fp32,
+    # as evaluation embeds with train.bf16.
+    retriever_precision: Literal["fp32", "bf16"] = "bf16"
     torch_threads: int = Field(1, ge=1)  # per model replica: replicas share the machine's cores
     # The Ranker's @serve.batch (None: serve/config.yaml's user_config decides); 1 = no batching.
     max_batch_size: int | None = Field(None, ge=1)

@@ -43,9 +43,11 @@ class RetrieverService:
     the blend it was evaluated with, exact over the catalog); for a query, the retriever's
     index (search is evaluated on the bi-encoder alone)."""
 
-    def __init__(self, registry: str, name: str, alias: str, catalog: pa.Table):
+    def __init__(
+        self, registry: str, name: str, alias: str, catalog: pa.Table, precision: str = "bf16"
+    ):
         def load(folder: str, version) -> tuple:
-            model = RetrieverModel(folder)
+            model = RetrieverModel(folder, bf16=precision == "bf16")
             # Refused (the previous version keeps serving) when its index or signals do not
             # line up with the served catalog.
             stage = StageOne.from_export(folder, catalog)
