@@ -4,8 +4,8 @@ A tiny retriever export with blend weights and its saved signals is evaluated of
 jobs/evaluate.py does (Ray Data: examples -> tokens -> context embeddings; the export's own
 stage one) and served by the real Serve app. For every test user of the tiny shop, with the
 rules switched off, `/recommend` for that user's history must return the offline top-k in the
-same order with the same pre-rules scores (fp32, within 1e-4). A deliberately skewed export (a
-history length other than the one trained with) must break that, or the comparison proves
+same order with the same pre-rules scores (fp32, within 1e-4). A deliberately skewed export
+(an item template other than the one trained with) must break that, or the comparison proves
 nothing.
 """
 
@@ -158,7 +158,7 @@ def test_recommend_serves_what_offline_evaluation_ranked(offline, tiny_shop, tin
     offline_ranks = np.array(
         [expected[u][1].index(targets[u]) if targets[u] in expected[u][1] else MISS for u in users]
     )
-    assert answered == {"blend": len(users)}
+    assert answered["blend"] == len(users) and answered["p99_ms"] >= answered["p50_ms"] > 0
     for u, online, offline_rank in zip(users, ranks, offline_ranks, strict=True):
         if online != offline_rank:  # only a near-tie (see mismatches) may move the target
             _, ids, scores = expected[u]
@@ -167,16 +167,18 @@ def test_recommend_serves_what_offline_evaluation_ranked(offline, tiny_shop, tin
     online_metrics = ranking_metrics(ranks, [1, 5, K])
     assert online_metrics["recall@10"] == ranking_metrics(offline_ranks, [K])["recall@10"]
 
-    # The check catches a skew: the same export served with history_len 3 instead of the
-    # trained 10 (its contexts read fewer items) answers differently for most users. (The
-    # service the Retriever deployment wraps, called in-process: no second app to start.)
+    # The check catches a skew: the same export served with an item template other than the
+    # trained one (its contexts and TF-IDF read other words) answers differently for most
+    # users. (A history-length skew, 3 items instead of 10, changed only 4 of 107 answers when
+    # tried: most of the tiny shop's test histories are that short.) The service the Retriever
+    # deployment wraps, called in-process: no second app to start.
     from shoprank.registry import Registry
     from shoprank.serving.services import RetrieverService, read_catalog
 
     skewed = tmp / "skewed"
     shutil.copytree(export, skewed)
     meta = json.loads((skewed / "shoprank.json").read_text())
-    meta["config"]["data"]["history_len"] = 3
+    meta["config"]["data"]["item_template"] = "{title}"
     (skewed / "shoprank.json").write_text(json.dumps(meta))
     registry = Registry(str(tmp / "skew-registry"))
     registry.register("retriever", str(skewed))
@@ -189,3 +191,40 @@ def test_recommend_serves_what_offline_evaluation_ranked(offline, tiny_shop, tin
         pairs = zip(got["item_ids"], got["scores"], strict=True)
         skew_answers[user] = [{"item_id": i, "model_score": s} for i, s in pairs]
     assert len(mismatches(skew_answers, expected)) > len(expected) // 2
+
+
+def test_bf16_serving_stays_within_its_stated_tolerance(offline, tiny_shop):
+    """bf16 autocast (the default, the fastest on AMX CPUs) on both sides: the offline batch of
+    contexts and the one-request serving path differ only by rounding. The stated tolerance for
+    pre-rules stage-one scores: 1e-3 (blend scores are sums of z-scores, O(1); measured on the
+    tiny models: under 1e-4)."""
+    from shoprank.config import load_config
+    from shoprank.models.retriever import EncoderSpec
+    from shoprank.registry import Registry
+    from shoprank.retrieval.embed import embed_contexts
+    from shoprank.retrieval.stage_one import StageOne
+    from shoprank.serving.services import RetrieverService, read_catalog
+
+    tmp, export, _, expected = offline
+    cfg = load_config(None, [*shop_overrides(tiny_shop), "data.test_users=null"])
+    catalog = read_catalog(str(tiny_shop / "catalog.parquet"))
+    from shoprank.run import Run
+
+    run = Run(cfg, tmp / "run-bf16")
+    ids = catalog["item_id"].to_pylist()
+    contexts = embed_contexts(run.examples["test"], EncoderSpec.from_export(str(export)), cfg, ids)
+    stage = StageOne.from_export(export, catalog)
+    offline_scores = stage.scores(contexts.embedding, contexts.history_ids)
+    registry = Registry(str(tmp / "bf16-registry"))
+    registry.register("retriever", str(export))
+    registry.promote("retriever", 1, "val_ndcg@10")
+    service = RetrieverService(registry.root, "retriever", "production", catalog, "bf16")
+    worst = 0.0
+    for u, history in enumerate(contexts.history_ids):
+        got = service.retrieve(history[:50], None, None, K)
+        rows = [stage.item_ids.index(i) for i in got["item_ids"]]
+        worst = max(worst, float(np.abs(offline_scores[u, rows] - np.array(got["scores"])).max()))
+    print(
+        f"bf16: largest pre-rules score difference {worst:.2e} over {len(contexts.user_id)} users"
+    )
+    assert 0 < worst < 1e-3

@@ -10,6 +10,7 @@ export can be read side by side (jobs/replay.py).
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import numpy as np
@@ -24,6 +25,7 @@ async def _replay(
     url: str, key: str, histories: list[list[str]], targets: list[str], k: int, concurrency: int
 ) -> tuple[np.ndarray, dict[str, int]]:
     ranks = np.full(len(targets), MISS, dtype=np.int64)
+    latency_ms = np.zeros(len(targets))
     answered: dict[str, int] = {}
     gate = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(targets), desc="replay", unit="user")
@@ -33,7 +35,9 @@ async def _replay(
         async def one(u: int) -> None:
             body = {"history": histories[u][:MAX_HISTORY], "k": k, "rules": False}
             async with gate:
+                started = time.perf_counter()
                 reply = await client.post(f"{url}/recommend", json=body)
+                latency_ms[u] = (time.perf_counter() - started) * 1000
             reply.raise_for_status()
             got = reply.json()
             stage = got.get("stage_one") or got.get("fallback") or "?"
@@ -45,6 +49,8 @@ async def _replay(
 
         await asyncio.gather(*(one(u) for u in range(len(targets))))
     bar.close()
+    answered["p50_ms"] = round(float(np.percentile(latency_ms, 50)), 1)
+    answered["p99_ms"] = round(float(np.percentile(latency_ms, 99)), 1)
     return ranks, answered
 
 
@@ -57,5 +63,6 @@ def replay(
     concurrency: int = 8,
 ) -> tuple[np.ndarray, dict[str, int]]:
     """The rank of each target in the endpoint's answer (MISS when not among its k), and how
-    many answers each stage one gave (e.g. {"blend": 8442})."""
+    many answers each stage one gave with the requests' latency percentiles (e.g.
+    {"blend": 8442, "p50_ms": 41.2, "p99_ms": 88.0})."""
     return asyncio.run(_replay(url.rstrip("/"), key, histories, targets, k, concurrency))
