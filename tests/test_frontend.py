@@ -205,9 +205,10 @@ def test_the_ranker_reranks_only_as_the_retriever_version_records(
     got = {i["item_id"]: i["model_score"] for i in mixed["items"][:4]}
     assert [got[i] for i in head] == pytest.approx(expected.tolist(), abs=1e-4)
 
-    for stale in (
-        record.model_copy(update={"ranker_weights": "another ranker"}),
-        record.model_copy(update={"two_stage": 0.09}),
+    for stale, says in (
+        (record.model_copy(update={"ranker_weights": "another ranker"}), "another ranker"),
+        (record.model_copy(update={"two_stage": 0.09}), "does not improve"),
     ):
-        again, _ = served(stale)
+        again, version = served(stale)
         assert [i["item_id"] for i in again["items"]] == [i["item_id"] for i in alone["items"]]
+        assert says in version["stage_two"]

@@ -30,6 +30,11 @@ def fake_export(folder: Path, ndcg: float = 0.05, seed: int = 0, size: int = 1 <
     (folder / "index" / "embeddings" / "part-0.npy").write_bytes(os.urandom(1024))
     meta = {
         "kind": "retriever",
+        "base_model": "minilm",
+        "max_length": 64,
+        "pooling": "mean",
+        "context_max_length": 128,
+        "item_max_length": 64,
         "metrics": {NDCG: ndcg, "val_recall@10": 2 * ndcg, "step": 100 + seed},
         "config": {"train": {"lr": 1e-4 * (seed + 1)}, "model": {"name": "minilm"}},
         "data": {"catalog.parquet": {"digest": "abc", "n_files": 1}},
@@ -83,6 +88,11 @@ def test_register_list_get_round_trip(tmp_path, exports):
         reg.get("shop", 7)
     with pytest.raises(RegistryError, match="not a shoprank export"):
         reg.register("shop", str(tmp_path / "reg"))
+    # shoprank.json is read through the one typed schema: a broken one is refused, named.
+    broken = fake_export(tmp_path / "broken")
+    (broken / "shoprank.json").write_text(json.dumps({"kind": "retriever", "config": {}}))
+    with pytest.raises(RegistryError, match="base_model: Field required"):
+        reg.register("shop", str(broken))
 
 
 def _register(root: str, src: str, start, results) -> None:

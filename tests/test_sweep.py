@@ -88,7 +88,8 @@ def test_a_restored_silent_trial_and_a_published_winner(tmp_path):
     assert published(cfg, trial) is None  # no registry yet
     export = tmp_path / "export"
     export.mkdir()
-    (export / "shoprank.json").write_text(json.dumps({"kind": "retriever", "metrics": {}}))
+    meta = {"kind": "ranker", "base_model": "minilm", "max_length": 64, "config": {}}
+    (export / "shoprank.json").write_text(json.dumps(meta))
     name = cfg.registry.model or cfg.run.name
     sweep_meta = {"sweep": {"name": cfg.run.name, **row}}
     Registry(cfg.registry.root).register(name, str(export), sweep_meta)

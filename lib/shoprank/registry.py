@@ -2,8 +2,9 @@
 
 Layout under the root (a local folder, a file:// URI or any pyarrow filesystem URI):
 
-    <root>/<model>/v0001/                 the export as it was: weights, tokenizer, shoprank.json,
-                                          index/ and blend.json for a retriever
+    <root>/<model>/v0001/                 the export as it was: weights, tokenizer, shoprank.json;
+                                          for a retriever its index/, blend.json, signals/ and
+                                          rerank.json (its stage one and stage two, as served)
     <root>/<model>/v0001/registry.json    metadata and the sha256 of every file; written last, so
                                           a version folder without it is ignored
     <root>/<model>/aliases.json           {"production": 3, "candidate": 4}
@@ -216,7 +217,7 @@ class Registry:
     ) -> Version:
         """Copies an export (index/ included) into the next version, with its metrics, config,
         data snapshot, code, parent and the caller's `metadata`; visible only once complete."""
-        from shoprank.models.export_meta import METADATA
+        from shoprank.models.export_meta import METADATA, ExportError, parse_export
         from shoprank.train.export import code_version  # imports torch: only when needed
 
         src_fs, src = resolve(export_dir)
@@ -226,6 +227,10 @@ class Registry:
                 f"{export_dir} is not a shoprank export (no {METADATA}); export one with "
                 "jobs/train.py, or give the run's export/ folder"
             )
+        try:
+            parse_export(export_meta, export_dir)  # the one typed reading of shoprank.json
+        except ExportError as err:
+            raise RegistryError(str(err)) from None
         if alias is not None:
             _check_alias(alias, force=False)
         meta = {k: export_meta[k] for k in _EXPORT_KEYS if k in export_meta}

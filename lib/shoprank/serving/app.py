@@ -1,7 +1,8 @@
 """The Ray Serve application: retrieve -> rerank -> business rules behind an authenticated API.
 
 Three deployments, each autoscaled on its own (serve/config.yaml):
-- `Retriever`: the registry's production retriever; embeds the context, searches the ANN index.
+- `Retriever`: the registry's production retriever; embeds the context and scores the catalog
+  with the export's own stage one (its blend, exact; `/search`: the ANN index).
 - `Ranker`: the registry's production cross-encoder; `@serve.batch` gathers concurrent
   requests' (context, item) pairs into one forward pass (size and wait from its user_config).
 - `Ingress`: the FastAPI routes of serving/frontend.py (key check, limits, feature store,
@@ -102,6 +103,9 @@ class Ranker:
         self.passes["requests"] += len(requests)
         return out
 
+    def weights(self) -> str:
+        return self.service.weights()
+
     def batch_counts(self) -> dict[str, int]:
         """Forward passes and the requests they held, since the replica started."""
         return dict(self.passes)
@@ -121,7 +125,8 @@ class Ingress:
             }
 
         async def describe() -> dict:
-            return stage_two_words(await retriever.describe.remote(), args, ranker is not None)
+            weights = await ranker.weights.remote() if ranker else None
+            return stage_two_words(await retriever.describe.remote(), args, weights)
 
         backends = Backends(
             retrieve=lambda *a: retriever.retrieve.remote(*a),

@@ -119,8 +119,10 @@ class Frontend:
         top = min(top, len(ids))
         if top:
             got = await self.backends.score(history, context, extra, ids[:top])
-            # The decision was measured with one ranker: another one's scores are not used.
-            if decision is None or got["weights"] == decision["ranker_weights"]:
+            # The decision was measured with one ranker: another one's scores are not used
+            # (unless the app's rerank_top forces the ranker).
+            forced = self.args.rerank_top is not None
+            if forced or decision is None or got["weights"] == decision["ranker_weights"]:
                 # (ids come from the catalog, so the ranker knows every one of them)
                 head = mixed(final[:top], np.array(got["scores"], np.float32), mix)
                 final = np.concatenate([head.astype(np.float32), final[top:]])
@@ -222,16 +224,19 @@ class Frontend:
         )
 
 
-def stage_two_words(retriever: dict, args: schemas.AppArgs, has_ranker: bool) -> dict:
+def stage_two_words(retriever: dict, args: schemas.AppArgs, ranker_weights: str | None) -> dict:
     """What /version says about the two stages: the retriever's stage one and its rerank
     record, or why the ranker is not used."""
-    if not has_ranker:
+    recorded = retriever.get("rerank_weights")
+    if ranker_weights is None:
         second = "no ranker deployed: stage one's order goes to the rules"
     elif args.rerank_top is not None:
         second = (
             f"forced by the app's rerank_top={args.rerank_top}: the ranker's order on the "
             "first candidates, whatever rerank.json records"
         )
+    elif recorded is not None and recorded != ranker_weights:
+        second = "no rerank: rerank.json was measured with another ranker than the one served"
     else:
         second = retriever["rerank"]
     return {"stage_one": retriever["stage_one"], "stage_two": second}

@@ -69,8 +69,9 @@ class Item(BaseModel):
     score: float
     title: str | None = None
     why: list[str] | None = None  # explain=true: the rules that moved it
-    # explain=true: the model's own score before any rule (the ranker's logit for the reranked
-    # head, the stage-one score for the rest): what offline evaluation ranks by.
+    # explain=true: the models' score before any rule: for the reranked head the mix
+    # (1 - w) z(stage one) + w z(ranker) of rerank.json, for the rest the stage-one score. What
+    # offline evaluation ranks by.
     model_score: float | None = None
 
 

@@ -98,6 +98,7 @@ class RetrieverService:
             "version": version,
             "stage_one": describe(stage),
             "rerank": decision.summary() if decision else "no rerank.json: no rerank decision",
+            "rerank_weights": decision.ranker_weights if decision and decision.improves else None,
         }
 
     def version(self) -> int:
@@ -150,6 +151,10 @@ class RankerService:
                 }
             )
         return out
+
+    def weights(self) -> str:
+        """The digest of the served ranker's weights (what rerank.json records)."""
+        return self.models.current()[0][3]
 
     def version(self) -> int:
         return self.models.current()[1]
