@@ -15,7 +15,11 @@ PY=.venv/bin/python
     eval.rerank_top=20 "eval.rerank_mix=[0.25,0.5,1.0]"
 "$PY" jobs/registry.py register synthetic-retriever runs/synthetic-retriever/export --alias candidate
 "$PY" jobs/registry.py promote synthetic-retriever candidate --metric val_ndcg@10 || true
-"$PY" jobs/registry.py list synthetic-ranker
+# The main job registers its ranker; an export from before it did is registered here.
+"$PY" jobs/registry.py show synthetic-ranker production > /dev/null 2>&1 || {
+    "$PY" jobs/registry.py register synthetic-ranker runs/synthetic-ranker/export --alias candidate
+    "$PY" jobs/registry.py promote synthetic-ranker candidate --metric val_ndcg@10
+}
 if [ -z "${SHOPRANK_API_KEYS:-}" ]; then
     SHOPRANK_API_KEYS=$("$PY" -c "import secrets; print(secrets.token_urlsafe(24))")
     export SHOPRANK_API_KEYS
