@@ -68,6 +68,15 @@ def ray_local():
     ray.shutdown()
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on, for a Serve app under test."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def shop_overrides(shop: Path) -> list[str]:
     return [
         f"data.catalog={shop / 'catalog.parquet'}",

@@ -13,23 +13,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 
 import httpx
 import numpy as np
 import pytest
 
-from conftest import make_export, shop_overrides
+from conftest import free_port, make_export, shop_overrides
 
 KEY = "parity-key-0123456789"
 K = 10
 WEIGHTS = {"retriever": 1.0, "history": 0.8, "covisit": 0.6, "tfidf": 0.3, "popularity": 0.2}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +94,7 @@ def _serve(tmp, export, tiny_shop):
         "retrieve_top": K,
         "retriever_precision": "fp32",
     }
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="parity", route_prefix="/")
     return f"http://127.0.0.1:{port}"

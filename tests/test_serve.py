@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -12,17 +11,11 @@ import httpx
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import make_export, serving_setup
+from conftest import free_port, make_export, serving_setup
 
 pytestmark = pytest.mark.slow
 
 KEY = "test-key-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +28,7 @@ def app(ray_local, tmp_path_factory, tiny_shop, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("serve")
     setup = serving_setup(tmp, tiny_shop, tiny_model_dir, KEY)
     args = {**setup.args, "poll_s": 0.5, "ranker_precision": "fp32"}
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="shoprank", route_prefix="/")
     try:

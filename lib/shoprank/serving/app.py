@@ -25,10 +25,14 @@ from shoprank.serving.schemas import AppArgs
 from shoprank.serving.services import RankerService, RetrieverService, read_catalog
 
 
-def _threads(n: int) -> None:
+def _following(service: type, args: AppArgs, name: str, precision: str):
+    """A model service for this replica, polling the registry for new versions."""
     import torch
 
-    torch.set_num_threads(n)  # replicas share the machine's cores
+    torch.set_num_threads(args.torch_threads)  # replicas share the machine's cores
+    out = service(args.registry, name, args.alias, read_catalog(args.catalog), precision)
+    out.models.follow(args.poll_s)
+    return out
 
 
 # CPU requests: one replica of each fits a 2-core machine (0.5 + 1 + 0.25); the Retriever encodes
@@ -38,15 +42,7 @@ def _threads(n: int) -> None:
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)
 class Retriever:
     def __init__(self, args: AppArgs):
-        _threads(args.torch_threads)
-        self.service = RetrieverService(
-            args.registry,
-            args.retriever,
-            args.alias,
-            read_catalog(args.catalog),
-            args.retriever_precision,
-        )
-        self.service.models.follow(args.poll_s)
+        self.service = _following(RetrieverService, args, args.retriever, args.retriever_precision)
 
     def retrieve(self, history, query, extra, n) -> dict:
         return self.service.retrieve(history, query, extra, n)
@@ -65,15 +61,7 @@ class Retriever:
 )
 class Ranker:
     def __init__(self, args: AppArgs):
-        _threads(args.torch_threads)
-        self.service = RankerService(
-            args.registry,
-            args.ranker,
-            args.alias,
-            read_catalog(args.catalog),
-            args.ranker_precision,
-        )
-        self.service.models.follow(args.poll_s)
+        self.service = _following(RankerService, args, args.ranker, args.ranker_precision)
         self.batch_requests = metrics.Histogram(
             "shoprank_ranker_batch_requests",
             description="Requests gathered into one ranker forward pass (@serve.batch).",
