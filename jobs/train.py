@@ -45,7 +45,7 @@ def main() -> None:
     report = after_training(run, export_dir)
 
     # 6. The registry: the export becomes the `candidate`; production moves only past the gate.
-    if cfg.registry.register:
+    if cfg.registry.publish:
         version, decision = publish_run(cfg, export_dir)
         log(f"registered {version.name} v{version.version} at {version.uri}")
         if decision:

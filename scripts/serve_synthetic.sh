@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -f runs/synthetic-ranker/export/shoprank.json ] || "$PY" jobs/train.py
-"$PY" jobs/train.py --config configs/synthetic-retriever.yaml registry.register=false
+"$PY" jobs/train.py --config configs/synthetic-retriever.yaml registry.publish=false
 "$PY" jobs/evaluate.py --config configs/synthetic-retriever.yaml \
     --ranker runs/synthetic-ranker/export eval.split=valid eval.zero_shot=false \
     eval.rerank_top=20 "eval.rerank_mix=[0.25,0.5,1.0]"

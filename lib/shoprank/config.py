@@ -219,7 +219,7 @@ class RegistryConfig(Section):
     """Where jobs/train.py's export and a sweep's winner go (lib/shoprank/registry.py), and the
     gate to production."""
 
-    register: bool = True  # register the export as the model's `candidate`
+    publish: bool = True  # jobs/train.py registers its export as the model's `candidate`
     root: str = "registry"  # a local folder or a pyarrow filesystem URI
     model: str | None = None  # the registered model's name (default: run.name)
     metric: str | None = None  # a key of the export's metrics (default: val_<train.metric>)
