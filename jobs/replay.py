@@ -64,7 +64,8 @@ def main() -> None:
 
     # 3. Online: what the endpoint answers.
     started = time.perf_counter()
-    ranks, answered = replay(args.url, key.split(",")[0].strip(), histories, targets, max(ks))
+    key = key.split(",")[0].strip()
+    ranks, answered = replay(args.url, key, histories, targets, max(ks), args.concurrency)
     wall = time.perf_counter() - started
     online = metrics.ranking_metrics(ranks, ks)
 
