@@ -74,6 +74,7 @@ class StageOne:
     ):
         self.item_ids, self.items = item_ids, items
         self.weights, self.baselines, self.decay = weights, baselines, decay
+        self._known = frozenset(item_ids)  # built once: scores() runs on the request path
 
     @property
     def blended(self) -> bool:
@@ -123,8 +124,8 @@ class StageOne:
         the users' item ids, newest first."""
         if not self.blended:
             return contexts @ self.items.T
-        known = set(self.item_ids)  # an item the catalog lacks has no signal to give
-        histories = [[i for i in h if i in known] for h in histories]
+        # An item the catalog lacks has no signal to give.
+        histories = [[i for i in h if i in self._known] for h in histories]
         signals = blend.signals(
             contexts, histories, self.items, self.item_ids, self.baselines, self.decay
         )

@@ -129,7 +129,7 @@ class Frontend:
                 tier = np.arange(len(ids)) >= top  # the reranked head first, then the rest
         rows = np.array([self.rows[i] for i in ids], dtype=np.int64)
         seen = np.array([self.rows[i] for i in history or [] if i in self.rows], dtype=np.int64)
-        before_rules = dict(zip(rows.tolist(), final.tolist(), strict=True))
+        before_rules = dict(zip(rows.tolist(), final.tolist(), strict=True)) if explain else {}
         engine = self.rules.current() if rules else self.no_rules
         ranked = engine.apply(rows, final, k, history=seen, explain=explain, tier=tier)
         items = [
