@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from pathlib import Path
 
 import ray
@@ -155,7 +154,3 @@ class Run:
             return fit_baselines(self.cfg, self.data.catalog, *train_pairs(self.examples["train"]))
 
         return self._once("baselines", build)
-
-    @cached_property
-    def item_ids(self) -> list[str]:
-        return self.data.catalog["item_id"].to_pylist()

@@ -40,11 +40,6 @@ def render_items(catalog: pa.Table, template: str) -> list[str]:
     return texts
 
 
-def history_context(item_texts: Sequence[str], separator: str) -> str:
-    """A recommendation context: item texts, newest first (callers pass them in that order)."""
-    return separator.join(item_texts)
-
-
 def render_context(
     history_ids: Sequence[str],
     texts: Mapping[str, str],
@@ -60,5 +55,5 @@ def render_context(
     last, after the separator.
     """
     known = [texts[i] for i in history_ids if i in texts][: data.history_len]
-    text = history_context(known, data.history_separator)
+    text = data.history_separator.join(known)
     return f"{text}{data.history_separator}{extra}" if extra else text
