@@ -126,9 +126,10 @@ def main() -> None:
     (tmp / "keys").write_text(key + "\n")
     raw["api_keys_file"] = str(tmp / "keys")
     args = AppArgs.model_validate(raw)
-    store = ParquetFeatureStore(args.events, refresh_s=None)
+    catalog = read_catalog(args.catalog)
+    store = ParquetFeatureStore(args.events, catalog["item_id"], refresh_s=None)
     users = store.users(500)
-    titles = read_catalog(args.catalog)["title"].to_pylist()
+    titles = catalog["title"].to_pylist()
     rng = np.random.default_rng(0)
     queries = [" ".join(t.split()[:4]) for t in rng.choice(titles, size=200)]
     bodies = {

@@ -37,7 +37,8 @@ def test_feature_store_newest_first_positive_only_and_refresh(tmp_path):
     rows = [("u1", "a", 1, "purchase"), ("u1", "b", 2, "click"), ("u1", "c", 3, "impression")]
     rows += [("u1", "d", 4, "add_to_cart"), ("u2", "a", 5, "purchase")]
     _events(events, rows)
-    store = ParquetFeatureStore(str(events), max_history=2, refresh_s=None)
+    known = pa.array(["a", "b", "c", "d", "z"])
+    store = ParquetFeatureStore(str(events), known, max_history=2, refresh_s=None)
     assert store.history("u1") == ["d", "b"]  # newest first, impressions ignored, capped at 2
     assert store.history("nobody") is None
     assert store.popular(1) == ["a"]  # bought twice
@@ -45,6 +46,29 @@ def test_feature_store_newest_first_positive_only_and_refresh(tmp_path):
     store.refresh()
     assert store.history("u3") == ["z"] and store.history("u1") is None
     assert store.info()["users"] == 1
+
+
+def test_feature_store_validates_and_outlives_a_broken_snapshot(tmp_path):
+    """Unknown items and duplicates are left out and counted; a refresh that fails for any
+    reason (here a snapshot without user_id: a SchemaError) keeps the last snapshot serving."""
+    import time
+
+    events = tmp_path / "events"
+    rows = [("u1", "a", 1, "purchase"), ("u1", "ghost", 2, "click"), ("u1", "a", 1, "purchase")]
+    _events(events, rows)
+    store = ParquetFeatureStore(str(events), pa.array(["a"]), refresh_s=0.05)
+    assert store.history("u1") == ["a"]
+    assert store.info()["quarantined"] == {"duplicate": 1, "unknown_item": 1}
+    pq.write_table(pa.table({"item_id": ["a"]}), events / "part-0.parquet")
+    deadline = time.time() + 10
+    while store.error is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert "user_id" in store.error and store.history("u1") == ["a"]
+    time.sleep(0.2)  # the thread is still alive: a fixed snapshot is picked up
+    _events(events, [("u2", "a", 1, "click")])
+    while store.history("u2") is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert store.history("u2") == ["a"] and store.error is None
 
 
 def test_api_keys_from_env_and_file(tmp_path, monkeypatch):

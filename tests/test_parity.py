@@ -128,7 +128,7 @@ def test_recommend_serves_what_offline_evaluation_ranked(offline, tiny_shop, tin
     tmp, export, targets, expected = offline
     url = _serve(tmp, export, tiny_shop)
     try:
-        version = httpx.get(url + "/version").json()
+        version = httpx.get(url + "/version", headers={"x-api-key": KEY}).json()
         assert version["stage_one"].startswith("blend retriever 1")
         answers = {}
         with httpx.Client(timeout=60, headers={"x-api-key": KEY}) as client:

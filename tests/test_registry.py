@@ -292,3 +292,67 @@ def test_cli_end_to_end(tmp_path, exports, capsys, monkeypatch):
     assert code == 1 and "error: shop has no version 9" in err
     code, out, _ = cli(capsys, monkeypatch, *root, "list")
     assert out.split() == ["shop"]
+
+
+def test_corrupt_files_are_named_and_do_not_hide_the_rest(tmp_path, exports):
+    reg = Registry(str(tmp_path / "reg"))
+    reg.register("shop", exports(0.05))
+    reg.register("shop", exports(0.06, seed=1))
+    (tmp_path / "reg" / "shop" / "v0001" / "registry.json").write_text('{"version": 1, ')
+    assert [v.version for v in reg.versions("shop")] == [2]  # v1 left out, v2 still listed
+    with pytest.raises(RegistryError, match=r"v0001/registry.json is not valid JSON"):
+        reg.get("shop", 1)
+    (tmp_path / "reg" / "shop" / "aliases.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(RegistryError, match="aliases.json is not valid JSON"):
+        reg.get("shop", "production")
+    (tmp_path / "reg" / "shop" / "aliases.json").write_text("[1, 2]")
+    with pytest.raises(RegistryError, match="not a JSON object"):
+        reg.aliases("shop")
+
+
+def _object_store(tmp_path: Path, **kw) -> Registry:
+    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    return Registry("reg", filesystem=fs, **kw)
+
+
+def test_object_store_writers_are_serialised_by_a_lease(tmp_path):
+    """No rename, no fcntl: concurrent writers on an object store still get distinct numbers
+    and lose no history line, because numbering happens under the lease."""
+    import threading
+
+    import shoprank.train.export  # noqa: F401  (imported once, before the threads race)
+
+    sources = [str(fake_export(tmp_path / f"src{i}", 0.01 * i, i, size=1 << 12)) for i in range(6)]
+    start, got = threading.Barrier(len(sources)), []
+
+    def write(src: str) -> None:
+        start.wait()
+        got.append(_object_store(tmp_path).register("shop", src).version)
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in sources]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(got) == list(range(1, 7))
+    reg = _object_store(tmp_path)
+    assert sorted(e["version"] for e in reg.history("shop")) == list(range(1, 7))
+    assert list((tmp_path / "reg" / "shop" / ".leases").iterdir()) == []  # all released
+
+
+def test_a_held_lease_stops_a_writer_and_a_dead_ones_expires(tmp_path, exports):
+    import time
+
+    from shoprank import registry
+
+    reg = _object_store(tmp_path, lock_wait_s=0.3)
+    reg.register("shop", exports(0.05))
+    leases = tmp_path / "reg" / "shop" / ".leases"
+    held = {"owner": "trainer-7 pid 42", "expires": time.time() + 3600}
+    (leases / "other.json").write_text(json.dumps(held))
+    with pytest.raises(RegistryError, match="trainer-7 pid 42"):
+        reg.promote("shop", 1, NDCG)
+    (leases / "other.json").write_text(json.dumps({**held, "expires": time.time() - 1}))
+    assert reg.promote("shop", 1, NDCG).promoted  # the dead writer's lease is taken over
+    assert list(leases.iterdir()) == []
+    assert registry.LEASE_S > 0

@@ -136,3 +136,26 @@ def test_tiers_keep_the_reranked_head_ahead_and_scores_apart(catalog):
     )
     assert out.rows.tolist() == [2, 1, 0, 4, 3, 5]  # head by the ranker; i4 boosted in its tier
     assert len(set(out.scores[:3].tolist())) == 3 and out.scores[0] > out.scores[1]
+
+
+def test_rules_file_deleted_or_undecodable_keeps_the_last_good(tmp_path, catalog):
+    """Whatever breaks an edit (a deleted file, bytes that are not UTF-8, a value the catalog
+    cannot take) leaves the last good rules in force, with the error kept until a good edit."""
+    path = tmp_path / "rules.yaml"
+    path.write_text("filters: {out_of_stock: true}\n")
+    live = RulesFile(path, catalog)
+    path.unlink()
+    assert 2 not in live.current().apply(np.arange(6), SCORES, k=6).rows
+    assert "gone" in live.error
+    path.write_bytes(b"filters: {out_of_stock: \xff\xfe}\n")
+    assert 2 not in live.current().apply(np.arange(6), SCORES, k=6).rows
+    assert "UnicodeDecodeError" in live.error
+    assert "UnicodeDecodeError" in live.error  # and it stays reported, request after request
+    live.current()
+    assert live.error is not None
+    path.write_text("boosts: [{name: p, field: released_at, weight: 1}]\n")  # needs half_life
+    live.current()
+    assert live.error is not None
+    path.write_text("filters: {out_of_stock: false}\n")
+    os.utime(path, ns=(1, 5 * 10**18))
+    assert 2 in live.current().apply(np.arange(6), SCORES, k=6).rows and live.error is None

@@ -325,3 +325,65 @@ def test_reason_counts_order():
     bad = pa.table({contract.REASON: ["b", "a", "b", None]})
     assert list(reason_counts(bad).items()) == [("b", 2), ("a", 1)]
     assert pc.sum(pa.array(list(reason_counts(bad).values()))).as_py() == 3
+
+
+def test_implausible_rows_are_quarantined():
+    """Ids with stray whitespace, huge texts, absurd prices, and times before 1970 or in the
+    future are not data a model should learn from."""
+    catalog = pa.table(
+        {
+            "item_id": ["a", " a", "b\t", "c", "d", "e", "f"],
+            "title": ["ok", "ok", "ok", "x" * 1001, "ok", "ok", "ok"],
+            "description": [None, None, None, None, "y" * 100_001, None, None],
+            "price": [1.0, 1.0, 1.0, 1.0, 1.0, 1e9, math.inf],
+        }
+    )
+    assert _reasons(check_catalog(catalog)) == [
+        None,
+        "untrimmed_id",
+        "untrimmed_id",
+        "text_too_long",
+        "text_too_long",
+        "bad_price",
+        "bad_price",
+    ]
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    times = [_T0, dt.datetime(1969, 12, 31), now + dt.timedelta(days=30), now, _T0, _T0]
+    rows = [("u1", "a", t, "click", None, "train") for t in times]
+    rows[4] = ("u1 ", "a", _T0, "click", None, "train")
+    rows[5] = ("u2", "a ", _T0, "click", None, "train")
+    checked = check_events(_events_table(rows), CATALOG_IDS)
+    assert _reasons(checked) == [
+        None,
+        "bad_timestamp",
+        "bad_timestamp",
+        None,
+        "untrimmed_id",
+        "untrimmed_id",
+    ]
+
+
+def test_duplicates_across_batches_are_quarantined(tmp_path, ray_local):
+    """check_events sees one batch; the load finds the repeats that span batches (files)."""
+    from shoprank.config import DataConfig
+    from shoprank.data.load import load_validated
+
+    pq.write_table(
+        pa.table({"item_id": ["a", "b", "c"], "title": ["A", "B", "C"]}), tmp_path / "c.parquet"
+    )
+    (tmp_path / "events").mkdir()
+    rows = [("u1", "a", _T0 + dt.timedelta(minutes=i), "click", None, "train") for i in range(50)]
+    pq.write_table(_events_table(rows), tmp_path / "events" / "part-0.parquet")
+    again = rows[:5] + [("u9", "b", _T0, "purchase", None, "train")]
+    pq.write_table(_events_table(again), tmp_path / "events" / "part-1.parquet")
+    cfg = DataConfig(
+        catalog=str(tmp_path / "c.parquet"),
+        events=str(tmp_path / "events"),
+        judgments=None,
+        max_bad_fraction=0.5,
+    )
+    data = load_validated(cfg, str(tmp_path / "quarantine"))
+    assert data.events.count() == 51
+    assert data.counts["events"]["reasons"] == {"duplicate": 5}
+    quarantined = pq.read_table(tmp_path / "quarantine" / "events")
+    assert quarantined.num_rows == 5 and set(quarantined["reason"].to_pylist()) == {"duplicate"}

@@ -85,3 +85,24 @@ def log(message: str) -> None:
 
 
 quiet()
+
+
+_SECRET_PARAM = re.compile(r"(?i)(key|secret|token|password|passwd|signature|credential)")
+
+
+def redact(uri: str) -> str:
+    """A path or URI as it may be shown: no user:password@ and no secret-looking query values
+    (s3://KEY:SECRET@bucket/x?session_token=... -> s3://***@bucket/x?session_token=***)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    if "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = urlencode(
+        [(k, "***" if _SECRET_PARAM.search(k) else v) for k, v in parse_qsl(parts.query)],
+        safe="*",
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -10,15 +10,20 @@ Layout under the root (a local folder, a file:// URI or any pyarrow filesystem U
     <root>/<model>/aliases.json           {"production": 3, "candidate": 4}
     <root>/<model>/history.jsonl          one event a line: register, promote, refuse, rollback,
                                           alias, each with its time and reason
-    <root>/<model>/.lock                  local roots only: serialises numbering and alias updates
+    <root>/<model>/.lock                  local roots: serialises numbering and alias updates
+    <root>/<model>/.leases/<id>.json      object stores: the same, as a lease (see below)
 
 Concurrency. On a local filesystem a version is copied into a hidden `.staging-*` folder, then
 numbered and renamed into place while holding an fcntl lock on `.lock`: concurrent writers get
 distinct numbers and a reader never sees half a version. Aliases and history change under the
 same lock, and aliases.json is replaced atomically. Object stores (s3://, gs://) have neither
 rename nor locks: files are written straight into the version folder and registry.json last, so
-a half-written version stays invisible, but numbering, aliases and history assume ONE writer per
-model at a time there (register and promote from a single job).
+a half-written version stays invisible; numbering, aliases and history are serialised by a
+lease: a writer puts its own object under `.leases/`, then lists the folder, and goes on only if
+no other live lease is there (else it takes its own back and retries after a random pause). Two
+writers cannot both go on: the later of the two listings sees the other's lease (S3 and GCS list
+what was written before). A lease is renewed while held and expires `LEASE_S` after a writer
+dies; a writer that waits longer than `lock_wait_s` gets a RegistryError naming the holder.
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ import json
 import math
 import os
 import posixpath
+import random
 import re
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,10 +47,13 @@ from datetime import UTC, datetime
 
 import pyarrow.fs as pafs
 
+from shoprank.console import log
 from shoprank.data.read import resolve
 
 MANIFEST = "registry.json"
 ALIASES = "aliases.json"
+LEASES = ".leases"
+LEASE_S = 120.0  # a dead writer's lease blocks the others this long at most
 HISTORY = "history.jsonl"
 PRODUCTION = "production"
 LATEST = "latest"  # not an alias: always the newest complete version
@@ -85,10 +97,12 @@ class Decision:
 
 
 class Registry:
-    def __init__(self, root: str, filesystem: pafs.FileSystem | None = None):
+    def __init__(
+        self, root: str, filesystem: pafs.FileSystem | None = None, lock_wait_s: float = 300.0
+    ):
         """`filesystem` is for one built by hand (credentials, endpoint); `root` is then a path
-        inside it."""
-        self.root = root
+        inside it. `lock_wait_s`: how long a writer waits for another one (object stores)."""
+        self.root, self.lock_wait_s = root, lock_wait_s
         if filesystem is None:
             self.fs, base = resolve(root)
             self._scheme = None if "://" not in root else root.split("://")[0]
@@ -113,7 +127,11 @@ class Registry:
         (still being written, or abandoned) are not listed."""
         found = []
         for n in self._numbers(name):
-            meta = self._read_json(self._path(name, _folder(n), MANIFEST))
+            try:
+                meta = self._read_json(self._path(name, _folder(n), MANIFEST))
+            except RegistryError as err:  # one broken version must not hide the others
+                log(f"registry: {name} v{n} is left out: {err}")
+                continue
             if meta is not None:
                 found.append(Version(name, n, self._uri(self._path(name, _folder(n))), meta))
         return found
@@ -376,7 +394,17 @@ class Registry:
         if fs.get_file_info(path).type != pafs.FileType.File:
             return None
         with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
+            data = f.read()
+        try:
+            obj = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RegistryError(
+                f"{self._uri(path) if fs is self.fs else path} is not valid JSON ({err}): restore "
+                "it from a backup or fix it by hand (history.jsonl records every change)"
+            ) from None
+        if not isinstance(obj, dict):
+            raise RegistryError(f"{path} holds {type(obj).__name__}, not a JSON object: fix it")
+        return obj
 
     def _write_json(self, path: str, obj: dict) -> None:
         """Locally write aside then rename, so a reader sees the old or the new file whole;
@@ -414,14 +442,72 @@ class Registry:
 
     @contextlib.contextmanager
     def _lock(self, name: str) -> Iterator[None]:
-        """An exclusive lock on the model between processes; a no-op on object stores."""
+        """An exclusive hold on the model between processes: an fcntl lock locally, a lease on
+        object stores."""
         if not self.local:
-            yield
+            with self._lease(name):
+                yield
             return
         self.fs.create_dir(self._path(name), recursive=True)
         with open(self._path(name, ".lock"), "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
             yield
+
+    @contextlib.contextmanager
+    def _lease(self, name: str) -> Iterator[None]:
+        folder = self._path(name, LEASES)
+        mine = posixpath.join(folder, f"{uuid.uuid4().hex}.json")
+        owner = f"{socket.gethostname()} pid {os.getpid()}"
+
+        def put() -> None:
+            self._write_json(mine, {"owner": owner, "expires": time.time() + LEASE_S})
+
+        self.fs.create_dir(folder, recursive=True)
+        deadline = time.monotonic() + self.lock_wait_s
+        while True:
+            put()
+            others = self._live_leases(folder, mine)
+            if not others:
+                break
+            self.fs.delete_file(mine)
+            if time.monotonic() > deadline:
+                raise RegistryError(
+                    f"{name}: another writer holds the registry ({others[0]}) for over "
+                    f"{self.lock_wait_s:g} s; retry later. A writer that died frees it within "
+                    f"{LEASE_S:g} s (or delete its lease under {self._uri(folder)})"
+                )
+            time.sleep(random.uniform(0.02, 0.2))
+        held = threading.Event()
+
+        def renew() -> None:
+            while not held.wait(LEASE_S / 3):
+                put()
+
+        renewer = threading.Thread(target=renew, daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            held.set()
+            renewer.join()
+            self.fs.delete_file(mine)
+
+    def _live_leases(self, folder: str, mine: str) -> list[str]:
+        """The owners of the other leases that have not expired (expired ones are removed)."""
+        owners = []
+        for info in self._ls(folder):
+            if info.path == mine or info.type != pafs.FileType.File:
+                continue
+            try:
+                lease = self._read_json(info.path) or {}
+            except RegistryError:  # being written this instant: count it as live
+                lease = {"owner": "a writer", "expires": time.time() + 1}
+            if float(lease.get("expires", 0)) < time.time():
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    self.fs.delete_file(info.path)  # another writer may be removing it too
+                continue
+            owners.append(str(lease.get("owner", "unknown")))
+        return owners
 
 
 def publish(

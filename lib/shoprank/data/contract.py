@@ -50,5 +50,11 @@ JUDGMENTS_REQUIRED = ("query_id", "query", "item_id", "label")
 # ESCI letters to gains, as docs/DESIGN.md states them.
 ESCI_GAINS = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}
 
+# Plausibility limits (data/validate.py quarantines rows outside them).
+MAX_PRICE = 10_000_000.0  # in the catalog's currency: above this it is a unit or parsing error
+MAX_TITLE_CHARS = 1_000
+MAX_DESCRIPTION_CHARS = 100_000
+FUTURE_SLACK_DAYS = 1  # an event may be stamped up to a day ahead (clock skew), not more
+
 # Name of the column that validation adds to quarantined rows.
 REASON = "reason"

@@ -6,6 +6,8 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -39,8 +41,38 @@ def _small_table(kind: str, table: pa.Table, checker, quarantine_dir: str, max_b
     return good, _summary(table.num_rows, reasons)
 
 
+KEY_HASH = "__event_key"
+
+
 def _check_events(batch: pa.Table, catalog_ids: pa.Array) -> pa.Table:
-    return validate.check_events(batch, catalog_ids)
+    """check_events, plus a 64-bit hash of each row's event key for the cross-batch check."""
+    checked = validate.check_events(batch, catalog_ids)
+    keys = checked.select(list(validate.EVENT_KEY)).to_pandas()
+    hashes = pd.util.hash_pandas_object(keys, index=False).to_numpy()
+    return checked.append_column(KEY_HASH, pa.array(hashes, pa.uint64()))
+
+
+def _cross_batch_repeats(good: ray.data.Dataset) -> tuple[ray.data.Dataset, pa.Table]:
+    """(events with each key once, the later repeats) where a key repeats across batches
+    (check_events sees one batch). The hashes go to the driver (8 bytes an event); the few rows
+    whose hash repeats are compared exactly there, so a hash collision loses nothing."""
+    hashes = [
+        b[KEY_HASH].to_numpy()
+        for b in good.select_columns([KEY_HASH]).iter_batches(
+            batch_format="pyarrow", batch_size=None
+        )
+    ]
+    values, counts = np.unique(
+        np.concatenate(hashes or [np.empty(0, np.uint64)]), return_counts=True
+    )
+    repeated = values[counts > 1].tolist()
+    if not repeated:
+        return good.drop_columns([KEY_HASH]), pa.table({})
+    suspects = good.filter(expr=col(KEY_HASH).is_in(repeated)).drop_columns([KEY_HASH])
+    rest = good.filter(expr=col(KEY_HASH).not_in(repeated)).drop_columns([KEY_HASH])
+    checked = validate.mark_repeats(suspects.to_arrow(), validate.EVENT_KEY, "duplicate")
+    once, repeats = validate.split_quarantine(checked)
+    return rest.union(ray.data.from_arrow(once)), repeats
 
 
 def load_catalog(cfg: DataConfig, quarantine_dir: str) -> tuple[pa.Table, dict]:
@@ -66,7 +98,7 @@ def load_validated(cfg: DataConfig, quarantine_dir: str) -> Validated:
     checked = events.map_batches(
         _check_events, fn_kwargs={"catalog_ids": ids}, batch_format="pyarrow"
     ).materialize()
-    bad = checked.filter(expr=col(REASON).is_not_null())
+    bad = checked.filter(expr=col(REASON).is_not_null()).drop_columns([KEY_HASH])
     # Bad rows are few: count them batch by batch rather than with a shuffle.
     reasons: Counter[str] = Counter()
     for batch in bad.select_columns([REASON]).iter_batches(batch_format="pyarrow"):
@@ -74,9 +106,16 @@ def load_validated(cfg: DataConfig, quarantine_dir: str) -> Validated:
     total = checked.count()
     if reasons:
         bad.write_parquet(os.path.join(quarantine_dir, "events"))
+    good_events, repeats = _cross_batch_repeats(
+        checked.filter(expr=col(REASON).is_null()).drop_columns([REASON])
+    )
+    if repeats.num_rows:
+        reasons.update(validate.reason_counts(repeats))
+        pq.write_table(
+            repeats, os.path.join(quarantine_dir, "events-cross-batch-duplicates.parquet")
+        )
     counts["events"] = _summary(total, dict(reasons))
     validate.enforce_bad_fraction("events", dict(reasons), total, cfg.max_bad_fraction)
-    good_events = checked.filter(expr=col(REASON).is_null()).drop_columns([REASON])
 
     judgments = None
     if cfg.judgments and read.exists(cfg.judgments):

@@ -8,12 +8,13 @@ write the bad rows to a quarantine Parquet and count them by reason.
 Everything here is plain pyarrow (no Ray), so that the jobs can run these functions inside Ray
 Data `map_batches(..., batch_format="pyarrow")` and the tests can run them without a cluster.
 Checks that compare rows with each other (duplicates) only see the rows of one call, i.e. one
-batch under Ray Data.
+batch under Ray Data; data/load.py then finds the repeats across batches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -24,10 +25,18 @@ from shoprank.data import contract
 KINDS = ("catalog", "events", "judgments")
 
 # Reason codes, in the order they are checked: a row gets the first one that applies.
-CATALOG_REASONS = ("missing_item_id", "empty_title", "bad_price", "duplicate_item_id")
+CATALOG_REASONS = (
+    "missing_item_id",
+    "untrimmed_id",
+    "empty_title",
+    "text_too_long",
+    "bad_price",
+    "duplicate_item_id",
+)
 EVENTS_REASONS = (
     "missing_user_id",
     "missing_item_id",
+    "untrimmed_id",
     "unknown_item",
     "bad_event",
     "bad_timestamp",
@@ -261,6 +270,24 @@ def _missing(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     return pc.fill_null(pc.or_kleene(pc.is_null(col), blank), True)
 
 
+def _untrimmed(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Ids with leading or trailing whitespace: " A1" and "A1" would be two items (or users)."""
+    return pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(col), col), False)
+
+
+def _longer(col: pa.ChunkedArray | pa.Array, chars: int) -> pa.ChunkedArray | pa.Array:
+    return pc.fill_null(pc.greater(pc.utf8_length(col), chars), False)
+
+
+def _bad_time(ts: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Null, before 1970 or more than FUTURE_SLACK_DAYS ahead of now."""
+    now = datetime.now(UTC).replace(tzinfo=None)
+    latest = pa.scalar(now + timedelta(days=contract.FUTURE_SLACK_DAYS), pa.timestamp("us"))
+    earliest = pa.scalar(datetime(1970, 1, 1), pa.timestamp("us"))
+    out_of_range = pc.or_kleene(pc.less(ts, earliest), pc.greater(ts, latest))
+    return pc.or_kleene(pc.is_null(ts), pc.fill_null(out_of_range, False))
+
+
 def _not_in(col: pa.ChunkedArray | pa.Array, values: pa.Array) -> pa.ChunkedArray | pa.Array:
     return pc.invert(pc.fill_null(pc.is_in(col, value_set=values), False))
 
@@ -286,6 +313,13 @@ def _repeats(table: pa.Table, keys: tuple[str, ...], eligible: pa.Array) -> pa.A
     return pc.and_(eligible, pc.invert(is_first))
 
 
+def mark_repeats(table: pa.Table, keys: tuple[str, ...], code: str) -> pa.Table:
+    """All rows with REASON: `code` for the 2nd and later occurrence of a key, else null."""
+    dup = _repeats(table, keys, pa.array(np.ones(table.num_rows, dtype=bool)))
+    reason = pc.if_else(dup, code, pa.scalar(None, pa.string()))
+    return table.append_column(pa.field(contract.REASON, pa.string()), reason)
+
+
 def _with_reason(
     table: pa.Table,
     checks: list[tuple[str, pa.ChunkedArray | pa.Array]],
@@ -304,10 +338,20 @@ def check_catalog(table: pa.Table) -> pa.Table:
     check_schema(table.schema, "catalog")
     t = _conform(table, "catalog")
     price = t.column("price")
-    bad_price = pc.or_kleene(pc.or_kleene(pc.is_nan(price), pc.less(price, 0.0)), pc.is_inf(price))
+    # NaN, negative, infinite or past MAX_PRICE (nulls are fine: price is optional).
+    bad_price = pc.or_kleene(
+        pc.or_kleene(pc.is_nan(price), pc.less(price, 0.0)),
+        pc.greater(price, contract.MAX_PRICE),  # infinity included
+    )
+    too_long = pc.or_kleene(
+        _longer(t.column("title"), contract.MAX_TITLE_CHARS),
+        _longer(t.column("description"), contract.MAX_DESCRIPTION_CHARS),
+    )
     checks = [
         ("missing_item_id", _missing(t.column("item_id"))),
+        ("untrimmed_id", _untrimmed(t.column("item_id"))),
         ("empty_title", _missing(t.column("title"))),
+        ("text_too_long", too_long),
         ("bad_price", bad_price),
     ]
     return _with_reason(t, checks, "duplicate_item_id", ("item_id",))
@@ -325,9 +369,13 @@ def check_events(batch: pa.Table, catalog_ids: pa.Array) -> pa.Table:
     checks = [
         ("missing_user_id", _missing(t.column("user_id"))),
         ("missing_item_id", _missing(t.column("item_id"))),
+        (
+            "untrimmed_id",
+            pc.or_kleene(_untrimmed(t.column("user_id")), _untrimmed(t.column("item_id"))),
+        ),
         ("unknown_item", _not_in(t.column("item_id"), _catalog_set(catalog_ids))),
         ("bad_event", _not_in(t.column("event"), pa.array(contract.EVENT_TYPES))),
-        ("bad_timestamp", pc.is_null(t.column("ts"))),
+        ("bad_timestamp", _bad_time(t.column("ts"))),
     ]
     if "split" in t.column_names:
         checks.append(("bad_split", _not_in(t.column("split"), pa.array(contract.SPLITS))))

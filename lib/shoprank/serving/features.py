@@ -2,7 +2,9 @@
 
 `FeatureStore` is the interface (a real online store implements `history`); the built-in
 `ParquetFeatureStore` loads a Parquet snapshot of recent events at startup and re-reads it in the
-background every `refresh_s` seconds, swapping the whole map at once.
+background every `refresh_s` seconds, swapping the whole map at once. Events are validated as
+training validates them (unknown items, bad timestamps, duplicates... are left out and counted);
+a snapshot that fails to load, for whatever reason, leaves the last one serving.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from shoprank.console import log
+from shoprank.console import log, redact
 from shoprank.data.contract import POSITIVE_EVENTS
 from shoprank.data.read import resolve
+from shoprank.data.validate import check_events, reason_counts, split_quarantine
 
 
 class FeatureStore(Protocol):
@@ -32,8 +35,16 @@ class FeatureStore(Protocol):
 
 
 class ParquetFeatureStore:
-    def __init__(self, path: str, max_history: int = 50, refresh_s: float | None = 300.0):
-        self.path, self.max_history = path, max_history
+    def __init__(
+        self,
+        path: str,
+        catalog_ids: pa.Array,
+        max_history: int = 50,
+        refresh_s: float | None = 300.0,
+    ):
+        self.path, self.catalog_ids, self.max_history = path, catalog_ids, max_history
+        self.quarantined: dict[str, int] = {}
+        self.error: str | None = None
         self._histories: dict[str, list[str]] = {}
         self._popular: list[str] = []
         self._loaded_at = 0.0
@@ -45,9 +56,11 @@ class ParquetFeatureStore:
 
     def refresh(self) -> None:
         fs, inner = resolve(self.path)
-        table = pads.dataset(inner, filesystem=fs, partitioning="hive").to_table(
-            columns=["user_id", "item_id", "ts", "event"]
-        )
+        table = pads.dataset(inner, filesystem=fs, partitioning="hive").to_table()
+        table, bad = split_quarantine(check_events(table, self.catalog_ids))
+        quarantined = reason_counts(bad)
+        if bad.num_rows:
+            log(f"feature store {redact(self.path)}: {bad.num_rows} events left out {quarantined}")
         table = table.filter(pc.is_in(table["event"], pa.array(sorted(POSITIVE_EVENTS))))
         table = table.sort_by([("user_id", "ascending"), ("ts", "descending")])
         users = table["user_id"].to_pylist()
@@ -61,14 +74,16 @@ class ParquetFeatureStore:
         # One assignment each: readers see the old maps or the new ones, never a mix.
         self._histories, self._popular = histories, popular
         self._loaded_at, self._rows = time.time(), table.num_rows
+        self.quarantined, self.error = quarantined, None
 
     def _loop(self, every: float) -> None:
         while True:
             time.sleep(every)
             try:
                 self.refresh()
-            except (OSError, pa.ArrowException) as err:  # keep serving the last snapshot
-                log(f"feature store refresh failed, keeping the last one: {err}")
+            except Exception as err:  # noqa: BLE001 - any failure: keep serving the last snapshot
+                self.error = f"{type(err).__name__}: {err}"
+                log(f"feature store refresh failed, keeping the last snapshot: {self.error}")
 
     def history(self, user_id: str) -> list[str] | None:
         return self._histories.get(user_id)
@@ -82,8 +97,10 @@ class ParquetFeatureStore:
 
     def info(self) -> dict:
         return {
-            "source": self.path,
+            "source": redact(self.path),
             "users": len(self._histories),
             "events": self._rows,
             "loaded_at": self._loaded_at,
+            "quarantined": self.quarantined,
+            "refresh_error": self.error,
         }

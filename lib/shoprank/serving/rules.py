@@ -21,6 +21,7 @@ them, in score order.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+log = logging.getLogger("ray.serve")
 
 
 class _Strict(BaseModel):
@@ -244,25 +247,48 @@ def _cap(rows: np.ndarray, scores: np.ndarray, values: np.ndarray, rule: Diversi
 
 
 class RulesFile:
-    """The rules of a YAML file bound to a catalog, re-read when the file changes. A broken
-    new version is reported and the last good rules stay in force."""
+    """The rules of a YAML file bound to a catalog, re-read when the file changes. Whatever goes
+    wrong with a new version (invalid rules, a value the catalog cannot take, an unreadable or
+    deleted file) is kept in `error` and logged once; the last good rules stay in force until a
+    version loads."""
 
     def __init__(self, path: str | Path, catalog: pa.Table):
         self.path, self.catalog = Path(path), catalog
         self._lock = threading.Lock()
-        self._mtime = os.stat(self.path).st_mtime_ns
+        self._stamp = _stamp(self.path)
         self.engine = RuleEngine(load_rules(self.path), catalog)
         self.error: str | None = None
 
     def current(self) -> RuleEngine:
-        mtime = os.stat(self.path).st_mtime_ns
-        if mtime != self._mtime:
+        stamp = _stamp(self.path)
+        if stamp != self._stamp:
             with self._lock:
-                if mtime != self._mtime:
-                    self._mtime = mtime
-                    try:
-                        self.engine = RuleEngine(load_rules(self.path), self.catalog)
-                        self.error = None
-                    except RulesError as err:
-                        self.error = str(err)
+                if stamp != self._stamp:
+                    self._reload(stamp)
         return self.engine
+
+    def _reload(self, stamp: tuple | None) -> None:
+        # The stamp is taken before reading: an edit landing during the read is seen next time.
+        self._stamp = stamp
+        try:
+            if stamp is None:
+                raise RulesError(f"{self.path}: the rules file is gone; restore it")
+            engine = RuleEngine(load_rules(self.path), self.catalog)
+        except Exception as err:  # noqa: BLE001 - any bad edit: keep serving the last good rules
+            self.error = f"{type(err).__name__}: {err}"
+            log.warning(
+                f"rules {self.path}: the new version did not load, keeping the last good "
+                f"rules: {self.error}"
+            )
+            return
+        self.engine, self.error = engine, None
+        log.info(f"rules {self.path}: reloaded")
+
+
+def _stamp(path: Path) -> tuple | None:
+    """(mtime, size, inode) of the file, None when it is missing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino

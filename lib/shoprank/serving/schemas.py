@@ -103,6 +103,8 @@ class AppArgs(_Body):
     rules: str = "serve/rules.yaml"
     # API keys: SHOPRANK_API_KEYS in the replicas' environment and/or this secret file.
     api_keys_file: str | None = None
+    # /docs, /redoc and /openapi.json: off unless asked for (they map the API for anyone).
+    docs: bool = False
     poll_s: float = Field(10.0, gt=0)  # how often the models look for a new version
     refresh_s: float = Field(300.0, gt=0)  # how often the feature store re-reads its snapshot
     retrieve_top: int = Field(100, ge=1)  # stage one's candidates
