@@ -69,6 +69,7 @@ def test_feature_store_validates_and_outlives_a_broken_snapshot(tmp_path):
     while store.history("u2") is None and time.time() < deadline:
         time.sleep(0.05)
     assert store.history("u2") == ["a"] and store.error is None
+    store.stop()  # a thread left reading Parquet at interpreter exit aborts the process
 
 
 def test_api_keys_from_env_and_file(tmp_path, monkeypatch):

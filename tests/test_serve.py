@@ -226,11 +226,11 @@ def test_fuzz_from_the_openapi_schema(app):
     statuses: Counter[tuple[str, int]] = Counter()
     plan = [  # (path, method, mode, send the real key, examples)
         *[
-            (p, "POST", GenerationMode.POSITIVE, True, 350)
+            (p, "POST", GenerationMode.POSITIVE, True, 320)
             for p in ("/recommend", "/search", "/score")
         ],
         *[
-            (p, "POST", GenerationMode.NEGATIVE, True, 350)
+            (p, "POST", GenerationMode.NEGATIVE, True, 320)
             for p in ("/recommend", "/search", "/score")
         ],
         *[

@@ -49,10 +49,12 @@ class ParquetFeatureStore:
         self._popular: list[str] = []
         self._loaded_at = 0.0
         self._rows = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self.refresh()
         if refresh_s:
-            thread = threading.Thread(target=self._loop, args=(refresh_s,), daemon=True)
-            thread.start()
+            self._thread = threading.Thread(target=self._loop, args=(refresh_s,), daemon=True)
+            self._thread.start()
 
     def refresh(self) -> None:
         fs, inner = resolve(self.path)
@@ -76,9 +78,14 @@ class ParquetFeatureStore:
         self._loaded_at, self._rows = time.time(), table.num_rows
         self.quarantined, self.error = quarantined, None
 
+    def stop(self) -> None:
+        """Ends the refresh thread, waiting for the read in progress, if any."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
     def _loop(self, every: float) -> None:
-        while True:
-            time.sleep(every)
+        while not self._stop.wait(every):
             try:
                 self.refresh()
             except Exception as err:  # noqa: BLE001 - any failure: keep serving the last snapshot
