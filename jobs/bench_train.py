@@ -40,14 +40,19 @@ CPUS = 2
 CONFIGS = {"ranker": "configs/amazon.yaml", "retriever": "configs/amazon-retriever.yaml"}
 
 
-def bench_config(task: str, steps: int, warmup: int, workers: int = 1, zero: int = 0) -> Config:
-    """The task's Amazon config, cut to a timed run: no early validation, a step record each."""
+def bench_config(
+    task: str, steps: int, warmup: int, workers: int | None = None, zero: int | None = None
+) -> Config:
+    """The task's Amazon config cut to a timed run (no early validation, a step record each),
+    in its own layout unless `workers` and `zero` say another."""
+    layout = []
+    if workers is not None:
+        layout = [f"train.num_workers={workers}", f"train.cpus_per_worker={CPUS // workers}"]
+        layout.append(f"train.zero_stage={zero}")
     return load_config(
         CONFIGS[task],
         [
-            f"train.num_workers={workers}",
-            f"train.cpus_per_worker={CPUS // workers}",
-            f"train.zero_stage={zero}",
+            *layout,
             f"train.max_steps={warmup + steps}",
             "train.eval_every_steps=null",
             "train.log_every_steps=1",
@@ -125,7 +130,10 @@ def fixed_datasets(task: str, cfg: Config, groups: int) -> dict[str, ray.data.Da
             return rows
 
         out["valid"] = ray.data.range(16).map_batches(valid)
-    return {k: v.materialize() for k, v in out.items()}
+    out = {k: v.materialize() for k, v in out.items()}
+    for ds in out.values():  # as training_datasets does: the loop logs its own steps
+        ds.context.enable_progress_bars = False
+    return out
 
 
 def real_datasets(task: str, cfg: Config) -> dict[str, ray.data.Dataset]:
@@ -214,7 +222,7 @@ def plain_arm(cfg_json: dict, task: str, batches: list[dict], warmup: int, steps
                 {"wall": t4 - t0, "pairs": pairs, "data": t1 - t0, "forward": t2 - t1}
                 | {"backward": t3 - t2, "optimizer": t4 - t3}
             )
-    return {"records": records, "setup": work_signature(model, opt, cfg)}
+    return {"records": records, "setup": work_signature(model, opt, cfg, workers=1)}
 
 
 def pipeline_arm(cfg: Config, task: str, datasets: dict, warmup: int) -> dict:
@@ -266,6 +274,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tasks", nargs="+", default=["ranker", "retriever"])
     parser.add_argument("--real", action="store_true", help="also on real Amazon tokens")
+    parser.add_argument(
+        "--layouts",
+        nargs="*",
+        default=[name for name, _, _ in FIXED_ARMS],
+        help="the pipeline layouts run on fixed-shape tokens (none: skip them and their plain arm)",
+    )
     parser.add_argument("--out", default="runs/bench-train")
     cli = parser.parse_args()
     out = Path(cli.out)
@@ -278,8 +292,9 @@ def main() -> None:
         groups = (cli.warmup + cli.steps + 2) * base.train.batch_size * 2
         fixed = fixed_datasets(task, base, groups)
         plain_batches = first_batches(fixed["train"], cli.warmup + cli.steps, base.train.batch_size)
-        arms.append((task, "fixed", "plain", base, plain_batches))
-        for name, workers, zero in FIXED_ARMS:
+        if cli.layouts:
+            arms.append((task, "fixed", "plain", base, plain_batches))
+        for name, workers, zero in [a for a in FIXED_ARMS if a[0] in cli.layouts]:
             cfg = bench_config(task, cli.steps, cli.warmup, workers, zero)
             arms.append((task, "fixed", name, cfg, fixed))
         if cli.real:
@@ -287,7 +302,9 @@ def main() -> None:
             batches = first_batches(real["train"], cli.warmup + cli.steps, base.train.batch_size)
             inputs[task] = {"padding_ceiling": padding_ceiling(batches, task)}
             arms.append((task, "real", "plain", base, batches))
-            arms.append((task, "real", "ray-1x2-z0", base, real))
+            t = base.train  # the config's own layout
+            layout = f"ray-{t.num_workers}x{t.cpus_per_worker:g}-z{t.zero_stage}"
+            arms.append((task, "real", layout, base, real))
 
     results: dict[str, list[dict]] = {}
     peaks = []

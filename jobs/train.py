@@ -14,6 +14,7 @@ import time
 from shoprank import run as runs
 from shoprank.console import log
 from shoprank.evaluation.protocols import after_training
+from shoprank.evaluation.report import training_time
 from shoprank.registry import publish_run
 from shoprank.train.datasets import training_datasets
 from shoprank.train.export import export_run
@@ -36,7 +37,8 @@ def main() -> None:
     wall = time.perf_counter() - started
     checkpoint, best = best_checkpoint(result, cfg)
     state = saved_state(result.checkpoint)
-    run.history, run.steps = state.history, state.steps
+    run.history, run.steps, run.timing = state.history, state.steps, state.timing
+    log(training_time(state.timing, state.steps))
 
     # 4. Export the best checkpoint as a plain Hugging Face folder.
     export_dir = export_run(run, checkpoint, best, run.out / "export", train_wall_s=wall)

@@ -103,6 +103,7 @@ class Run:
     # The training run being evaluated: its validation reports and its logged steps.
     history: list[dict] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)
+    timing: dict = field(default_factory=dict)  # where its wall time went (train.loop)
     _shared: dict = field(default_factory=dict, repr=False)
 
     def with_config(self, cfg: Config) -> Run:

@@ -281,6 +281,7 @@ def evaluate(
         ("Stages", "\n\n".join(outcome.notes) or "–"),
         ("Timings", timings),
         ("Data quality", counts_table(run.data.counts)),
+        ("Training time", report.training_time(run.timing, run.steps) or "–"),
     ]
     title = f"shoprank retrieval: {cfg.run.name} ({split}, full catalog)"
     path = report.write_report(folder, title, sections, images)

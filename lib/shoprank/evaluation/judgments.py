@@ -134,6 +134,7 @@ def evaluate(run: Run, model_dir: str | None) -> tuple[dict[str, dict[str, float
         ("Results", report.metrics_table(table, ["ndcg@10"])),
         ("Protocol", protocol),
         ("Data quality", counts_table(data.counts)),
+        ("Training time", report.training_time(run.timing, run.steps) or "–"),
     ]
     path = report.write_report(folder, f"shoprank search: {cfg.run.name}", sections, images)
     report.print_table(table, ["ndcg@10"])

@@ -207,3 +207,21 @@ def print_table(table: dict[str, dict[str, float]], columns: list[str]) -> None:
     print(f"\n{'model':<{width}}  " + "  ".join(f"{m:>9}" for m in columns))
     for name, row in table.items():
         print(f"{name:<{width}}  " + "  ".join(f"{row.get(m, float('nan')):9.4f}" for m in columns))
+
+
+def training_time(timing: dict, steps: list[dict]) -> str:
+    """Where a training run's wall time went (rank 0): steps (of which waiting for data),
+    validation and checkpointing, with the median training throughput."""
+    if not timing:
+        return ""
+    parts = {k: timing.get(f"{k}_s", 0.0) for k in ("train", "validation", "checkpoint")}
+    wall = sum(parts.values()) or 1.0
+    rates = [s["pairs_per_s"] for s in steps if s.get("pairs_per_s")]
+    rate = f"{float(np.median(rates)):.1f} pairs/s" if rates else "no step logged"
+    wait = timing.get("data_wait_s", 0.0)
+    return (
+        f"training {wall:.0f} s: steps {parts['train']:.0f} s at {rate} (waiting for data "
+        f"{100 * wait / wall:.1f}% of the wall time), validation {parts['validation']:.0f} s "
+        f"({100 * parts['validation'] / wall:.0f}%), checkpointing {parts['checkpoint']:.0f} s "
+        f"({100 * parts['checkpoint'] / wall:.0f}%)"
+    )

@@ -107,6 +107,7 @@ def evaluate(run: Run, model_dir: str) -> tuple[dict[str, dict[str, float]], str
         ("Results", report.metrics_table(table, COLUMNS)),
         ("Protocol", protocol),
         ("Data quality", counts_table(run.data.counts)),
+        ("Training time", report.training_time(run.timing, run.steps) or "–"),
     ]
     path = report.write_report(out, f"shoprank ranker: {cfg.run.name} ({split})", sections, images)
     report.print_table(table, COLUMNS)

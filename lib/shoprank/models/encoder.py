@@ -108,11 +108,23 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     raise ValueError(f"retriever.pooling={pooling!r}: use 'mean' or 'cls'")
 
 
+# Batches are trimmed to their longest row rounded up to this many tokens: a few shapes only, so
+# oneDNN (CPU) and cuDNN reuse their kernels instead of building new ones for every length.
+LENGTH_MULTIPLE = 32
+
+
+def trimmed_length(attention_mask: torch.Tensor) -> int:
+    """The columns a batch needs: its longest row, rounded up to LENGTH_MULTIPLE."""
+    longest = int(attention_mask.sum(-1).max())
+    rounded = -(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+    return max(1, min(rounded, attention_mask.shape[-1]))
+
+
 def encode(
     encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str
 ) -> torch.Tensor:
-    """L2-normalised fp32 embeddings of token rows, trimmed to the longest row first."""
-    length = int(attention_mask.sum(-1).max())
+    """L2-normalised fp32 embeddings of token rows, trimmed first (`trimmed_length`)."""
+    length = trimmed_length(attention_mask)
     mask = attention_mask[:, :length].long()
     hidden = encoder(input_ids=input_ids[:, :length].long(), attention_mask=mask)
     return F.normalize(pool(hidden.last_hidden_state.float(), mask, pooling), dim=-1)

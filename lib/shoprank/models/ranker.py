@@ -14,7 +14,12 @@ from torch import nn
 
 from shoprank.config import Config
 from shoprank.data.tokenize import pair_tokens
-from shoprank.models.encoder import apply_lora, load_sequence_scorer, load_tokenizer
+from shoprank.models.encoder import (
+    apply_lora,
+    load_sequence_scorer,
+    load_tokenizer,
+    trimmed_length,
+)
 from shoprank.models.export_meta import read_export
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -28,9 +33,8 @@ def build_ranker(cfg: Config) -> nn.Module:
 
 
 def flatten_groups(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """[B, G, L] token tensors to [B*G, L'], trimmed to the longest row (padding is free)."""
-    mask = batch["attention_mask"]
-    length = int(mask.sum(-1).max())
+    """[B, G, L] token tensors to [B*G, L'], trimmed (`encoder.trimmed_length`)."""
+    length = trimmed_length(batch["attention_mask"])
     return {
         k: batch[k].reshape(-1, batch[k].shape[-1])[:, :length].long()
         for k in TOKEN_KEYS

@@ -136,7 +136,8 @@ class StepRecord:
 
     `loss` is the mean over the steps since the previous record; `pairs_per_s` counts every
     worker's (context, item) pairs over that window; `data_wait` is the share of the window's
-    wall time the loop spent waiting for its next batch (Ray Data), not computing.
+    wall time the loop spent waiting for its next batch (Ray Data), not computing; `forward`,
+    `backward` and `optimizer` the shares spent in each part of the steps (rank 0's).
     """
 
     step: int
@@ -145,6 +146,9 @@ class StepRecord:
     lr: float
     pairs_per_s: float
     data_wait: float
+    forward: float = 0.0
+    backward: float = 0.0
+    optimizer: float = 0.0
 
     def line(self, total_steps: int) -> str:
         return (
@@ -161,6 +165,13 @@ class TrainState:
     bad_evals: int = 0
     history: list[dict] = field(default_factory=list)  # every validation report
     steps: list[dict] = field(default_factory=list)  # every StepRecord, as dicts
+    setup: dict = field(default_factory=dict)  # work_signature of the run
+    # Wall seconds (rank 0) in training steps, waiting for data among them, validating and
+    # checkpointing.
+    timing: dict = field(default_factory=dict)
+
+    def add_time(self, part: str, seconds: float) -> None:
+        self.timing[part] = self.timing.get(part, 0.0) + seconds
 
     def save(self, directory: str) -> None:
         with open(os.path.join(directory, STATE_FILE), "w") as f:
@@ -170,6 +181,29 @@ class TrainState:
     def load(cls, directory: str) -> TrainState:
         with open(os.path.join(directory, STATE_FILE)) as f:
             return cls(**json.load(f))
+
+
+def work_signature(model: nn.Module, optimizer, cfg: Config, workers: int) -> dict:
+    """What a training process computes with: two runs with the same signature do the same work
+    (jobs/bench_train.py refuses to compare runs whose signatures differ)."""
+    targets = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A")
+    }
+    config = next((m.config for m in model.modules() if hasattr(m, "config")), None)
+    return {
+        "workers": workers,
+        "threads": torch.get_num_threads(),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "lora_targets": sorted(targets),
+        "dropout": max((m.p for m in model.modules() if isinstance(m, nn.Dropout)), default=0.0),
+        "attention": getattr(config, "_attn_implementation", None),
+        "optimizer": f"{type(optimizer).__name__} lr={cfg.train.lr:g}",
+        "weight_decay": cfg.train.weight_decay,
+        "bf16": cfg.train.bf16,
+        "max_length": cfg.model.max_length,
+    }
 
 
 def deepspeed_config(cfg: TrainConfig, total_steps: int) -> dict:
@@ -246,6 +280,12 @@ def save_trainable(engine, directory: str, zero_stage: int, rank: int) -> None:
             engine.module.save_pretrained(directory)
 
 
+def _window() -> dict:
+    """What the loop sums between two step records."""
+    parts = dict.fromkeys(("wait", "forward", "backward", "optimizer"), 0.0)
+    return {"losses": [], "pairs": 0, "started": time.perf_counter(), **parts}
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     console.quiet()  # this is a Ray Train worker process: its own warnings filters
@@ -272,20 +312,24 @@ def train_loop_per_worker(config: dict) -> None:
         model=model, optimizer=optimizer, config=deepspeed_config(cfg.train, total_steps)
     )
 
-    state = TrainState()
+    state = TrainState(setup=work_signature(model, optimizer, cfg, world))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=not cfg.lora.enabled)
             state = TrainState.load(d)
+            state.setup = work_signature(model, optimizer, cfg, world)
         if rank == 0:
             log(f"resumed at step {state.step} (epoch {state.epoch})")
 
     def validate_and_checkpoint(train_loss: float, samples_per_s: float) -> bool:
         """Report metrics with a checkpoint; True when early stopping says to stop."""
+        began = time.perf_counter()
         engine.eval()
         val = task.validate(engine, cfg)
         engine.train()
+        state.add_time("validation_s", time.perf_counter() - began)
+        began = time.perf_counter()
         value = val[cfg.train.metric]
         better = state.best is None or (
             value > state.best if cfg.train.metric_mode == "max" else value < state.best
@@ -302,6 +346,8 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=cfg.lora.enabled)
             save_trainable(engine, os.path.join(d, MODEL_DIR), cfg.train.zero_stage, rank)
+            # (the checkpoint's own state counts its time up to the save, report included)
+            state.add_time("checkpoint_s", time.perf_counter() - began)
             if rank == 0:
                 state.save(d)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -317,7 +363,7 @@ def train_loop_per_worker(config: dict) -> None:
         # On resume mid-epoch, skip the micro-batches this epoch already trained on.
         skip = (state.step - state.epoch * steps_per_epoch) * cfg.train.grad_accum
         losses, pairs, started = [], 0, time.perf_counter()  # since the last validation
-        window = {"losses": [], "pairs": 0, "wait": 0.0, "started": time.perf_counter()}
+        window = _window()
         waited_from = time.perf_counter()
         for batch in train_shard.iter_torch_batches(
             device=ray.train.torch.get_device(),
@@ -326,14 +372,23 @@ def train_loop_per_worker(config: dict) -> None:
             local_shuffle_buffer_size=256,
             local_shuffle_seed=cfg.run.seed + state.epoch,
         ):
-            window["wait"] += time.perf_counter() - waited_from
+            t0 = time.perf_counter()
+            window["wait"] += t0 - waited_from
             if skip > 0:
                 skip -= 1
                 waited_from = time.perf_counter()
                 continue
             loss = task.loss(engine, batch, cfg)
+            t1 = time.perf_counter()
             engine.backward(loss)
+            t2 = time.perf_counter()
             engine.step()
+            t3 = time.perf_counter()
+            window["forward"] += t1 - t0
+            window["backward"] += t2 - t1
+            window["optimizer"] += t3 - t2
+            state.add_time("train_s", t3 - waited_from)
+            state.add_time("data_wait_s", t0 - waited_from)
             losses.append(loss.item())
             window["losses"].append(losses[-1])
             pairs += batch["labels"].numel()
@@ -353,11 +408,14 @@ def train_loop_per_worker(config: dict) -> None:
                     lr=float(engine.get_lr()[0]),
                     pairs_per_s=window["pairs"] * world / elapsed,
                     data_wait=window["wait"] / elapsed,
+                    forward=window["forward"] / elapsed,
+                    backward=window["backward"] / elapsed,
+                    optimizer=window["optimizer"] / elapsed,
                 )
                 state.steps.append(asdict(record))
                 if rank == 0:
                     log(record.line(total_steps))
-                window = {"losses": [], "pairs": 0, "wait": 0.0, "started": time.perf_counter()}
+                window = _window()
             end_of_epoch = state.step % steps_per_epoch == 0
             if state.step in validate_at:
                 state.epoch = state.step // steps_per_epoch
