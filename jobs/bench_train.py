@@ -4,7 +4,7 @@ PyTorch loop doing the same work, the arms interleaved over rounds (this machine
     python jobs/bench_train.py [--rounds 3] [--steps 12] [--tasks ranker retriever] [--real]
 
 Arms, per task: `plain` (one process, the project's model builder, AdamW, bf16 autocast, no Ray)
-and the real training loop (`train.loop.fit`) at 1 worker x 2 CPUs and 2 x 1, ZeRO 0 and 2, all
+and the real training loop (`train.loop.fit`) at 1 worker x 2 CPUs and 2 x 1 (ZeRO 0 and 2), all
 on the same fixed-shape tokens (every row max_length real tokens: no padding to save). With
 --real, both again on real Amazon tokens: the plain loop on rows padded to max_length, the
 pipeline trimming each batch to its longest row; beside them the data's padding ceiling
@@ -303,7 +303,8 @@ def main() -> None:
             inputs[task] = {"padding_ceiling": padding_ceiling(batches, task)}
             arms.append((task, "real", "plain", base, batches))
             t = base.train  # the config's own layout
-            layout = f"ray-{t.num_workers}x{t.cpus_per_worker:g}-z{t.zero_stage}"
+            layout = f"ray-{t.num_workers}x{t.cpus_per_worker:g}"
+            layout += f"-z{t.zero_stage}" if t.num_workers > 1 else ""
             arms.append((task, "real", layout, base, real))
 
     results: dict[str, list[dict]] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -62,6 +63,9 @@ def test_train_then_evaluate(ray_local, tmp_path, tiny_shop, tiny_model_dir, mon
     assert set(metrics) >= {"fine-tuned ranker", "popularity", "tfidf"}
     assert 0.0 <= metrics["fine-tuned ranker"]["auc"] <= 1.0
     report = (out / "report_test" / "report.md").read_text()
+    # Where training's wall time went, in the summary and the report.
+    assert re.search(r"training \d+ s: steps \d+ s at [\d.]+ pairs/s \(waiting for data", printed)
+    assert "## Training time" in report and "checkpointing" in report
     for png in ("metrics.png", "scores.png", "training.png"):
         assert f"({png})" in report
         assert (out / "report_test" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

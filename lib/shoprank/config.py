@@ -105,7 +105,9 @@ class IndexConfig(Section):
     ef_construction: int = Field(200, ge=8)
     ef_search: int = Field(256, ge=8)
     # Ray Data batch inference over the catalog: items per batch and embedding actors.
-    embed_batch_size: int = Field(256, ge=1)
+    embed_batch_size: int = Field(256, ge=1)  # texts per Ray Data batch (one actor call)
+    # Texts per forward pass inside it, after sorting by length (jobs/bench_embed.py measures).
+    embed_sub_batch: int = Field(64, ge=1)
     embed_actors: int = Field(1, ge=1)
 
 

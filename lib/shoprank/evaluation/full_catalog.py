@@ -25,7 +25,7 @@ from shoprank.config import Config
 from shoprank.console import log
 from shoprank.data.load import counts_table
 from shoprank.data.text import render_context, render_items
-from shoprank.data.tokenize import KEY, tokenize
+from shoprank.data.tokenize import KEY
 from shoprank.evaluation import metrics, report
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
 from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_precision
@@ -121,9 +121,8 @@ def two_stage_ranks(
             ],
         }
     )
-    groups = tokenize(ray.data.from_arrow(table), ranker_dir, rcfg.model.max_length)
     scores, labels, keys = collect_scores(
-        groups,
+        ray.data.from_arrow(table),
         CrossEncoderScorer,
         {"model_dir": ranker_dir, "precision": ranker_precision(cfg)},
         num_cpus=cfg.eval.num_cpus,

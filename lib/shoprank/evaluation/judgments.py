@@ -17,7 +17,7 @@ import ray
 from shoprank.config import Config
 from shoprank.data.load import counts_table
 from shoprank.data.text import render_items
-from shoprank.data.tokenize import KEY, tokenize
+from shoprank.data.tokenize import KEY
 from shoprank.evaluation import metrics, report
 from shoprank.evaluation.baselines import Popularity, TfidfHistory
 from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_precision
@@ -35,8 +35,8 @@ def _bi_encoder_scores(
     """Cosine of each pair, embedding every distinct query and item text once."""
     uq, qi = np.unique(np.asarray(queries, dtype=object), return_inverse=True)
     ui, ii = np.unique(np.asarray(items, dtype=object), return_inverse=True)
-    q = embed_text_list(list(uq), spec, spec.context_max_length, cfg)
-    d = embed_text_list(list(ui), spec, spec.item_max_length, cfg)
+    q = embed_text_list(list(uq), spec, "context", cfg)
+    d = embed_text_list(list(ui), spec, "item", cfg)
     return np.einsum("nd,nd->n", q[qi], d[ii])
 
 
@@ -44,7 +44,6 @@ def _cross_encoder_scores(
     model_dir: str, queries: list[str], items: list[str], cfg: Config
 ) -> np.ndarray:
     """The ranker over every pair; each pair is a group of one, keyed to keep its place."""
-    max_length = read_export(model_dir, kind="ranker").max_length
     table = pa.table(
         {
             KEY: pa.array(np.arange(len(queries)), pa.int64()),
@@ -53,9 +52,8 @@ def _cross_encoder_scores(
             "labels": pa.array([[0.0]] * len(items), pa.list_(pa.float32())),
         }
     )
-    groups = tokenize(ray.data.from_arrow(table), model_dir, max_length)
     scores, _, keys = collect_scores(
-        groups,
+        ray.data.from_arrow(table),
         CrossEncoderScorer,
         {"model_dir": model_dir, "precision": ranker_precision(cfg)},
         num_cpus=cfg.eval.num_cpus,

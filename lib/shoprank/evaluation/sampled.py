@@ -18,7 +18,6 @@ from shoprank.config import Config
 from shoprank.console import log
 from shoprank.data.load import counts_table
 from shoprank.data.text import render_items
-from shoprank.data.tokenize import tokenize
 from shoprank.evaluation import metrics, report
 from shoprank.evaluation.scorers import (
     BaselineScorer,
@@ -79,7 +78,7 @@ def evaluate_groups(
 def evaluate(run: Run, model_dir: str) -> tuple[dict[str, dict[str, float]], str]:
     """Zero-shot vs fine-tuned vs baselines on `eval.split`; writes metrics.json and report.md."""
     cfg, split = run.cfg, run.cfg.eval.split
-    groups = tokenize(run.examples[split], cfg.model.name, cfg.model.max_length, keep_text=True)
+    groups = run.examples[split]
     table, raw = evaluate_groups(
         cfg, groups.materialize(), run.data.catalog, model_dir, run.baselines
     )

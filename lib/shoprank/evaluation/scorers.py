@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import ray
-import torch
 
 from shoprank import console  # noqa: F401  (Ray Data actors: foreign warnings filtered)
 from shoprank.config import Config, ModelConfig
@@ -26,18 +25,23 @@ def _scored(batch: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, np.nd
 
 
 class CrossEncoderScorer:
-    """Ray Data actor around the one ranker inference class (`models.ranker.Ranker`)."""
+    """Ray Data actor around the one ranker inference class (`models.ranker.Ranker`): groups'
+    texts in, scores out. Tokenizing here rather than in a pool of its own keeps one pool on
+    the cores (a 2-core machine cannot run both at once), and `Ranker.score` sorts the batch's
+    pairs by length so that short ones do not pay for long ones' padding."""
 
     def __init__(self, model_dir: str, precision: str):
         self.ranker = Ranker.from_export(model_dir, precision)
 
-    @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        device = self.ranker.device
-        tensors = {
-            k: torch.from_numpy(v).to(device) for k, v in batch.items() if v.dtype == np.int32
-        }
-        return _scored(batch, self.ranker.score_tokens(tensors).cpu().numpy())
+        sizes = {len(items) for items in batch["item_texts"]}
+        if len(sizes) != 1:
+            raise ValueError(f"groups of unequal size in one batch: {sorted(sizes)}")
+        g = sizes.pop()
+        contexts = [str(c) for c in batch["context"] for _ in range(g)]
+        items = [str(t) for texts in batch["item_texts"] for t in texts]
+        scores = self.ranker.score(contexts, items).reshape(len(batch["context"]), g)
+        return _scored(batch, scores)
 
 
 class ZeroShotScorer:

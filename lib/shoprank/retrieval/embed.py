@@ -1,7 +1,10 @@
 """Stage one with Ray Data: embed the catalog and contexts, keep the ANN index fresh, fetch top N.
 
-Embedding is Ray Data batch inference: text -> tokens (`data/tokenize.py`) -> an actor pool of
-`TokenEmbedder`s -> unit vectors. The same code embeds the catalog for the index
+Embedding is Ray Data batch inference: a pool of `TextEmbedder` actors, each holding
+`eval.num_cpus` cores, tokenizes its batch of texts and embeds them with the one `Encoder`
+(length-sorted sub-batches, each trimmed to its longest row, bf16 autocast). Tokenizing inside
+the embedding actor keeps one pool on the cores: a separate tokenizer pool could not run beside
+it on a 2-core machine, and the two took turns. The same code embeds the catalog for the index
 (jobs/embed.py), contexts for evaluation, and training contexts for hard-negative mining.
 """
 
@@ -14,51 +17,49 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
 
 from shoprank import console  # noqa: F401  (Ray Data actors: foreign warnings filtered)
 from shoprank.config import Config
 from shoprank.data.examples import positive_only
 from shoprank.data.read import snapshot
 from shoprank.data.text import render_items
-from shoprank.data.tokenize import list_column, tokenize_items, tokenize_towers
+from shoprank.data.tokenize import list_column
 from shoprank.models.retriever import EncoderSpec
 from shoprank.retrieval import index as ann
 
-TOKEN_PREFIXES = ("ctx_input", "ctx_attention", "item_input", "item_attention")
 
+class TextEmbedder:
+    """Ray Data actor: the text column `column` -> `embedding`, the other columns kept."""
 
-class TokenEmbedder:
-    """Ray Data actor: token columns `<prefix>input_ids/attention_mask` -> `embedding`."""
-
-    def __init__(self, spec: EncoderSpec, prefix: str, bf16: bool):
+    def __init__(self, spec: EncoderSpec, column: str, kind: str, bf16: bool, batch_size: int):
         self.encoder = spec.load(bf16)
-        self.prefix = prefix
+        self.encoder.batch_size = batch_size
+        self.column, self.kind = column, kind
 
-    @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        device = self.encoder.device
-        ids = torch.from_numpy(batch[f"{self.prefix}input_ids"]).to(device)
-        mask = torch.from_numpy(batch[f"{self.prefix}attention_mask"]).to(device)
-        emb = self.encoder.embed_tokens(ids, mask).cpu()
-        out = {
-            k: list_column(v) if v.dtype == object and v.ndim == 1 and _ragged(v) else v
-            for k, v in batch.items()
-            if not k.startswith(TOKEN_PREFIXES)
-        }
-        out["embedding"] = emb.numpy()
+        out = {k: list_column(v) if _ragged(v) else v for k, v in batch.items()}
+        out["embedding"] = self.encoder.embed([str(t) for t in batch[self.column]], self.kind)
         return out
 
 
 def _ragged(column: np.ndarray) -> bool:
     """A column of arrays (list<string> read back by Ray Data), to be written back as lists."""
-    return len(column) > 0 and isinstance(column[0], np.ndarray)
+    return column.dtype == object and len(column) > 0 and isinstance(column[0], np.ndarray)
 
 
-def embed(ds: ray.data.Dataset, spec: EncoderSpec, prefix: str, cfg: Config) -> ray.data.Dataset:
+def embed(
+    ds: ray.data.Dataset, spec: EncoderSpec, column: str, kind: str, cfg: Config
+) -> ray.data.Dataset:
+    """`ds` with an `embedding` column: the texts of `column` embedded as `kind` texts."""
     return ds.map_batches(
-        TokenEmbedder,
-        fn_constructor_kwargs={"spec": spec, "prefix": prefix, "bf16": cfg.train.bf16},
+        TextEmbedder,
+        fn_constructor_kwargs={
+            "spec": spec,
+            "column": column,
+            "kind": kind,
+            "bf16": cfg.train.bf16,
+            "batch_size": cfg.index.embed_sub_batch,
+        },
         batch_size=cfg.index.embed_batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.index.embed_actors),
@@ -73,13 +74,10 @@ def text_rows(texts: list[str]) -> ray.data.Dataset:
     )
 
 
-def embed_text_list(
-    texts: list[str], spec: EncoderSpec, max_length: int, cfg: Config
-) -> np.ndarray:
+def embed_text_list(texts: list[str], spec: EncoderSpec, kind: str, cfg: Config) -> np.ndarray:
     """[len(texts), d] embeddings in input order, by Ray Data batch inference."""
-    tokens = tokenize_items(text_rows(texts), spec.model, max_length, cfg.index.embed_batch_size)
     order, embs = [], []
-    for batch in embed(tokens, spec, "item_", cfg).iter_batches(
+    for batch in embed(text_rows(texts), spec, "text", kind, cfg).iter_batches(
         batch_format="numpy", batch_size=None
     ):
         order.append(batch["row"])
@@ -93,7 +91,7 @@ def embed_catalog(catalog: pa.Table, spec: EncoderSpec, cfg: Config) -> tuple[np
     """[n_items, d] embeddings in catalog row order, and the seconds it took."""
     started = time.perf_counter()
     texts = render_items(catalog, cfg.data.item_template)
-    out = embed_text_list(texts, spec, spec.item_max_length, cfg)
+    out = embed_text_list(texts, spec, "item", cfg)
     return out, time.perf_counter() - started
 
 
@@ -149,22 +147,18 @@ class Contexts:
 def embed_contexts(
     examples: ray.data.Dataset, spec: EncoderSpec, cfg: Config, catalog_ids: list[str]
 ) -> Contexts:
-    tokens = tokenize_towers(
-        examples.map_batches(positive_only, batch_format="pyarrow"),
-        spec.model,
-        spec.context_max_length,
-        spec.item_max_length,
-        catalog_ids,
-        keep_text=True,
+    contexts = examples.map_batches(positive_only, batch_format="pyarrow").select_columns(
+        ["user_id", "context", "history_ids", "item_ids"]
     )
+    rows = {item: i for i, item in enumerate(catalog_ids)}
     parts: dict[str, list] = {k: [] for k in ("user_id", "embedding", "target")}
     history: list[list[str]] = []
-    for batch in embed(tokens, spec, "ctx_", cfg).iter_batches(
+    for batch in embed(contexts, spec, "context", "context", cfg).iter_batches(
         batch_format="numpy", batch_size=None
     ):
         parts["user_id"].append(batch["user_id"])
         parts["embedding"].append(batch["embedding"])
-        parts["target"].append(batch["item_rows"][:, 0])
+        parts["target"].append(np.array([rows[ids[0]] for ids in batch["item_ids"]]))
         history.extend(list(h) for h in batch["history_ids"])
     cols = {k: np.concatenate(v) for k, v in parts.items()}
     order = np.argsort(cols["user_id"], kind="stable")

@@ -16,7 +16,7 @@ import ray
 
 from shoprank.config import Config
 from shoprank.data.text import render_items
-from shoprank.data.tokenize import list_column, tokenize_towers
+from shoprank.data.tokenize import list_column
 from shoprank.models.retriever import EncoderSpec
 from shoprank.retrieval import index as ann
 from shoprank.retrieval.embed import embed, index_fingerprint
@@ -40,7 +40,8 @@ class HardNegativeSampler:
         _, found = self.index.search(batch["embedding"], hi)
         ids, texts, labels = [], [], []
         for i, row in enumerate(found):
-            skip = {self.rows[x] for x in batch["history_ids"][i]} | set(batch["item_rows"][i])
+            group = [*batch["history_ids"][i], *batch["item_ids"][i]]
+            skip = {self.rows[x] for x in group if x in self.rows}
             pool = [int(r) for r in row[lo:] if r >= 0 and int(r) not in skip]
             if len(pool) < self.n:  # a tiny catalog: fall back to any other item
                 pool = [r for r in range(len(self.texts)) if r not in skip]
@@ -83,13 +84,9 @@ def mine_hard_negatives(
             f"{index_dir} is missing or covers another catalog; run "
             f"python jobs/embed.py --model {source} with this config first"
         )
-    ids = catalog["item_id"].to_pylist()
-    tokens = tokenize_towers(
-        train, spec.model, spec.context_max_length, spec.item_max_length, ids, keep_text=True
-    )
     # Materialised first, so that the embedding actors (holding eval.num_cpus each) are gone
     # before the sampler needs a CPU: a 2-CPU laptop cannot hold both pools at once.
-    contexts = embed(tokens, spec, "ctx_", cfg).materialize()
+    contexts = embed(train, spec, "context", "context", cfg).materialize()
     return contexts.map_batches(
         HardNegativeSampler,
         fn_constructor_kwargs={

@@ -194,6 +194,7 @@ def work_signature(model: nn.Module, optimizer, cfg: Config, workers: int) -> di
     config = next((m.config for m in model.modules() if hasattr(m, "config")), None)
     return {
         "workers": workers,
+        "zero_stage": zero_stage(cfg.train, workers),
         "threads": torch.get_num_threads(),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "lora_targets": sorted(targets),
@@ -206,10 +207,17 @@ def work_signature(model: nn.Module, optimizer, cfg: Config, workers: int) -> di
     }
 
 
-def deepspeed_config(cfg: TrainConfig, total_steps: int) -> dict:
+def zero_stage(cfg: TrainConfig, world_size: int) -> int:
+    """`train.zero_stage`, except on one worker: there is nothing to shard across, and ZeRO's
+    partitioning bookkeeping cost the retriever 15-20% of its steps (jobs/bench_train.py)."""
+    return cfg.zero_stage if world_size > 1 else 0
+
+
+def deepspeed_config(cfg: TrainConfig, total_steps: int, world_size: int = 2) -> dict:
     """The DeepSpeed config for one run: ZeRO stage, bf16 autocast, warmup then linear decay."""
-    zero: dict = {"stage": cfg.zero_stage}
-    if cfg.zero_stage == 3:
+    stage = zero_stage(cfg, world_size)
+    zero: dict = {"stage": stage}
+    if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
@@ -309,8 +317,10 @@ def train_loop_per_worker(config: dict) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg.train, total_steps)
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg.train, total_steps, world)
     )
+    if rank == 0 and zero_stage(cfg.train, world) != cfg.train.zero_stage:
+        log(f"one worker: ZeRO stage {cfg.train.zero_stage} has nothing to shard, running stage 0")
 
     state = TrainState(setup=work_signature(model, optimizer, cfg, world))
     checkpoint = ray.train.get_checkpoint()
@@ -345,7 +355,7 @@ def train_loop_per_worker(config: dict) -> None:
         state.history.append(report)
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=cfg.lora.enabled)
-            save_trainable(engine, os.path.join(d, MODEL_DIR), cfg.train.zero_stage, rank)
+            save_trainable(engine, os.path.join(d, MODEL_DIR), zero_stage(cfg.train, world), rank)
             # (the checkpoint's own state counts its time up to the save, report included)
             state.add_time("checkpoint_s", time.perf_counter() - began)
             if rank == 0:

@@ -1,0 +1,116 @@
+"""Catalog embedding throughput: the project's Ray Data path against a plain loop, interleaved.
+
+    python jobs/bench_embed.py [--rounds 3] [--config configs/amazon-retriever.yaml]
+
+Arms, all on the config's catalog with the pretrained encoder (bf16 autocast, the same threads):
+`plain-padded` (one process, batches of 64 padded to max_length: the plain peer),
+`plain-sorted-N` (one process, `Encoder.embed`: length-sorted sub-batches of N, each trimmed to
+its longest row) for several N, and `ray-data` (`retrieval.embed.embed_catalog`, what
+jobs/embed.py and evaluation run: one actor pool tokenizing and embedding). Writes
+runs/bench-embed/bench_embed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from shoprank import run as runs
+from shoprank.config import load_config
+from shoprank.console import log
+from shoprank.data.text import render_items
+from shoprank.models.retriever import EncoderSpec
+
+SUB_BATCHES = (16, 32, 64, 128)
+
+
+@ray.remote
+def plain_arm(spec: EncoderSpec, texts: list[str], sub_batch: int | None) -> dict:
+    """One process: `sub_batch` None pads every batch of 64 to max_length (no sorting)."""
+    import torch
+
+    from shoprank.data.tokenize import text_tokens
+
+    encoder = spec.load(bf16=True)
+    threads = torch.get_num_threads()
+    started = time.perf_counter()
+    if sub_batch is not None:
+        encoder.batch_size = sub_batch
+        out = encoder.embed(texts, "item")
+    else:
+        parts = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), 64):
+                tok = text_tokens(
+                    encoder.tokenizer, texts[start : start + 64], spec.item_max_length
+                )
+                ids, mask = (torch.from_numpy(tok[k]) for k in ("input_ids", "attention_mask"))
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    hidden = encoder.model(input_ids=ids.long(), attention_mask=mask.long())
+                parts.append(hidden.last_hidden_state.float().mean(1).numpy())
+        out = np.concatenate(parts)
+    seconds = time.perf_counter() - started
+    return {"items_per_s": len(out) / seconds, "threads": threads}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--config", default="configs/amazon-retriever.yaml")
+    parser.add_argument("--out", default="runs/bench-embed")
+    cli = parser.parse_args()
+    cfg = load_config(cli.config, [])
+    runs.init_ray()
+    run = runs.Run(cfg, Path(cli.out))
+    catalog = run.data.catalog
+    texts = render_items(catalog, cfg.data.item_template)
+    spec = EncoderSpec.zero_shot(cfg)
+    cpus = int(cfg.eval.num_cpus)
+    log(f"{len(texts)} catalog texts, max_length {spec.item_max_length}, {cpus} CPUs an arm")
+
+    from shoprank.retrieval.embed import embed_catalog
+
+    arms: dict[str, list[float]] = {}
+    threads: dict[str, int] = {}
+    for r in range(cli.rounds):
+        for name, sub in [("plain-padded", None), *((f"plain-sorted-{n}", n) for n in SUB_BATCHES)]:
+            got = ray.get(plain_arm.options(num_cpus=cpus).remote(spec, texts, sub))
+            arms.setdefault(name, []).append(got["items_per_s"])
+            threads[name] = got["threads"]
+        _, seconds = embed_catalog(catalog, spec, cfg)
+        arms.setdefault("ray-data", []).append(len(texts) / seconds)
+        log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in arms.items()))
+
+    plain = arms["plain-padded"]
+    lines = [
+        f"{len(texts)} items, {cpus} CPUs an arm (torch threads: "
+        + ", ".join(f"{k} {v}" for k, v in threads.items())
+        + f"; ray-data: eval.num_cpus={cfg.eval.num_cpus:g}), sub-batch of the ray-data "
+        f"path: {cfg.index.embed_sub_batch}",
+        "",
+        "| arm | items/s (median) | range | vs plain-padded (median) | range |",
+        "|---|---|---|---|---|",
+    ]
+    for name, rates in arms.items():
+        ratios = [a / b for a, b in zip(rates, plain, strict=True)]
+        lines.append(
+            f"| {name} | {statistics.median(rates):.0f} | {min(rates):.0f}-{max(rates):.0f} | "
+            f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f} |"
+        )
+    report = "\n".join(lines) + "\n"
+    out = Path(cli.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_embed.json").write_text(json.dumps({"arms": arms, "threads": threads}, indent=2))
+    (out / "bench_embed.md").write_text(report)
+    print(report)
+    log(f"wrote {out / 'bench_embed.md'}")
+
+
+if __name__ == "__main__":
+    main()
