@@ -2,11 +2,12 @@
 
     python jobs/bench_embed.py [--rounds 3] [--config configs/amazon-retriever.yaml]
 
-Arms, all on the config's catalog with the pretrained encoder (bf16 autocast, the same threads):
-`plain-padded` (one process, batches of 64 padded to max_length: the plain peer),
+Arms, all on the config's catalog with the pretrained encoder in bf16, the same threads each:
+`plain-padded` (one process, bf16 weights, batches of 64 padded to max_length: the plain peer),
 `plain-sorted-N` (one process, `Encoder.embed`: length-sorted sub-batches of N, each trimmed to
-its longest row) for several N, and `ray-data` (`retrieval.embed.embed_catalog`, what
-jobs/embed.py and evaluation run: one actor pool tokenizing and embedding). Writes
+its longest row) for several N, and `embed_catalog` (`retrieval.embed.embed_catalog`, what
+jobs/embed.py and evaluation run: in process for a catalog up to index.embed_in_process_below
+items, else one Ray Data actor pool tokenizing and embedding). Writes
 runs/bench-embed/bench_embed.{json,md}.
 """
 
@@ -43,7 +44,8 @@ def plain_arm(spec: EncoderSpec, texts: list[str], sub_batch: int | None) -> dic
     if sub_batch is not None:
         encoder.batch_size = sub_batch
         out = encoder.embed(texts, "item")
-    else:
+    else:  # the plain peer: bf16 weights, fixed-size batches padded to max_length
+        model = encoder.model.to(torch.bfloat16)
         parts = []
         with torch.inference_mode():
             for start in range(0, len(texts), 64):
@@ -51,8 +53,7 @@ def plain_arm(spec: EncoderSpec, texts: list[str], sub_batch: int | None) -> dic
                     encoder.tokenizer, texts[start : start + 64], spec.item_max_length
                 )
                 ids, mask = (torch.from_numpy(tok[k]) for k in ("input_ids", "attention_mask"))
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    hidden = encoder.model(input_ids=ids.long(), attention_mask=mask.long())
+                hidden = model(input_ids=ids.long(), attention_mask=mask.long())
                 parts.append(hidden.last_hidden_state.float().mean(1).numpy())
         out = np.concatenate(parts)
     seconds = time.perf_counter() - started
@@ -84,15 +85,18 @@ def main() -> None:
             arms.setdefault(name, []).append(got["items_per_s"])
             threads[name] = got["threads"]
         _, seconds = embed_catalog(catalog, spec, cfg)
-        arms.setdefault("ray-data", []).append(len(texts) / seconds)
+        arms.setdefault("embed_catalog", []).append(len(texts) / seconds)
         log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in arms.items()))
 
     plain = arms["plain-padded"]
+    sub = getattr(cfg.index, "embed_sub_batch", "none (texts tokenized in a pool of their own)")
+    below = getattr(cfg.index, "embed_in_process_below", 0)
     lines = [
         f"{len(texts)} items, {cpus} CPUs an arm (torch threads: "
         + ", ".join(f"{k} {v}" for k, v in threads.items())
-        + f"; ray-data: eval.num_cpus={cfg.eval.num_cpus:g}), sub-batch of the ray-data "
-        f"path: {cfg.index.embed_sub_batch}",
+        + f"; embed_catalog: in process up to {below} texts, else Ray Data with "
+        f"eval.num_cpus={cfg.eval.num_cpus:g}), its sub-batch "
+        f"path: {sub}",
         "",
         "| arm | items/s (median) | range | vs plain-padded (median) | range |",
         "|---|---|---|---|---|",

@@ -53,10 +53,11 @@ def _config(tmp_path, shop, model_dir, stage, name, max_steps):
 
 
 def _data(cfg, out):
+    """(train tokens, valid tokens, the valid groups' texts: what batch inference scores)."""
     examples = Run(cfg, out).examples
     train = tokenize(examples["train"], cfg.model.name, cfg.model.max_length).materialize()
     valid = tokenize(examples["valid"], cfg.model.name, cfg.model.max_length).materialize()
-    return train, valid
+    return train, valid, examples["valid"].materialize()
 
 
 # ZeRO-3 only: LoRA under ZeRO-2 with 2 workers is the default config that tests/test_jobs.py
@@ -67,7 +68,7 @@ def test_lora_zero_trains_checkpoints_and_resumes(
 ):
     cfg = _config(tmp_path, tiny_shop, tiny_model_dir, stage, f"zero{stage}", max_steps=8)
     out = output_dir(cfg)
-    train, valid = _data(cfg, out)
+    train, valid, valid_texts = _data(cfg, out)
     result = fit(cfg, "ranker", {"train": train, "valid": valid}, train.count())
     history = run_history(result)
     assert [h["step"] for h in history] == [4, 8]
@@ -112,7 +113,7 @@ def test_lora_zero_trains_checkpoints_and_resumes(
     # model's scores are nearly tied, so float noise between the sharded and the plain forward
     # pass can flip a pair or two (seen: 0.50977 vs 0.50966); the logits above are the strict check.
     scores, labels, _ = collect_scores(
-        valid, CrossEncoderScorer, {"model_dir": export, "precision": "fp32"}
+        valid_texts, CrossEncoderScorer, {"model_dir": export, "precision": "fp32"}
     )
     again = group_metrics(scores, labels, probabilistic=True)
     assert again["auc"] == pytest.approx(best["val_auc"], abs=1e-3)

@@ -107,8 +107,12 @@ class IndexConfig(Section):
     # Ray Data batch inference over the catalog: items per batch and embedding actors.
     embed_batch_size: int = Field(256, ge=1)  # texts per Ray Data batch (one actor call)
     # Texts per forward pass inside it, after sorting by length (jobs/bench_embed.py measures).
-    embed_sub_batch: int = Field(64, ge=1)
+    embed_sub_batch: int = Field(16, ge=1)
     embed_actors: int = Field(1, ge=1)
+    # Text lists up to this many are embedded in the calling process: a Ray Data actor's start
+    # (a process, torch, the model) costs more than embedding a few thousand texts
+    # (jobs/bench_embed.py); longer lists go to the actor pool, which scales out. 0: always Ray.
+    embed_in_process_below: int = Field(20_000, ge=0)
 
 
 class TrainConfig(Section):

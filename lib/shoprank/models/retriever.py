@@ -200,14 +200,18 @@ class EncoderSpec:
         )
 
     def load(self, bf16: bool = False) -> Encoder:
-        """The encoder this describes, ready to embed (on a GPU when the process has one)."""
+        """The encoder this describes, ready to embed (on a GPU when the process has one).
+        bf16: bf16 weights, no autocast (autocast re-casts the fp32 weights at every call:
+        15-30% slower on the CPU, jobs/bench_embed.py; cosine to fp32 above 0.9999)."""
         model_cfg = ModelConfig(attn_implementation=self.attn_implementation, dropout=None)
         model = load_encoder(model_cfg, self.model).eval()
+        if bf16:
+            model = model.to(torch.bfloat16)
         if torch.cuda.is_available():
             model = model.to("cuda")
         tokenizer = load_tokenizer(self.model)
         return Encoder(
-            model, tokenizer, self.pooling, self.context_max_length, self.item_max_length, bf16
+            model, tokenizer, self.pooling, self.context_max_length, self.item_max_length
         )
 
     def fingerprint(self) -> dict:

@@ -75,7 +75,12 @@ def text_rows(texts: list[str]) -> ray.data.Dataset:
 
 
 def embed_text_list(texts: list[str], spec: EncoderSpec, kind: str, cfg: Config) -> np.ndarray:
-    """[len(texts), d] embeddings in input order, by Ray Data batch inference."""
+    """[len(texts), d] embeddings in input order: in this process for a short list, else by
+    Ray Data batch inference (index.embed_in_process_below)."""
+    if len(texts) <= cfg.index.embed_in_process_below:
+        encoder = spec.load(cfg.train.bf16)
+        encoder.batch_size = cfg.index.embed_sub_batch
+        return encoder.embed(texts, kind)
     order, embs = [], []
     for batch in embed(text_rows(texts), spec, "text", kind, cfg).iter_batches(
         batch_format="numpy", batch_size=None
