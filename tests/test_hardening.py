@@ -21,7 +21,7 @@ def client(tmp_path_factory, tiny_shop, tiny_model_dir):
     from shoprank.serving.schemas import AppArgs
 
     setup = serving_setup(tmp_path_factory.mktemp("hard"), tiny_shop, tiny_model_dir, KEY)
-    args = {**setup.args, "ranker_precision": "fp32", "registry": setup.args["registry"]}
+    args = {**setup.args, "ranker_precision": "fp32"}
     app = create(AppArgs.model_validate(args))
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c, setup

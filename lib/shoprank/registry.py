@@ -456,7 +456,9 @@ class Registry:
     @contextlib.contextmanager
     def _lease(self, name: str) -> Iterator[None]:
         folder = self._path(name, LEASES)
-        mine = posixpath.join(folder, f"{uuid.uuid4().hex}.json")
+        # Named by time: when writers see each other, the oldest keeps its lease and waits for
+        # the others to withdraw (no livelock); it still goes on only when alone in the list.
+        mine = posixpath.join(folder, f"{time.time_ns():020d}-{uuid.uuid4().hex}.json")
         owner = f"{socket.gethostname()} pid {os.getpid()}"
 
         def put() -> None:
@@ -464,19 +466,25 @@ class Registry:
 
         self.fs.create_dir(folder, recursive=True)
         deadline = time.monotonic() + self.lock_wait_s
+        put()
         while True:
-            put()
             others = self._live_leases(folder, mine)
             if not others:
                 break
-            self.fs.delete_file(mine)
+            oldest = min(others)[0] > posixpath.basename(mine)
+            if not oldest:
+                self.fs.delete_file(mine)
             if time.monotonic() > deadline:
+                if oldest:
+                    self.fs.delete_file(mine)
                 raise RegistryError(
-                    f"{name}: another writer holds the registry ({others[0]}) for over "
+                    f"{name}: another writer holds the registry ({min(others)[1]}) for over "
                     f"{self.lock_wait_s:g} s; retry later. A writer that died frees it within "
                     f"{LEASE_S:g} s (or delete its lease under {self._uri(folder)})"
                 )
             time.sleep(random.uniform(0.02, 0.2))
+            if not oldest:
+                put()
         held = threading.Event()
 
         def renew() -> None:
@@ -492,8 +500,8 @@ class Registry:
             renewer.join()
             self.fs.delete_file(mine)
 
-    def _live_leases(self, folder: str, mine: str) -> list[str]:
-        """The owners of the other leases that have not expired (expired ones are removed)."""
+    def _live_leases(self, folder: str, mine: str) -> list[tuple[str, str]]:
+        """(name, owner) of the other leases that have not expired (expired ones are removed)."""
         owners = []
         for info in self._ls(folder):
             if info.path == mine or info.type != pafs.FileType.File:
@@ -506,7 +514,7 @@ class Registry:
                 with contextlib.suppress(FileNotFoundError, OSError):
                     self.fs.delete_file(info.path)  # another writer may be removing it too
                 continue
-            owners.append(str(lease.get("owner", "unknown")))
+            owners.append((info.base_name, str(lease.get("owner", "unknown"))))
         return owners
 
 
