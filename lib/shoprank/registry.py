@@ -20,7 +20,8 @@ same lock, and aliases.json is replaced atomically. Object stores (s3://, gs://)
 rename nor locks: files are written straight into the version folder and registry.json last, so
 a half-written version stays invisible; numbering, aliases and history are serialised by a
 lease: a writer puts its own object under `.leases/`, then lists the folder, and goes on only if
-no other live lease is there (else it takes its own back and retries after a random pause). Two
+no other live lease is there (else the oldest contender keeps its lease and waits, the others
+take theirs back and retry after a random pause). Two
 writers cannot both go on: the later of the two listings sees the other's lease (S3 and GCS list
 what was written before). A lease is renewed while held and expires `LEASE_S` after a writer
 dies; a writer that waits longer than `lock_wait_s` gets a RegistryError naming the holder.
