@@ -56,6 +56,7 @@ def wait_healthy(url: str, timeout: float = 300) -> None:
 async def closed_loop(url: str, path: str, bodies: list[dict], key: str, c: int, seconds: float):
     """c clients, each sending its next request as soon as the last one is answered."""
     latencies: list[float] = []
+    stages: dict[str, list[float]] = {}  # the app's Server-Timing: ms per stage
     errors = 0
     stop = time.perf_counter() + seconds
 
@@ -69,6 +70,9 @@ async def closed_loop(url: str, path: str, bodies: list[dict], key: str, c: int,
             )
             if r.status_code == 200:
                 latencies.append(time.perf_counter() - started)
+                for part in filter(None, r.headers.get("server-timing", "").split(",")):
+                    stage, _, dur = part.strip().partition(";dur=")
+                    stages.setdefault(stage, []).append(float(dur))
             else:
                 errors += 1
             n += c
@@ -84,6 +88,7 @@ async def closed_loop(url: str, path: str, bodies: list[dict], key: str, c: int,
         "errors": errors,
         "throughput_rps": len(latencies) / wall,
         **{f"p{q}_ms": float(np.percentile(ms, q)) if len(ms) else None for q in (50, 95, 99)},
+        **{f"{stage}_p50_ms": float(np.median(v)) for stage, v in stages.items()},
     }
 
 
@@ -153,12 +158,13 @@ def main() -> None:
         app_args = {**args.model_dump(), "max_batch_size": size}
         serve.run(build_app(app_args), name="shoprank", route_prefix="/")
         wait_healthy(url)
-        ranker = serve.get_deployment_handle("Ranker", app_name="shoprank")
+        models = serve.get_deployment_handle("Models", app_name="shoprank")
+        threads = models.torch_threads.remote().result()
 
-        def counts(ranker=ranker) -> dict:
-            return ranker.batch_counts.remote().result()
+        def counts(models=models) -> dict:
+            return models.batch_counts.remote().result()
 
-        rows += run_setup(name, url, bodies, key, cli, counts)
+        rows += run_setup(f"{name} ({threads} torch threads)", url, bodies, key, cli, counts)
     serve.shutdown()
 
     # 3. The plain baseline: one process, same routes and models.
@@ -173,11 +179,13 @@ def main() -> None:
         "--port",
         str(port),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
+    threads = args.torch_threads or os.cpu_count()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     plain = subprocess.Popen(cmd, env=env)
     try:
         wait_healthy(f"http://127.0.0.1:{port}")
-        rows += run_setup("plain FastAPI + torch", f"http://127.0.0.1:{port}", bodies, key, cli)
+        name = f"plain FastAPI + torch ({threads} torch threads)"
+        rows += run_setup(name, f"http://127.0.0.1:{port}", bodies, key, cli)
     finally:
         plain.terminate()
         plain.wait(timeout=30)
@@ -190,13 +198,20 @@ def main() -> None:
         )
     )
     header = "| setup | endpoint | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors "
-    lines = [header + "| mean ranker batch |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        header + "| retrieve p50 ms | rank p50 ms (share of p50) | mean ranker batch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         batch = f"{r['mean_batch']:.1f}" if "mean_batch" in r else "-"
+        rank = "-"
+        if r.get("rank_p50_ms") is not None and r["p50_ms"]:
+            rank = f"{r['rank_p50_ms']:.0f} ({r['rank_p50_ms'] / r['p50_ms']:.0%})"
+        retrieve = f"{r['retrieve_p50_ms']:.0f}" if r.get("retrieve_p50_ms") else "-"
         lines.append(
             f"| {r['setup']} | {r['endpoint']} | {r['concurrency']} | {r['throughput_rps']:.1f} "
             f"| {r['p50_ms'] or float('nan'):.0f} | {r['p95_ms'] or float('nan'):.0f} "
-            f"| {r['p99_ms'] or float('nan'):.0f} | {r['errors']} | {batch} |"
+            f"| {r['p99_ms'] or float('nan'):.0f} | {r['errors']} | {retrieve} | {rank} | {batch} |"
         )
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     series = {}

@@ -153,27 +153,31 @@ def test_recommend_fallback_and_score_order(client):
 
 def test_serve_config_fits_two_cores_and_holds_a_batch():
     """`serve run serve/config.yaml` on a 2-core machine: one replica of each deployment must
-    be schedulable (measured: with 1 + 1 + 0.25 CPUs the Ingress never started), and the Ranker
-    must accept as many requests at once as it batches."""
+    be schedulable (measured: with 1 + 1 + 0.25 CPUs the Ingress never started), the Models
+    replica must accept as many requests at once as it batches, and its torch threads follow
+    the CPUs it holds (a 1-thread ranker on a 2-core machine took twice as long)."""
     from pathlib import Path
 
     import yaml
 
     from shoprank.serving import app
+    from shoprank.serving.schemas import AppArgs
 
-    spec = yaml.safe_load(Path("serve/config.yaml").read_text())["applications"][0]
-    deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"Retriever", "Ranker", "Ingress"}
-    need = sum(
-        d["autoscaling_config"]["min_replicas"] * d["ray_actor_options"]["num_cpus"]
-        for d in deployments.values()
-    )
-    assert need <= 2
-    coded = [app.Retriever, app.Ranker, app.Ingress]
+    for path in ("serve/config.yaml", "serve/synthetic.yaml"):
+        spec = yaml.safe_load(Path(path).read_text())["applications"][0]
+        deployments = {d["name"]: d for d in spec["deployments"]}
+        assert set(deployments) == {"Models", "Ingress"}
+        need = sum(
+            d["autoscaling_config"]["min_replicas"] * d["ray_actor_options"]["num_cpus"]
+            for d in deployments.values()
+        )
+        assert need <= 2
+        models = deployments["Models"]
+        assert models["max_ongoing_requests"] >= models["user_config"]["max_batch_size"]
+        assert AppArgs.model_validate(spec["args"]).torch_threads is None
+    coded = [app.Models, app.Ingress]
     assert sum(d.ray_actor_options["num_cpus"] for d in coded) <= 2
-    ranker = deployments["Ranker"]
-    assert ranker["max_ongoing_requests"] >= ranker["user_config"]["max_batch_size"]
-    assert app.Ranker.max_ongoing_requests >= app.Ranker.user_config["max_batch_size"]
+    assert app.Models.max_ongoing_requests >= app.Models.user_config["max_batch_size"]
 
 
 def test_the_ranker_reranks_only_as_the_retriever_version_records(

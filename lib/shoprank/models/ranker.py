@@ -7,6 +7,8 @@ ranking metrics, a softmax over each group with the positive first.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ from shoprank.models.encoder import (
 )
 from shoprank.models.export_meta import read_export
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "onnx", "onnx-int8")
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -57,18 +59,96 @@ def ranker_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.
     raise ValueError(f"train.loss={kind!r}: use 'bce' or 'listwise'")
 
 
-def load_for_inference(model_dir: str, precision: str) -> nn.Module:
+def load_for_inference(model_dir: str, precision: str) -> nn.Module | OnnxRanker:
     """An exported ranker ready to score: fp32, bf16 weights (the fastest batch throughput on
-    AMX CPUs and GPUs), or int8 dynamic quantization of its linear layers (CPU)."""
+    AMX CPUs and GPUs), int8 dynamic quantization of its linear layers (CPU), or the same
+    network in ONNX Runtime (fp32, or its own int8 dynamic quantization; CPU)."""
     from transformers import AutoModelForSequenceClassification
 
     if precision not in PRECISIONS:
         raise ValueError(f"ranker precision {precision!r}: use one of {PRECISIONS}")
+    if precision.startswith("onnx"):
+        return OnnxRanker.export(model_dir, quantize=precision == "onnx-int8")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype).eval()
     if precision == "int8":
         model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     return model
+
+
+class OnnxRanker:
+    """The exported cross-encoder as an ONNX Runtime session, called like the transformers
+    model it came from (`model(**tensors).logits`), so `Ranker` scores through it unchanged.
+
+    Exported at load time with torch's dynamo exporter (dynamic batch and length; the
+    TorchScript exporter froze the attention mask's padding logic to the example's shape), to a
+    temporary folder: registry folders stay read-only. ORT uses torch's thread count."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, path: str):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    @classmethod
+    def export(cls, model_dir: str, quantize: bool = False) -> OnnxRanker:
+        import logging
+        import tempfile
+        import warnings
+        from pathlib import Path
+
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, attn_implementation="eager"
+        ).eval()
+        example = {
+            "input_ids": torch.tensor([[101, 2000, 102, 2001, 102], [101, 2000, 102, 2001, 0]]),
+            "token_type_ids": torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 1, 0]]),
+            "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]),
+        }
+        batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=2)
+        out = Path(tempfile.mkdtemp(prefix="shoprank-onnx-")) / "ranker.onnx"
+        # The exporter's notes (dynamic-shape renames, torchvision ops it skips) and ORT's advice
+        # to pre-process before quantizing are not the user's business.
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        root = logging.getLogger()
+        level = root.level
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model,
+                (),
+                kwargs=example,
+                input_names=list(example),
+                output_names=["logits"],
+                dynamic_shapes={k: {0: batch, 1: length} for k in example},
+                dynamo=True,
+                optimize=True,
+                verbose=False,
+            )
+        program.save(str(out))
+        if quantize:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantized = out.with_name("ranker-int8.onnx")
+            root.setLevel(logging.ERROR)
+            try:
+                quantize_dynamic(str(out), str(quantized), weight_type=QuantType.QInt8)
+            finally:
+                root.setLevel(level)
+            out = quantized
+        return cls(str(out))
+
+    def __call__(self, **tensors: torch.Tensor) -> SimpleNamespace:
+        feed = {k: v.numpy().astype(np.int64) for k, v in tensors.items() if k in self.inputs}
+        return SimpleNamespace(logits=torch.from_numpy(self.session.run(None, feed)[0]))
 
 
 class Ranker:
@@ -87,14 +167,14 @@ class Ranker:
     def from_export(cls, directory: str, precision: str = "fp32", batch_size: int = 64) -> Ranker:
         meta = read_export(directory, kind="ranker")
         model = load_for_inference(directory, precision)
-        # int8 dynamic quantization runs on the CPU only; fp32 and bf16 go to a GPU if given.
-        if precision != "int8" and torch.cuda.is_available():
+        # int8 and ONNX Runtime run on the CPU only; fp32 and bf16 go to a GPU if given.
+        if precision in ("fp32", "bf16") and torch.cuda.is_available():
             model = model.to("cuda")
         return cls(model, load_tokenizer(directory), meta.max_length, batch_size)
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.device
 
     def score_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, G, L] token groups -> [B, G] fp32 logits."""

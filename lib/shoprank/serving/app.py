@@ -1,14 +1,18 @@
 """The Ray Serve application: retrieve -> rerank -> business rules behind an authenticated API.
 
-Three deployments, each autoscaled on its own (serve/config.yaml):
-- `Retriever`: the registry's production retriever; embeds the context and scores the catalog
-  with the export's own stage one (its blend, exact; `/search`: the ANN index).
-- `Ranker`: the registry's production cross-encoder; `@serve.batch` gathers concurrent
-  requests' (context, item) pairs into one forward pass (size and wait from its user_config).
+Two deployments, each autoscaled on its own (serve/config.yaml):
+- `Models`: the registry's production retriever and cross-encoder in one replica, torch given
+  every CPU the replica holds. A request's retrieval and rerank run one after the other, each
+  on all the replica's cores (measured on 2 cores: the ranker's 20 pairs take about half the time
+  on 2 threads that they take on 1, and separate replicas with a share of the cores each left
+  one idle while the other worked). `@serve.batch` gathers concurrent requests: their contexts
+  into one pass of the context tower, their (context, item) pairs into one ranker pass (sizes
+  and wait from its user_config). Stage one is the export's own (its blend, exact; `/search`:
+  the ANN index).
 - `Ingress`: the FastAPI routes of serving/frontend.py (key check, limits, feature store,
-  rules) calling the two through deployment handles.
-Both model deployments follow the registry: promote a version and each replica loads it beside
-the old one, then swaps; requests in flight finish on the model they started with.
+  rules) calling `Models` through a deployment handle.
+Both models follow the registry: promote a version and each replica loads it beside the old
+one, then swaps; requests in flight finish on the model they started with.
 
     serve run serve/config.yaml           # or: serve deploy serve/config.yaml (a cluster)
 """
@@ -25,43 +29,44 @@ from shoprank.serving.schemas import AppArgs
 from shoprank.serving.services import RankerService, RetrieverService, read_catalog
 
 
-def _following(service: type, args: AppArgs, name: str, precision: str):
-    """A model service for this replica, polling the registry for new versions."""
-    import torch
+def replica_threads(args: AppArgs) -> int:
+    """torch threads for this replica: `torch_threads`, else the CPUs Ray gave it, rounded up
+    (a replica holding 1.75 of 2 cores uses both; the Ingress's quarter is mostly idle)."""
+    import math
 
-    torch.set_num_threads(args.torch_threads)  # replicas share the machine's cores
-    out = service(args.registry, name, args.alias, read_catalog(args.catalog), precision)
-    out.models.follow(args.poll_s)
-    return out
+    import ray
 
-
-# CPU requests: one replica of each fits a 2-core machine (0.5 + 1 + 0.25); the Retriever encodes
-# one short context per request, the Ranker a batch of (context, item) pairs.
-# Serve lets a replica hold 5 requests at once by default. The Ranker must hold a full batch
-# (max_batch_size) or batches never grow past 5; the Ingress only awaits the other two.
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)
-class Retriever:
-    def __init__(self, args: AppArgs):
-        self.service = _following(RetrieverService, args, args.retriever, args.retriever_precision)
-
-    def retrieve(self, history, query, extra, n) -> dict:
-        return self.service.retrieve(history, query, extra, n)
-
-    def describe(self) -> dict:
-        return self.service.describe()
-
-    def version(self) -> int:
-        return self.service.version()
+    if args.torch_threads is not None:
+        return args.torch_threads
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, math.ceil(cpus))
 
 
+# CPU requests: one replica of each fits a 2-core machine (1.75 + 0.25).
+# Serve lets a replica hold 5 requests at once by default: `Models` must hold a full batch
+# (max_batch_size) or batches never grow past 5; the Ingress only awaits it.
 @serve.deployment(
-    ray_actor_options={"num_cpus": 1},
+    ray_actor_options={"num_cpus": 1.75},
     max_ongoing_requests=64,
     user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
 )
-class Ranker:
+class Models:
     def __init__(self, args: AppArgs):
-        self.service = _following(RankerService, args, args.ranker, args.ranker_precision)
+        import torch
+
+        self.threads = replica_threads(args)
+        torch.set_num_threads(self.threads)
+        catalog = read_catalog(args.catalog)
+        self.retriever = RetrieverService(
+            args.registry, args.retriever, args.alias, catalog, args.retriever_precision
+        )
+        self.retriever.models.follow(args.poll_s)
+        self.ranker = None
+        if args.ranker:
+            self.ranker = RankerService(
+                args.registry, args.ranker, args.alias, catalog, args.ranker_precision
+            )
+            self.ranker.models.follow(args.poll_s)
         self.batch_requests = metrics.Histogram(
             "shoprank_ranker_batch_requests",
             description="Requests gathered into one ranker forward pass (@serve.batch).",
@@ -75,50 +80,67 @@ class Ranker:
         self.passes = {"batches": 0, "requests": 0}  # the same, for jobs/bench_serve.py
 
     def reconfigure(self, config: dict) -> None:
-        """user_config: max_batch_size (1 = no batching) and batch_wait_timeout_s."""
-        self.score_batch.set_max_batch_size(int(config.get("max_batch_size", 32)))
-        self.score_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+        """user_config: max_batch_size (1 = no batching) and batch_wait_timeout_s, for both."""
+        size = int(config.get("max_batch_size", 32))
+        wait = float(config.get("batch_wait_timeout_s", 0.005))
+        for method in (self.retrieve_batch, self.score_batch):
+            method.set_max_batch_size(size)
+            method.set_batch_wait_timeout_s(wait)
+
+    # The batch methods are async and call torch directly on the replica's event loop: one
+    # forward pass at a time, each with all the threads (threads from two concurrent passes
+    # would fight over the same cores); requests arriving meanwhile form the next batch.
+    async def retrieve(self, history, query, extra, n) -> dict:
+        return await self.retrieve_batch((history, query, extra, n))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def retrieve_batch(self, requests: list[tuple]) -> list[dict]:
+        return self.retriever.retrieve_many(requests)
 
     async def score(self, history, context, extra, item_ids) -> dict:
         return await self.score_batch((history, context, extra, item_ids))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def score_batch(self, requests: list[tuple]) -> list[dict]:
-        out = self.service.score_many(requests)
+        out = self.ranker.score_many(requests)
         self.batch_requests.observe(len(requests))
         self.batch_pairs.observe(sum(len(r[3]) for r in requests))
         self.passes["batches"] += 1
         self.passes["requests"] += len(requests)
         return out
 
-    def weights(self) -> str:
-        return self.service.weights()
+    def describe(self) -> dict:
+        weights = self.ranker.weights() if self.ranker else None
+        return {"retriever": self.retriever.describe(), "ranker_weights": weights}
+
+    def versions(self) -> dict[str, int | None]:
+        return {
+            "retriever": self.retriever.version(),
+            "ranker": self.ranker.version() if self.ranker else None,
+        }
 
     def batch_counts(self) -> dict[str, int]:
-        """Forward passes and the requests they held, since the replica started."""
+        """Ranker forward passes and the requests they held, since the replica started."""
         return dict(self.passes)
 
-    def version(self) -> int:
-        return self.service.version()
+    def torch_threads(self) -> int:
+        return self.threads
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, retriever: DeploymentHandle, ranker: DeploymentHandle | None, args: AppArgs):
+    def __init__(self, models: DeploymentHandle, args: AppArgs):
         async def versions() -> dict[str, int | None]:
-            return {
-                "retriever": await retriever.version.remote(),
-                "ranker": await ranker.version.remote() if ranker else None,
-            }
+            return await models.versions.remote()
 
         async def describe() -> dict:
-            weights = await ranker.weights.remote() if ranker else None
-            return stage_two_words(await retriever.describe.remote(), args, weights)
+            got = await models.describe.remote()
+            return stage_two_words(got["retriever"], args, got["ranker_weights"])
 
         backends = Backends(
-            retrieve=lambda *a: retriever.retrieve.remote(*a),
-            score=(lambda *a: ranker.score.remote(*a)) if ranker else None,
+            retrieve=lambda *a: models.retrieve.remote(*a),
+            score=(lambda *a: models.score.remote(*a)) if args.ranker else None,
             versions=versions,
             describe=describe,
         )
@@ -131,13 +153,10 @@ def build_app(args: dict) -> serve.Application:
     registry = Registry(parsed.registry)
     for name in filter(None, (parsed.retriever, parsed.ranker)):
         registry.get(name, parsed.alias)  # fail here, with the registry's message
-    ranker = None
-    if parsed.ranker:
-        options = {}
-        if parsed.max_batch_size is not None or parsed.batch_wait_timeout_s is not None:
-            options["user_config"] = {
-                "max_batch_size": parsed.max_batch_size or 32,
-                "batch_wait_timeout_s": parsed.batch_wait_timeout_s or 0.005,
-            }
-        ranker = Ranker.options(**options).bind(parsed)
-    return Ingress.bind(Retriever.bind(parsed), ranker, parsed)
+    options = {}
+    if parsed.max_batch_size is not None or parsed.batch_wait_timeout_s is not None:
+        options["user_config"] = {
+            "max_batch_size": parsed.max_batch_size or 32,
+            "batch_wait_timeout_s": parsed.batch_wait_timeout_s or 0.005,
+        }
+    return Ingress.bind(Models.options(**options).bind(parsed), parsed)

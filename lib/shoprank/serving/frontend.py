@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request, Security
+from fastapi import FastAPI, HTTPException, Request, Response, Security
 from fastapi.security import APIKeyHeader
 
 from shoprank.console import redact
@@ -114,6 +114,7 @@ class Frontend:
         decision: dict | None = None,
         rerank: bool = True,
         rules: bool = True,
+        timings: dict[str, float] | None = None,
     ) -> tuple[list[schemas.Item], dict[str, int] | None]:
         """Stage two on the first candidates as the retriever's `decision` (its rerank.json)
         says: (1 - mix) z(stage one) + mix z(ranker), the head kept ahead; then the rules."""
@@ -122,7 +123,10 @@ class Frontend:
         top, mix = self.stage_two(decision) if rerank else (0, 0.0)
         top = min(top, len(ids))
         if top:
+            started = time.perf_counter()
             got = await self.backends.score(history, context, extra, ids[:top])
+            if timings is not None:
+                timings["rank"] = (time.perf_counter() - started) * 1000
             # The decision was measured with one ranker: another one's scores are not used
             # (unless the app's rerank_top forces the ranker).
             forced = self.args.rerank_top is not None
@@ -159,14 +163,20 @@ class Frontend:
             return 0, 0.0
         return decision["rerank_top"], decision["mix"]
 
-    async def recommend(self, body: schemas.RecommendRequest) -> schemas.RankedResponse:
+    async def recommend(
+        self, body: schemas.RecommendRequest, timings: dict[str, float] | None = None
+    ) -> schemas.RankedResponse:
+        """`timings`, when given, gets each stage's milliseconds (the Server-Timing header)."""
         history = body.history
         if history is None:
             history = self.features.history(body.user_id)
         history = [i for i in history or [] if i in self.rows]
         fallback = None
         if history:
+            started = time.perf_counter()
             got = await self.backends.retrieve(history, None, body.context, self.args.retrieve_top)
+            if timings is not None:
+                timings["retrieve"] = (time.perf_counter() - started) * 1000
             items, removed = await self.rank(
                 got["item_ids"],
                 got["scores"],
@@ -177,6 +187,7 @@ class Frontend:
                 body.context,
                 got["rerank"],
                 rules=body.rules,
+                timings=timings,
             )
         else:  # an unknown user, or no known item: the most popular items, flagged as such
             fallback = "popular"
@@ -195,11 +206,16 @@ class Frontend:
             stage_one=None if fallback else got["stage_one"],
         )
 
-    async def search(self, body: schemas.SearchRequest) -> schemas.RankedResponse:
+    async def search(
+        self, body: schemas.SearchRequest, timings: dict[str, float] | None = None
+    ) -> schemas.RankedResponse:
         f, col = body.filters, self.columns
         # Filters drop candidates after retrieval: fetch more so that k usually survive.
         n = self.args.retrieve_top * (FILTER_OVERFETCH if f.model_dump(exclude_none=True) else 1)
+        started = time.perf_counter()
         got = await self.backends.retrieve(None, body.query, None, n)
+        if timings is not None:
+            timings["retrieve"] = (time.perf_counter() - started) * 1000
         ids, scores = [], []
         for item, score in zip(got["item_ids"], got["scores"], strict=True):
             r = self.rows[item]
@@ -213,7 +229,13 @@ class Frontend:
             ids.append(item)
             scores.append(score)
         items, removed = await self.rank(
-            ids, scores, body.k, body.explain, context=body.query, decision=got["rerank"]
+            ids,
+            scores,
+            body.k,
+            body.explain,
+            context=body.query,
+            decision=got["rerank"],
+            timings=timings,
         )
         return schemas.RankedResponse(
             items=items, removed=removed, version=await self.versions(), stage_one=got["stage_one"]
@@ -308,14 +330,29 @@ async def version(request: Request) -> dict:
     }
 
 
+def server_timing(response: Response, timings: dict[str, float]) -> None:
+    """Each stage's milliseconds in the standard Server-Timing header (`retrieve;dur=12.3,
+    rank;dur=80.1`): what a client or the serving benchmark reads to see where time goes."""
+    if timings:
+        response.headers["Server-Timing"] = ", ".join(
+            f"{stage};dur={ms:.1f}" for stage, ms in timings.items()
+        )
+
+
 @api.post("/recommend", response_model=schemas.RankedResponse, dependencies=KEY)
-async def recommend(body: schemas.RecommendRequest, request: Request):
-    return await frontend(request).recommend(body)
+async def recommend(body: schemas.RecommendRequest, request: Request, response: Response):
+    timings: dict[str, float] = {}
+    out = await frontend(request).recommend(body, timings)
+    server_timing(response, timings)
+    return out
 
 
 @api.post("/search", response_model=schemas.RankedResponse, dependencies=KEY)
-async def search(body: schemas.SearchRequest, request: Request):
-    return await frontend(request).search(body)
+async def search(body: schemas.SearchRequest, request: Request, response: Response):
+    timings: dict[str, float] = {}
+    out = await frontend(request).search(body, timings)
+    server_timing(response, timings)
+    return out
 
 
 @api.post("/score", response_model=schemas.ScoreResponse, dependencies=KEY)

@@ -18,6 +18,11 @@ from shoprank.serving.services import RankerService, RetrieverService, read_cata
 
 
 def create(args: AppArgs) -> FastAPI:
+    import os
+
+    import torch
+
+    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
     catalog = read_catalog(args.catalog)
     retriever = RetrieverService(
         args.registry, args.retriever, args.alias, catalog, args.retriever_precision

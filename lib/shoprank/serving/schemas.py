@@ -116,7 +116,9 @@ class AppArgs(_Body):
     # The retriever's context tower: bf16 autocast (the fastest on AMX CPUs and GPUs) or fp32,
     # as evaluation embeds with train.bf16.
     retriever_precision: Literal["fp32", "bf16"] = "bf16"
-    torch_threads: int = Field(1, ge=1)  # per model replica: replicas share the machine's cores
-    # The Ranker's @serve.batch (None: serve/config.yaml's user_config decides); 1 = no batching.
+    # torch threads per Models replica; None: the CPUs Ray gives the replica, rounded up.
+    torch_threads: int | None = Field(None, ge=1)
+    # The Models replica's @serve.batch (None: serve/config.yaml's user_config decides);
+    # 1 = no batching.
     max_batch_size: int | None = Field(None, ge=1)
     batch_wait_timeout_s: float | None = Field(None, ge=0)

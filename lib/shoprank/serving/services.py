@@ -64,22 +64,36 @@ class RetrieverService:
     ) -> dict:
         """The n best items for a query, or for a history (newest first) plus any extra
         context words, with their stage-one scores."""
+        return self.retrieve_many([(history, query, extra, n)])[0]
+
+    def retrieve_many(self, requests: list[tuple]) -> list[dict]:
+        """Requests (history, query, extra, n), each answered as `retrieve` would; the blended
+        ones share one forward pass of the context tower and one catalog product."""
         (model, texts, stage, decision), version = self.models.current()
         record = decision.model_dump() if decision is not None else None
-        if query is not None:
-            return {**self._nearest(model, query, n, version), "rerank": record}
-        context = render_context(history or [], texts, model.meta.data, extra)
-        if not stage.blended:
-            return {**self._nearest(model, context, n, version), "rerank": record}
-        blended = stage.scores(model.embed([context]), [history or []])
-        rows = top_n(blended, n)[0]
-        return {
-            "item_ids": [stage.item_ids[r] for r in rows],
-            "scores": blended[0, rows].tolist(),
-            "version": version,
-            "stage_one": "blend",
-            "rerank": record,
-        }
+        out: list[dict | None] = [None] * len(requests)
+        blended: list[tuple[int, str, list[str], int]] = []
+        for j, (history, query, extra, n) in enumerate(requests):
+            if query is not None:
+                out[j] = {**self._nearest(model, query, n, version), "rerank": record}
+                continue
+            context = render_context(history or [], texts, model.meta.data, extra)
+            if stage.blended:
+                blended.append((j, context, history or [], n))
+            else:
+                out[j] = {**self._nearest(model, context, n, version), "rerank": record}
+        if blended:
+            scores = stage.scores(model.embed([b[1] for b in blended]), [b[2] for b in blended])
+            for row, (j, _, _, n) in enumerate(blended):
+                top = top_n(scores[row : row + 1], n)[0]
+                out[j] = {
+                    "item_ids": [stage.item_ids[r] for r in top],
+                    "scores": scores[row, top].tolist(),
+                    "version": version,
+                    "stage_one": "blend",
+                    "rerank": record,
+                }
+        return out
 
     @staticmethod
     def _nearest(model: RetrieverModel, context: str, n: int, version: int) -> dict:
