@@ -67,21 +67,34 @@ class RetrieverService:
         return self.retrieve_many([(history, query, extra, n)])[0]
 
     def retrieve_many(self, requests: list[tuple]) -> list[dict]:
-        """Requests (history, query, extra, n), each answered as `retrieve` would; the blended
-        ones share one forward pass of the context tower and one catalog product."""
+        """Requests (history, query, extra, n), each answered as `retrieve` would, in two
+        forward passes of the context tower at most: one for the blended histories (and one
+        catalog product), one for the queries and unblended contexts (and one index search)."""
         (model, texts, stage, decision), version = self.models.current()
         record = decision.model_dump() if decision is not None else None
         out: list[dict | None] = [None] * len(requests)
         blended: list[tuple[int, str, list[str], int]] = []
+        nearest: list[tuple[int, str, int]] = []  # queries, and contexts without a blend
         for j, (history, query, extra, n) in enumerate(requests):
             if query is not None:
-                out[j] = {**self._nearest(model, query, n, version), "rerank": record}
+                nearest.append((j, query, n))
                 continue
             context = render_context(history or [], texts, model.meta.data, extra)
             if stage.blended:
                 blended.append((j, context, history or [], n))
             else:
-                out[j] = {**self._nearest(model, context, n, version), "rerank": record}
+                nearest.append((j, context, n))
+        if nearest:
+            scores, rows = model.search([t for _, t, _ in nearest], max(n for *_, n in nearest))
+            for row, (j, _, n) in enumerate(nearest):
+                keep = rows[row, :n] >= 0
+                out[j] = {
+                    "item_ids": [model.index.item_ids[r] for r in rows[row, :n][keep]],
+                    "scores": scores[row, :n][keep].tolist(),
+                    "version": version,
+                    "stage_one": "retriever",
+                    "rerank": record,
+                }
         if blended:
             scores = stage.scores(model.embed([b[1] for b in blended]), [b[2] for b in blended])
             for row, (j, _, _, n) in enumerate(blended):
@@ -94,17 +107,6 @@ class RetrieverService:
                     "rerank": record,
                 }
         return out
-
-    @staticmethod
-    def _nearest(model: RetrieverModel, context: str, n: int, version: int) -> dict:
-        scores, rows = model.search([context], n)
-        keep = rows[0] >= 0
-        return {
-            "item_ids": [model.index.item_ids[r] for r in rows[0][keep]],
-            "scores": scores[0][keep].tolist(),
-            "version": version,
-            "stage_one": "retriever",
-        }
 
     def describe(self) -> dict:
         (_, _, stage, decision), version = self.models.current()
