@@ -323,17 +323,21 @@ def test_object_store_writers_are_serialised_by_a_lease(tmp_path):
     import shoprank.train.export  # noqa: F401  (imported once, before the threads race)
 
     sources = [str(fake_export(tmp_path / f"src{i}", 0.01 * i, i, size=1 << 12)) for i in range(6)]
-    start, got = threading.Barrier(len(sources)), []
+    start, got, errors = threading.Barrier(len(sources)), [], []
 
     def write(src: str) -> None:
         start.wait()
-        got.append(_object_store(tmp_path).register("shop", src).version)
+        try:
+            got.append(_object_store(tmp_path).register("shop", src).version)
+        except Exception as err:  # a thread's error would otherwise only be printed
+            errors.append(err)
 
     threads = [threading.Thread(target=write, args=(s,)) for s in sources]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
+    assert errors == []
     assert sorted(got) == list(range(1, 7))
     reg = _object_store(tmp_path)
     assert sorted(e["version"] for e in reg.history("shop")) == list(range(1, 7))

@@ -21,7 +21,7 @@ rename nor locks: files are written straight into the version folder and registr
 a half-written version stays invisible; numbering, aliases and history are serialised by a
 lease: a writer puts its own object under `.leases/`, then lists the folder, and goes on only if
 no other live lease is there (else the oldest contender keeps its lease and waits, the others
-take theirs back and retry after a random pause). Two
+take theirs back and put them up again only once no live lease is left, so nobody starves). Two
 writers cannot both go on: the later of the two listings sees the other's lease (S3 and GCS list
 what was written before). A lease is renewed while held and expires `LEASE_S` after a writer
 dies; a writer that waits longer than `lock_wait_s` gets a RegistryError naming the holder.
@@ -295,20 +295,42 @@ class Registry:
         return version
 
     def promote(
-        self, name: str, ref: str | int, metric: str, margin: float = 0.0, mode: str = "max"
+        self,
+        name: str,
+        ref: str | int,
+        metric: str,
+        margin: float = 0.0,
+        mode: str = "max",
+        measured: tuple[int, float] | None = None,
     ) -> Decision:
         """Moves production to `ref` only if it beats production on `metric` by more than
         `margin` (mode "max": higher is better, "min": lower). Every decision, either way, is
-        recorded in the history with its reason."""
+        recorded in the history with its reason.
+
+        `measured` = (production version, value): production's `metric` measured on the same
+        data as the candidate's (a retraining scores both on the newest day), used instead of
+        the value recorded at its registration; a RegistryError if production is no longer
+        that version (it moved while the candidate was being measured)."""
         if mode not in ("max", "min"):
             raise RegistryError(f"mode={mode!r}: use 'max' (higher is better) or 'min'")
         if not (math.isfinite(margin) and margin >= 0):
             raise RegistryError(f"margin={margin!r}: give a number >= 0 (0 = any improvement)")
+        if measured is not None and not math.isfinite(measured[1]):
+            raise RegistryError(f"measured production {metric}={measured[1]!r} is not finite")
         with self._lock(name):
             cand = self.get(name, ref)
             cv = _metric(cand, metric)
             prod_n = self.aliases(name).get(PRODUCTION)
-            pv = None if prod_n is None else _metric(self.get(name, prod_n), metric)
+            if measured is not None and prod_n != measured[0]:
+                now = "none" if prod_n is None else f"v{prod_n}"
+                raise RegistryError(
+                    f"{name}: production is {now}, not v{measured[0]} as when the candidate "
+                    f"v{cand.version} was measured against it; measure again"
+                )
+            if measured is not None:
+                pv = float(measured[1])
+            else:
+                pv = None if prod_n is None else _metric(self.get(name, prod_n), metric)
             better = "higher" if mode == "max" else "lower"
             head = f"v{cand.version} {metric}={cv:.6g}"
             if prod_n is None:
@@ -339,6 +361,7 @@ class Registry:
                 margin=margin,
                 candidate_value=cv,
                 production_value=pv,
+                production_measured=measured is not None,
                 reason=reason,
             )
         return decision
@@ -442,6 +465,36 @@ class Registry:
             f.write(old + line.encode())
 
     @contextlib.contextmanager
+    def hold(self, name: str, purpose: str) -> Iterator[None]:
+        """An exclusive hold on `name` for a long task (a retraining run) that refuses rather
+        than waits: while one process holds `purpose`, another gets a RegistryError naming the
+        holder. Apart from the writers' lock, so the holder still registers and promotes.
+        Locally an fcntl lock on `<model>/.<purpose>.lock` (it dies with its process); on an
+        object store a lease under `<model>/.leases-<purpose>/` (as the writers' lease)."""
+        if not _NAME.fullmatch(purpose):
+            raise RegistryError(f"purpose {purpose!r}: use letters, digits, '.', '_' and '-'")
+        if not self.local:
+            with self._lease(name, f"{LEASES}-{purpose}", wait_s=0.0, what=purpose):
+                yield
+            return
+        self.fs.create_dir(self._path(name), recursive=True)
+        with open(self._path(name, f".{purpose}.lock"), "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise RegistryError(
+                    f"{name}: a {purpose} is already running ({holder}); this one is refused "
+                    "and changes nothing: try again when it has finished"
+                ) from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"{socket.gethostname()} pid {os.getpid()} since {_now()}")
+            f.flush()
+            yield  # released when the file closes
+
+    @contextlib.contextmanager
     def _lock(self, name: str) -> Iterator[None]:
         """An exclusive hold on the model between processes: an fcntl lock locally, a lease on
         object stores."""
@@ -455,10 +508,15 @@ class Registry:
             yield
 
     @contextlib.contextmanager
-    def _lease(self, name: str) -> Iterator[None]:
-        folder = self._path(name, LEASES)
-        # Named by time: when writers see each other, the oldest keeps its lease and waits for
-        # the others to withdraw (no livelock); it still goes on only when alone in the list.
+    def _lease(
+        self, name: str, leases: str = LEASES, wait_s: float | None = None, what: str = "writer"
+    ) -> Iterator[None]:
+        folder = self._path(name, leases)
+        wait_s = self.lock_wait_s if wait_s is None else wait_s
+        # Named by time: when writers see each other, the oldest keeps its lease and waits; the
+        # younger ones withdraw theirs and put them back only once no live lease is left, so the
+        # oldest is never starved by contenders flickering in and out. A writer goes on only
+        # when its own lease is up and a listing after it shows no other.
         mine = posixpath.join(folder, f"{time.time_ns():020d}-{uuid.uuid4().hex}.json")
         owner = f"{socket.gethostname()} pid {os.getpid()}"
 
@@ -466,26 +524,29 @@ class Registry:
             self._write_json(mine, {"owner": owner, "expires": time.time() + LEASE_S})
 
         self.fs.create_dir(folder, recursive=True)
-        deadline = time.monotonic() + self.lock_wait_s
+        deadline = time.monotonic() + wait_s
         put()
+        up = True
         while True:
             others = self._live_leases(folder, mine)
             if not others:
-                break
-            oldest = min(others)[0] > posixpath.basename(mine)
-            if not oldest:
-                self.fs.delete_file(mine)
+                if up:
+                    break
+                put()
+                up = True
+                continue
+            if up and min(others)[0] < posixpath.basename(mine):
+                self.fs.delete_file(mine)  # an older writer is waiting or writing: withdraw
+                up = False
             if time.monotonic() > deadline:
-                if oldest:
+                if up:
                     self.fs.delete_file(mine)
                 raise RegistryError(
-                    f"{name}: another writer holds the registry ({min(others)[1]}) for over "
-                    f"{self.lock_wait_s:g} s; retry later. A writer that died frees it within "
+                    f"{name}: another {what} holds the registry ({min(others)[1]}) for over "
+                    f"{wait_s:g} s; retry later. A {what} that died frees it within "
                     f"{LEASE_S:g} s (or delete its lease under {self._uri(folder)})"
                 )
             time.sleep(random.uniform(0.02, 0.2))
-            if not oldest:
-                put()
         held = threading.Event()
 
         def renew() -> None:
@@ -508,8 +569,14 @@ class Registry:
             if info.path == mine or info.type != pafs.FileType.File:
                 continue
             try:
-                lease = self._read_json(info.path) or {}
+                lease = self._read_json(info.path)
+            except FileNotFoundError:  # withdrawn between the listing and the read
+                continue
             except RegistryError:  # being written this instant: count it as live
+                lease = None
+            if lease is None:  # half-written, or gone: live only if it still exists
+                if self.fs.get_file_info(info.path).type != pafs.FileType.File:
+                    continue
                 lease = {"owner": "a writer", "expires": time.time() + 1}
             if float(lease.get("expires", 0)) < time.time():
                 with contextlib.suppress(FileNotFoundError, OSError):
