@@ -25,6 +25,7 @@ def run_job(name: str, args: list[str], monkeypatch) -> None:
 
 
 def test_train_then_evaluate(ray_local, tmp_path, tiny_shop, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # tracking's default store, below
     args = [
         *shop_overrides(tiny_shop),
         f"run.storage={tmp_path}",
@@ -33,6 +34,7 @@ def test_train_then_evaluate(ray_local, tmp_path, tiny_shop, tiny_model_dir, mon
         f"model.name={tiny_model_dir}",
         "model.max_length=64",
         "train.max_steps=6",
+        "train.log_every_steps=2",
         "train.batch_size=4",
         "train.lr=1e-3",
         "data.val_users=8",
@@ -78,6 +80,30 @@ def test_train_then_evaluate(ray_local, tmp_path, tiny_shop, tiny_model_dir, mon
     bad = pq.read_table(out / "quarantine" / "events")
     assert bad.num_rows == meta["data_quality"]["events"]["bad"]
     assert set(bad["reason"].to_pylist()) == set(meta["data_quality"]["events"]["reasons"])
+
+    # The MLflow run, in the store beside the runs: the config as params, every step record
+    # (those the export keeps) at its step, each validation at its step, the report's metrics,
+    # the report and the export as artifacts.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("shoprank").experiment_id])
+    run_id = tracked.info.run_id
+    assert f"MLflow run {run_id} (new)" in printed
+    assert tracked.info.status == "FINISHED" and tracked.data.params["run.name"] == "job"
+    assert tracked.data.params["train.lr"] == "0.001"
+
+    def logged(key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+    assert [s["step"] for s in meta["steps"]] == [2, 4, 6]
+    assert logged("train/loss") == [(s["step"], pytest.approx(s["loss"])) for s in meta["steps"]]
+    assert [s for s, _ in logged("train/pairs_per_s")] == [2, 4, 6]
+    assert [s for s, _ in logged("val/auc")] == [h["step"] for h in meta["history"]]
+    ranker = metrics["fine-tuned ranker"]
+    assert tracked.data.metrics["test/fine-tuned ranker/auc"] == pytest.approx(ranker["auc"])
+    files = {a.path for d in ("report_test", "export") for a in client.list_artifacts(run_id, d)}
+    assert {"report_test/report.md", "report_test/training.png", "export/shoprank.json"} <= files
 
     run_job("evaluate.py", [*args, "eval.split=valid"], monkeypatch)
     assert "fine-tuned ranker" in capsys.readouterr().out

@@ -28,6 +28,7 @@ def app(ray_local, tmp_path_factory, tiny_shop, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("serve")
     setup = serving_setup(tmp, tiny_shop, tiny_model_dir, KEY)
     args = {**setup.args, "poll_s": 0.5, "ranker_precision": "fp32", "docs": True}
+    args |= {"impressions_dir": str(tmp / "served"), "impressions_flush_s": 0.5}
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="shoprank", route_prefix="/")
@@ -60,7 +61,7 @@ def test_health_version_and_openapi(app):
     version = get(url, "/version").json()
     assert version["models"] == {"retriever": 1, "ranker": 1}
     paths = get(url, "/openapi.json").json()["paths"]  # this app's args turn docs on
-    assert {"/recommend", "/search", "/score", "/healthz", "/version"} <= set(paths)
+    assert {"/recommend", "/search", "/score", "/feedback", "/healthz", "/version"} <= set(paths)
 
 
 def test_recommend_search_score(app, tiny_shop):
@@ -97,6 +98,27 @@ def test_recommend_search_score(app, tiny_shop):
     scored = post(url, "/score", {"context": "gel pens", "item_ids": [ids[0], "NOPE"]}).json()
     assert isinstance(scored["scores"][0], float) and scored["scores"][1] is None
     assert scored["unknown_items"] == ["NOPE"]
+
+    # The answers were logged as impressions; feedback on one is stored beside them (the
+    # replica's thread writes every 0.5 s) and the served-events log reads as events.
+    click = {"request_id": body["request_id"], "item_id": ids[3], "event": "click"}
+    assert post(url, "/feedback", click).json() == {"stored": True, "reason": None}
+    assert post(url, "/feedback", click).json() == {"stored": False, "reason": "duplicate"}
+    assert post(url, "/feedback", {**click, "item_id": "NOPE"}).status_code == 422
+    served = setup.tmp / "served"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        got = pads.dataset(served, partitioning="hive").to_table() if served.exists() else None
+        if got is not None and "click" in got["event"].to_pylist():
+            break
+        time.sleep(0.25)
+    mine = got.filter(pads.field("request_id") == body["request_id"]).to_pylist()
+    assert [(r["event"], r["position"]) for r in mine if r["item_id"] == ids[3]] == [
+        ("impression", 3),
+        ("click", 3),
+    ]
+    assert {r["user_id"] for r in mine} == {user}
+    assert {found.json()["request_id"], unknown["request_id"]} <= set(got["request_id"].to_pylist())
 
 
 @pytest.mark.parametrize(
@@ -184,11 +206,13 @@ def test_hostile_requests_over_http(app):
     """The hand-written hostile cases through Serve's HTTP proxy, plus what only a real
     connection can send: a chunked 1 MB body (no Content-Length) and an oversized one."""
     from test_hardening import HOSTILE
+    from test_impressions import FEEDBACK_HOSTILE
 
     url, *_ = app
     headers = {"x-api-key": KEY, "content-type": "application/json"}
     with httpx.Client(timeout=60) as client:
-        for path, body, status, says in HOSTILE:
+        hostile = HOSTILE + [("/feedback", *case) for case in FEEDBACK_HOSTILE]
+        for path, body, status, says in hostile:
             got = client.post(url + path, content=body, headers=headers)
             assert (got.status_code, path) == (status, path) and says in got.text, got.text
 
@@ -237,6 +261,9 @@ def test_fuzz_from_the_openapi_schema(app):
             (p, "POST", GenerationMode.POSITIVE, False, 60)
             for p in ("/recommend", "/search", "/score")
         ],
+        ("/feedback", "POST", GenerationMode.POSITIVE, True, 100),
+        ("/feedback", "POST", GenerationMode.NEGATIVE, True, 100),
+        ("/feedback", "POST", GenerationMode.POSITIVE, False, 20),
         ("/version", "GET", GenerationMode.POSITIVE, True, 20),
         ("/healthz", "GET", GenerationMode.POSITIVE, False, 20),
     ]
@@ -269,3 +296,74 @@ def test_fuzz_from_the_openapi_schema(app):
     print(f"\nfuzz: {total} requests, by status {dict(sorted(by_status.items()))}")
     assert total >= 2000 and not any(s >= 500 for s in by_status)
     assert by_status[200] > 300 and by_status[422] > 300 and by_status[401] > 50
+
+
+def test_model_replica_killed_under_load_is_replaced(app, tiny_shop):
+    """SIGKILL to the model replica under closed-loop load from CLIENTS clients: Serve starts a
+    new one by itself; the only failed requests are ones in flight at the kill (at most one per
+    client), and every request sent after the kill is answered with 200."""
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    url, _ = app
+    user, _ = _known_user(tiny_shop)
+    clients = 4
+    answers: list[tuple[float, float, int]] = []  # (sent, answered, status; 0 = no answer)
+    stop = threading.Event()
+
+    def closed_loop() -> None:
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                sent = time.time()
+                try:
+                    status = client.post(
+                        url + "/recommend",
+                        json={"user_id": user, "k": 5},
+                        headers={"x-api-key": KEY},
+                    ).status_code
+                except httpx.HTTPError:
+                    status = 0
+                answers.append((sent, time.time(), status))
+
+    def replicas() -> list:
+        alive = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+        return [
+            a
+            for a in alive
+            if a.class_name.startswith("ServeReplica:shoprank:")
+            and not a.class_name.endswith(":Ingress")
+        ]
+
+    threads = [threading.Thread(target=closed_loop) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    (victim,) = replicas()
+    os.kill(victim.pid, signal.SIGKILL)
+    killed_at = time.time()
+    deadline = killed_at + 120
+    while not any(a.actor_id != victim.actor_id for a in replicas()):
+        assert time.time() < deadline, "Serve did not start a new model replica"
+        time.sleep(0.5)
+    replaced_at = time.time()
+    while not any(sent > replaced_at and status == 200 for sent, _, status in answers):
+        assert time.time() < deadline, "no request succeeded after the new replica started"
+        time.sleep(0.2)
+    time.sleep(2)  # and the new replica keeps serving
+    stop.set()
+    for t in threads:
+        t.join()
+
+    failed = [(sent, answered, status) for sent, answered, status in answers if status != 200]
+    in_flight = [a for a in answers if a[0] <= killed_at <= a[1]]
+    print(
+        f"\nreplica killed under load: {len(answers)} requests, {len(failed)} failed "
+        f"({sorted({s for *_, s in failed})}), {len(in_flight)} in flight at the kill, "
+        f"new replica after {replaced_at - killed_at:.1f} s"
+    )
+    assert all(sent <= killed_at for sent, _, _ in failed), failed
+    assert len(failed) <= len(in_flight) <= clients
+    after = [status for sent, _, status in answers if sent > killed_at]
+    assert after and set(after) == {200}

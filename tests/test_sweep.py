@@ -135,6 +135,7 @@ def test_warm_start_tells_optuna_the_earlier_trials(tmp_path):
 def test_sweep_stops_a_trial_registers_the_winner(
     ray_local, tmp_path, tiny_shop, tiny_model_dir, monkeypatch, capsys
 ):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # tracking's default store, below
     registry = tmp_path / "registry"
     args = [
         *shop_overrides(tiny_shop),
@@ -206,3 +207,25 @@ def test_sweep_stops_a_trial_registers_the_winner(
     assert version.metadata["sweep"]["trial"] == rows[0]["trial"]
     assert "registered tiny v1" in printed and "production ->" in printed
     assert (out / "report_test" / "report.md").exists()
+
+    # MLflow: the sweep's run with one run per trial nested under it, each with its searched
+    # values as params and its steps and validations at their steps (the frozen one's cut short).
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = [client.get_experiment_by_name("shoprank").experiment_id]
+    (parent,) = client.search_runs(experiment, "tags.`shoprank.kind` = 'sweep'")
+    assert f"MLflow run {parent.info.run_id} (the sweep, 4 trial runs nested)" in printed
+    assert "sweep/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    nested = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    trials = {t.data.tags["trial"]: t for t in client.search_runs(experiment, nested)}
+    assert set(trials) == {r["trial"] for r in rows}
+    for row in rows:
+        tracked = trials[row["trial"]]
+        assert float(tracked.data.params["train.lr"]) == pytest.approx(row["train.lr"])
+        assert int(tracked.data.params["lora.r"]) == row["lora.r"]
+        assert tracked.data.tags["status"] == row["status"]
+        history = client.get_metric_history(tracked.info.run_id, "val/logloss")
+        assert sorted(m.step for m in history) == [2, 4, 6, 8][: row["validations"]]
+        losses = client.get_metric_history(tracked.info.run_id, "train/loss")
+        assert sorted(m.step for m in losses) == [2, 4, 6, 8][: row["validations"]]

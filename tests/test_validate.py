@@ -387,3 +387,52 @@ def test_duplicates_across_batches_are_quarantined(tmp_path, ray_local):
     assert data.counts["events"]["reasons"] == {"duplicate": 5}
     quarantined = pq.read_table(tmp_path / "quarantine" / "events")
     assert quarantined.num_rows == 5 and set(quarantined["reason"].to_pylist()) == {"duplicate"}
+
+
+# ---------------------------------------------------------------------------------------------
+# served columns (request_id, model versions): optional, typed when present
+
+
+def test_events_without_served_columns_load_unchanged():
+    table = _events_table(_event_rows()[:4])
+    checked = check_events(table, CATALOG_IDS)
+    names = [f.name for f in contract.EVENTS_SCHEMA]
+    assert checked.column_names == [*names, "split", contract.REASON]
+    for field in contract.EVENTS_SERVED_FIELDS:
+        assert field.name not in checked.column_names
+
+
+def test_served_columns_are_conformed_after_the_contract_columns(tmp_path):
+    table = _events_table(_event_rows()[:2]).append_column(
+        "ranker_version", pa.array([None, 3], pa.int32())
+    )
+    table = table.append_column("request_id", pa.array(["r1", "r1"], pa.large_string()))
+    table = table.append_column("dt", pa.array(["2026-01-01"] * 2))  # a hive partition column
+    checked = check_events(_roundtrip(table, tmp_path / "e.parquet"), CATALOG_IDS)
+    assert _reasons(checked) == [None, None]
+    names = [f.name for f in contract.EVENTS_SCHEMA]
+    assert checked.column_names == [
+        *names, "request_id", "ranker_version", "split", "dt", contract.REASON,
+    ]  # fmt: skip
+    assert checked.schema.field("request_id").type == pa.string()
+    assert checked.schema.field("ranker_version").type == pa.int64()
+    assert checked["ranker_version"].to_pylist() == [None, 3]
+    served = contract.SERVED_EVENTS_SCHEMA
+    assert served.names == [*names, "request_id", "retriever_version", "ranker_version"]
+
+
+@pytest.mark.parametrize(
+    ("column", "bad_type", "hint"),
+    [
+        ("request_id", pa.int64(), "expected string"),
+        ("retriever_version", pa.string(), "expected an integer"),
+        ("ranker_version", pa.float64(), "expected an integer"),
+    ],
+)
+def test_served_column_with_a_wrong_type_is_named(column, bad_type, hint):
+    fields = [f for f in contract.SERVED_EVENTS_SCHEMA if f.name != column]
+    with pytest.raises(SchemaError) as err:
+        check_schema(pa.schema([*fields, pa.field(column, bad_type)]), "events")
+    message = str(err.value)
+    assert f"events: column '{column}' has type {bad_type}" in message
+    assert hint in message and "cast it" in message

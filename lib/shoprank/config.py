@@ -6,6 +6,7 @@ repeated exactly.
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +50,11 @@ class DataConfig(Section):
     # Sampled negatives per training positive (never the positive itself); the retriever can
     # use 0, since every other item of its batch is a negative already.
     negatives: int = Field(3, ge=0)
+    # Training negatives taken first from the items shown in the same request (request_id, else
+    # session_id) and not engaged with: the click model's negatives (impressions, such as the
+    # serving app's event log writes); sampled items fill the rest. Evaluation groups keep the
+    # sampled protocol.
+    shown_negatives: bool = False
     # Candidates per validation / test user: 1 positive + (eval_candidates - 1) sampled;
     # 1 keeps only the positive (the full-catalog protocol ranks every item anyway).
     eval_candidates: int = Field(100, ge=1)
@@ -134,10 +140,41 @@ class TrainConfig(Section):
     metric: str = "ndcg@10"
     metric_mode: Literal["max", "min"] = "max"
     keep_checkpoints: int = Field(2, ge=1)
+    # Also checkpoint every N optimizer steps between validations (None = at validations only):
+    # bounds the steps a failure loses. These carry no metric, so Ray ranks them below every
+    # validated one: it keeps the latest checkpoint (what a restart resumes) and the best
+    # `keep_checkpoints` validated ones (what the export picks from).
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    # Restarts of the worker group after a worker or node fails, each from the latest checkpoint
+    # (Ray Train FailureConfig; -1 = no limit). Sweep trials are retried by sweep.max_failures.
+    max_failures: int = Field(2, ge=-1)
+    # Elastic: carry on with as few as this many workers when workers or nodes are lost, and grow
+    # back to num_workers when they return (None = exactly num_workers). Needs zero_stage=0.
+    min_workers: int | None = Field(None, ge=1)
     # Stop after this many validations without improvement (None = never).
     early_stopping_patience: int | None = 2
     eval_batch_size: int = 200  # pairs per validation forward pass
     log_every_steps: int = 10
+
+    @model_validator(mode="after")
+    def _elastic_needs_stage_0(self) -> TrainConfig:
+        if self.min_workers is None:
+            return self
+        if self.min_workers > self.num_workers:
+            raise ValueError(
+                f"train.min_workers={self.min_workers} exceeds train.num_workers="
+                f"{self.num_workers}; set it at most num_workers (or null for a fixed count)"
+            )
+        if self.min_workers < self.num_workers and self.zero_stage != 0:
+            # DeepSpeed 0.19.8 refuses a ZeRO checkpoint saved at another data-parallel world
+            # size ("Automatic adjustment of ZeRO's optimizer state partitioning ... is not
+            # currently supported"): each rank's optimizer shard is its own file.
+            raise ValueError(
+                f"train.min_workers={self.min_workers} with train.zero_stage={self.zero_stage}: "
+                "ZeRO optimizer shards cannot be resumed on fewer workers; set "
+                "train.zero_stage=0 (LoRA's optimizer state is small) or train.min_workers=null"
+            )
+        return self
 
 
 class EvalConfig(Section):
@@ -170,9 +207,10 @@ class EvalConfig(Section):
     # Stage two's order: (1 - mix) z(stage one) + mix z(ranker), one report row per mix
     # (1 = the ranker alone); try several on valid, keep the best for test.
     rerank_mix: list[float] = [1.0]
-    # Weights the ranker scores with: fp32, bf16, or int8 dynamic quantization (CPU); None =
-    # bf16 when train.bf16, else fp32. The serving app takes the same choice.
-    ranker_precision: Literal["fp32", "bf16", "int8"] | None = None
+    # Weights the ranker scores with: fp32, bf16, int8 dynamic quantization (CPU), or ONNX
+    # Runtime fp32 / int8 (CPU); None = bf16 when train.bf16, else fp32. The serving app takes
+    # the same choice.
+    ranker_precision: Literal["fp32", "bf16", "int8", "onnx", "onnx-int8"] | None = None
 
 
 class Dimension(Section):
@@ -233,6 +271,37 @@ class RegistryConfig(Section):
     promote: bool = True
 
 
+class TrackingConfig(Section):
+    """MLflow experiment tracking (lib/shoprank/tracking.py): each training run and each sweep
+    trial becomes an MLflow run with its config, its metrics per step, its report and export."""
+
+    enabled: bool = True
+    # An MLflow tracking URI (sqlite:///PATH, http://HOST:5000, ...). None: $MLFLOW_TRACKING_URI
+    # when set, else a SQLite store beside the runs: mlflow.db and mlartifacts/ under
+    # run.storage (under outputs/ when run.storage is remote), as reports and exports are.
+    uri: str | None = None
+    experiment: str = "shoprank"
+
+
+class RetrainConfig(Section):
+    """jobs/retrain.py (lib/shoprank/loop/retrain.py): train production further on the day
+    partitions newer than its snapshot, judged on the newest day, promoted through the gate."""
+
+    # Events folders with dt=YYYY-MM-DD partitions, read as one log: the shop's own events and
+    # the serving app's impressions_dir. Empty: data.events alone.
+    events: list[str] = []
+    # Days trained on, ending the day before the newest (which is held out: the gate's data).
+    window_days: int = Field(3, ge=1)
+    # Earlier days read only for users' histories (the contexts), never trained on.
+    history_days: int = Field(14, ge=0)
+    # The newest day production was trained on, for a production version that does not record
+    # it (registered by jobs/train.py); versions a retraining registers record their own.
+    since: date | None = None
+    # What the gate compares on the newest day's groups (higher or lower is better as
+    # train.metric_mode says), with registry.margin.
+    metric: Literal["ndcg@10", "recall@10", "auc", "logloss"] = "ndcg@10"
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -244,6 +313,8 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     sweep: SweepConfig = SweepConfig()
     registry: RegistryConfig = RegistryConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
     @model_validator(mode="after")
     def _space_keys_exist(self) -> Config:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 EVENT_TYPES = ("impression", "click", "add_to_cart", "purchase")
-# Events that count as a positive signal for ranking and retrieval.
+# Events that count as a positive signal for ranking and retrieval. An impression (shown, no
+# more) never is: builders that want shown-but-not-clicked negatives read it explicitly.
 POSITIVE_EVENTS = ("click", "add_to_cart", "purchase")
 
 CATALOG_SCHEMA = pa.schema(
@@ -29,10 +30,20 @@ EVENTS_SCHEMA = pa.schema(
         pa.field("event", pa.string(), nullable=False),
         pa.field("query", pa.string()),  # null when browsing
         pa.field("session_id", pa.string()),
-        pa.field("position", pa.int64()),
+        pa.field("position", pa.int64()),  # the 0-based rank shown, where the source knows it
     ]
 )
 EVENTS_REQUIRED = ("user_id", "item_id", "ts", "event")
+# Optional columns that the serving app's event log writes (serving/impressions.py): which
+# answer an event belongs to and which registry versions made it. Type-checked and conformed
+# when present; never added to sources without them (their tables load as before).
+EVENTS_SERVED_FIELDS = (
+    pa.field("request_id", pa.string()),
+    pa.field("retriever_version", pa.int64()),
+    pa.field("ranker_version", pa.int64()),  # null: no ranker deployed
+)
+# What the app writes: the contract's columns, then the served ones.
+SERVED_EVENTS_SCHEMA = pa.schema([*EVENTS_SCHEMA, *EVENTS_SERVED_FIELDS])
 # Optional column: `split` in {"train", "valid", "test"} pins a dataset's published split
 # (the Amazon importer writes it); without it the leave-one-out split is derived from `ts`.
 SPLITS = ("train", "valid", "test")

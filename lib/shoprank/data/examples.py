@@ -6,6 +6,11 @@ the user's history (recommendation) or the query of the search that led to the p
 hold 1 + `negatives` items; validation and test groups hold 1 + (eval_candidates - 1), the
 sampled-candidate protocol. Keeping a group in one row lets Ray Data shuffle rows freely while
 BCE and the listwise softmax both see whole groups.
+
+With `data.shown_negatives` the events keep their impressions, and a training group's
+negatives come first from the items shown in the same request (`request_id`, else
+`session_id`) and not engaged with: the click model's own negatives (docs/DESIGN.md), which
+the served-events log provides for every answer. Sampled items fill the rest of the group.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from shoprank.config import DataConfig
 from shoprank.data.contract import POSITIVE_EVENTS, SPLITS
 from shoprank.data.sampling import sample_negatives, user_rng
 from shoprank.data.text import render_context, render_items
+
+IMPRESSION = "impression"
 
 EXAMPLE_SCHEMA = pa.schema(
     [
@@ -59,6 +66,13 @@ class ExampleBuilder:
         if "position" in events.column_names:
             sort_keys.append(("position", "ascending"))
         events = events.sort_by(sort_keys)
+        shown: dict[str, list[int]] = {}
+        if self.cfg.shown_negatives:
+            impression = pc.equal(events["event"], IMPRESSION)
+            shown = self._shown(events.filter(impression))
+            events = events.filter(pc.invert(impression))
+            if events.num_rows == 0:  # shown, never engaged with: no group
+                return EXAMPLE_SCHEMA.empty_table()
         user = events["user_id"][0].as_py()
         seq = [self.index[i] for i in events["item_id"].to_pylist()]
         if "split" in events.column_names:
@@ -69,13 +83,16 @@ class ExampleBuilder:
         queries = events["query"].to_pylist() if search else None
         rng = user_rng(self.seed, user)
         exclude = np.asarray(seq)
+        requests = request_keys(events) if shown else [None] * len(seq)
         rows: dict[str, list] = {name: [] for name in EXAMPLE_SCHEMA.names}
         for i, (target, split) in enumerate(zip(seq, splits, strict=True)):
-            if i == 0 and not search:
-                continue  # no history to predict from
+            if (i == 0 and not search) or split not in SPLITS:
+                continue  # no history to predict from, or an event kept for histories only
             history = [self.item_ids[h] for h in seq[:i][::-1]]  # newest first
             n_neg = self.cfg.negatives if split == "train" else self.cfg.eval_candidates - 1
-            candidates = [target, *sample_negatives(rng, len(self.item_ids), exclude, n_neg)]
+            seen = shown.get(requests[i], []) if split == "train" else []
+            negatives = self.negatives(rng, exclude, n_neg, seen)
+            candidates = [target, *negatives]
             rows["user_id"].append(user)
             rows["split"].append(split)
             rows["context"].append(
@@ -89,6 +106,40 @@ class ExampleBuilder:
             rows["labels"].append([1.0] + [0.0] * n_neg)
         return pa.table(rows, schema=EXAMPLE_SCHEMA)
 
+    def _shown(self, impressions: pa.Table) -> dict[str, list[int]]:
+        """Catalog rows shown per request, in the order shown."""
+        out: dict[str, list[int]] = {}
+        items = impressions["item_id"].to_pylist()
+        for key, item in zip(request_keys(impressions), items, strict=True):
+            if key is not None and item in self.index:
+                out.setdefault(key, []).append(self.index[item])
+        return out
+
+    def negatives(
+        self, rng: np.random.Generator, exclude: np.ndarray, n: int, shown: list[int]
+    ) -> np.ndarray:
+        """n negatives: items of `shown` (the request's impressions) that the user never
+        engaged with, at most n of them drawn at random, then sampled items for the rest."""
+        pool = sorted(set(shown) - set(exclude.tolist()))
+        picked = rng.choice(pool, size=min(n, len(pool)), replace=False) if pool else []
+        picked = np.asarray(picked, dtype=np.int64)
+        rest = sample_negatives(
+            rng, len(self.item_ids), np.concatenate([exclude, picked]), n - len(picked)
+        )
+        return np.concatenate([picked, rest])
+
+
+def request_keys(events: pa.Table) -> list[str | None]:
+    """The answer each event belongs to: its `request_id` (the served-events log), else its
+    `session_id` (a shop's own sessions), else None."""
+    n = events.num_rows
+    keys: list[str | None] = [None] * n
+    for column in ("session_id", "request_id"):  # request_id wins where both are set
+        if column in events.column_names:
+            values = events[column].to_pylist()
+            keys = [v if v is not None else k for k, v in zip(keys, values, strict=True)]
+    return keys
+
 
 def positive_only(batch: pa.Table) -> pa.Table:
     """Keep each group's positive: the full-catalog protocol needs no sampled candidates."""
@@ -98,11 +149,15 @@ def positive_only(batch: pa.Table) -> pa.Table:
     return batch
 
 
-def positive_events(events: ray.data.Dataset, task: str) -> ray.data.Dataset:
-    """Clicks, carts and purchases; browsing ones for recommendation, searches for search."""
+def positive_events(
+    events: ray.data.Dataset, task: str, impressions: bool = False
+) -> ray.data.Dataset:
+    """Clicks, carts and purchases (and impressions, when asked for: the shown negatives);
+    browsing ones for recommendation, searches for search."""
+    kinds = pa.array([*POSITIVE_EVENTS, IMPRESSION] if impressions else POSITIVE_EVENTS)
 
     def keep(batch: pa.Table) -> pa.Table:
-        mask = pc.is_in(batch["event"], pa.array(POSITIVE_EVENTS))
+        mask = pc.is_in(batch["event"], kinds)
         if "query" in batch.column_names:
             browsing = pc.is_null(batch["query"])
             mask = pc.and_(mask, browsing if task == "recommend" else pc.invert(browsing))
@@ -120,20 +175,35 @@ def _user_order(batch: pa.Table) -> pa.Array:
     return pa.array([zlib.crc32(u.encode()) for u in ids], pa.int64())
 
 
-def build_examples(
+def example_groups(
     events: ray.data.Dataset, catalog: pa.Table, cfg: DataConfig, seed: int
-) -> dict[str, ray.data.Dataset]:
-    """Per-split example datasets, materialised in the object store (not on the driver)."""
-    positives = positive_events(events, cfg.task)
+) -> ray.data.Dataset:
+    """Every user's groups, of every split, materialised in the object store."""
+    positives = positive_events(events, cfg.task, impressions=cfg.shown_negatives)
     # A few hash partitions suffice for small logs; big ones get one per ~20k events.
     partitions = int(min(200, max(2, positives.count() // 20_000)))
     grouped = positives.groupby("user_id", num_partitions=partitions)
-    examples = grouped.map_groups(
+    return grouped.map_groups(
         ExampleBuilder,
         fn_constructor_kwargs={"catalog": catalog, "cfg": cfg, "seed": seed},
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1),
     ).materialize()
+
+
+def first_by_user_hash(groups: ray.data.Dataset, n: int | None) -> ray.data.Dataset:
+    """The first n groups in a stable order of users (the same users every run)."""
+    if n is None:
+        return groups
+    groups = groups.add_column(_ORDER, _user_order, batch_format="pyarrow")
+    return groups.sort(_ORDER).limit(n).drop_columns([_ORDER])
+
+
+def build_examples(
+    events: ray.data.Dataset, catalog: pa.Table, cfg: DataConfig, seed: int
+) -> dict[str, ray.data.Dataset]:
+    """Per-split example datasets, materialised in the object store (not on the driver)."""
+    examples = example_groups(events, catalog, cfg, seed)
     out = {}
     for split in SPLITS:
         part = examples.filter(expr=col("split") == split)
@@ -142,9 +212,6 @@ def build_examples(
             if cfg.max_train_positives:
                 part = part.limit(cfg.max_train_positives)
         else:
-            users = cfg.val_users if split == "valid" else cfg.test_users
-            if users is not None:  # the same users every run: the first N by a hash of the id
-                part = part.add_column(_ORDER, _user_order, batch_format="pyarrow")
-                part = part.sort(_ORDER).limit(users).drop_columns([_ORDER])
+            part = first_by_user_hash(part, cfg.val_users if split == "valid" else cfg.test_users)
         out[split] = part.materialize()
     return out

@@ -87,13 +87,16 @@ def load_catalog(cfg: DataConfig, quarantine_dir: str) -> tuple[pa.Table, dict]:
     )
 
 
-def load_validated(cfg: DataConfig, quarantine_dir: str) -> Validated:
-    """Read catalog, events and judgments; stop on a wrong schema or too many bad rows."""
+def load_validated(
+    cfg: DataConfig, quarantine_dir: str, events_from: list[str] | None = None
+) -> Validated:
+    """Read catalog, events and judgments; stop on a wrong schema or too many bad rows.
+    `events_from`: folders or files read instead of `cfg.events` (a retraining's days)."""
     counts = {}
     catalog, counts["catalog"] = load_catalog(cfg, quarantine_dir)
     ids = catalog["item_id"].combine_chunks()
 
-    events = read.read_events(cfg.events)
+    events = read.read_events(events_from or cfg.events)
     validate.check_schema(events.schema().base_schema, "events")
     checked = events.map_batches(
         _check_events, fn_kwargs={"catalog_ids": ids}, batch_format="pyarrow"

@@ -33,9 +33,11 @@ def read_table(path: str) -> pa.Table:
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
-def read_events(path: str) -> ray.data.Dataset:
-    """Events stay a distributed Dataset; `dt=YYYY-MM-DD/` partitions become a `dt` column."""
-    return ray.data.read_parquet(uri(path))  # Hive partitioning is the default
+def read_events(path: str | list[str]) -> ray.data.Dataset:
+    """Events stay a distributed Dataset; `dt=YYYY-MM-DD/` partitions become a `dt` column.
+    A list reads several folders or files as one (a retraining's day partitions)."""
+    paths = [uri(p) for p in path] if isinstance(path, list) else uri(path)
+    return ray.data.read_parquet(paths)  # Hive partitioning is the default
 
 
 def snapshot(paths: list[str]) -> dict:

@@ -10,13 +10,18 @@ subcategory, 0 unrelated).
 
 A fraction of deliberately bad rows is planted (and reported in the summary) so that the
 validation and quarantine path always has something to count.
+
+The users are one model, `Shoppers` (hidden tastes, drift, the choice model), which draws the
+shop's history here and, in the simulation of shoprank.loop.simulate, reacts to what a live
+endpoint shows them: `shop_model` rebuilds the shoppers behind a generated shop, `add_line`
+brings new items (and a trend for them), `catalog_table` writes the grown catalog.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -381,69 +386,304 @@ def _exact(items: dict, item: np.ndarray, leaf: np.ndarray, qtype: np.ndarray, v
 
 
 # ---------------------------------------------------------------------------------------------
-# Users, sessions, events
+# Shoppers: the one user model, shared by the batch generator below and the live simulation
+# (shoprank.loop.simulate), which shows each shopper what a served endpoint answered.
+
+DAY_S = 86_400.0
+DRIFT_SCALE_S = 64_800.0  # the drift ramp's scale: 10% to 90% of the way in about three days
 
 
-def _simulate(rng: np.random.Generator, items: dict, leaves: list[_Leaf], n_users: int, days: int):
-    n_items, n_leaves = len(items["leaf"]), len(leaves)
-    leaf_dept = np.array([lf.dept for lf in leaves])
-    leaf_sub = np.array([lf.sub for lf in leaves])
-    # Leaves of each department / subcategory, for "a related leaf" draws.
-    by_dept = np.argsort(leaf_dept, kind="stable")
-    dept_start = np.searchsorted(leaf_dept[by_dept], np.arange(leaf_dept.max() + 1))
-    dept_size = np.bincount(leaf_dept)
-    by_sub = np.argsort(leaf_sub, kind="stable")
-    sub_start = np.searchsorted(leaf_sub[by_sub], np.arange(leaf_sub.max() + 1))
-    sub_size = np.bincount(leaf_sub)
+class _LeafGroups:
+    """Leaves by department and by subcategory, for "a related leaf" draws."""
 
-    def related(base: np.ndarray, start, size, order, key) -> np.ndarray:
+    def __init__(self, leaves: list[_Leaf]):
+        self.n = len(leaves)
+        self.key = {
+            "dept": np.array([lf.dept for lf in leaves]),
+            "sub": np.array([lf.sub for lf in leaves]),
+        }
+        self.groups = {}
+        for level, key in self.key.items():
+            order = np.argsort(key, kind="stable")
+            start = np.searchsorted(key[order], np.arange(key.max() + 1))
+            self.groups[level] = (order, start, np.bincount(key))
+
+    def related(self, rng: np.random.Generator, base: np.ndarray, level: str) -> np.ndarray:
         """A different leaf in the same department or subcategory (itself if it is alone)."""
+        key = self.key[level]
+        order, start, size = self.groups[level]
         g = key[base]
-        where = np.empty(n_leaves, dtype=np.int64)  # a leaf's rank inside its group
-        where[order] = np.arange(n_leaves) - start[key[order]]
+        where = np.empty(self.n, dtype=np.int64)  # a leaf's rank inside its group
+        where[order] = np.arange(self.n) - start[key[order]]
         pos_in = where[base]
         shift = 1 + rng.integers(0, 1 << 30, len(base)) % np.maximum(size[g] - 1, 1)
         new = np.where(size[g] > 1, (pos_in + shift) % size[g], pos_in)
         return order[start[g] + new]
 
-    pop = np.exp(0.8 * items["quality"])
-    by_leaf = _Sampler(items["leaf"], pop, n_leaves)
-    by_brand = _Sampler(items["brand"], pop, len(items["brand_names"]))
-    p_leaf = items["leaf_pop"] / items["leaf_pop"].sum()
 
-    # Users: three interest leaves (mostly one department), a drift leaf that replaces the
-    # third one around drift_t, two favourite brands, a price level, an activity level.
-    leaf1 = rng.choice(n_leaves, size=n_users, p=p_leaf)
-    leaf2 = np.where(
-        rng.random(n_users) < 0.7,
-        related(leaf1, dept_start, dept_size, by_dept, leaf_dept),
-        rng.choice(n_leaves, size=n_users, p=p_leaf),
-    )
-    leaf3 = np.where(
-        rng.random(n_users) < 0.5,
-        related(leaf1, sub_start, sub_size, by_sub, leaf_sub),
-        rng.choice(n_leaves, size=n_users, p=p_leaf),
-    )
-    leaf4 = np.where(
-        rng.random(n_users) < 0.6,
-        related(leaf3, sub_start, sub_size, by_sub, leaf_sub),
-        related(leaf2, dept_start, dept_size, by_dept, leaf_dept),
-    )
-    interest = np.stack([leaf1, leaf2, leaf3, leaf4], axis=1)
-    weights = rng.gamma(np.array([2.0, 1.5, 1.2]), size=(n_users, 3))
-    weights /= weights.sum(axis=1, keepdims=True)
-    fav = np.stack(
-        [
-            items["brand"][by_leaf.sample(leaf1, rng.random(n_users))],
-            items["brand"][by_leaf.sample(leaf2, rng.random(n_users))],
-        ],
-        axis=1,
-    )
-    user_price = rng.normal(0.0, 0.35, n_users)
-    horizon_s = days * 86_400.0
-    drift_t = rng.uniform(0.25, 0.85, n_users) * horizon_s
-    activity = rng.lognormal(0.0, 0.5, n_users)
-    n_sessions = 1 + rng.poisson(0.6 * days * activity / np.exp(0.125))
+@dataclass(frozen=True)
+class Trend:
+    """A brand the market takes to: from `start_day` every shopper's utility for its items
+    grows by `per_day` a day, up to `most` (a new line catching on)."""
+
+    brand: int
+    start_day: float
+    per_day: float
+    most: float
+
+
+@dataclass
+class Session:
+    """One visit: who, when (seconds since the shop's first day), the leaf it focuses on, how
+    far the user's drift has gone, and for a search the query (target item, type, value)."""
+
+    user: int
+    t: float
+    focus: int
+    ramp: float
+    query: tuple[int, int, int] | None = None  # (target item, qtype, qvalue)
+
+
+@dataclass
+class Shoppers:
+    """The synthetic shop's users: hidden tastes, their drift over time, and how they choose.
+
+    Each user has three interest leaves (mostly in one department) with weights, a fourth leaf
+    that takes over from the third around the user's `drift_t` (a sigmoid ramp, most of it
+    within three days), two favourite brands, a preferred price level (log ratio to the leaf's
+    median) and an activity level. A session focuses on one leaf drawn from the interests at
+    its time (8% explore the whole shop); a search session's query is built from an item of
+    that leaf.
+    Shown an item at a position, the user clicks with probability sigmoid(utility) x (1 +
+    position)^-0.5 (x 0.4 when out of stock), the utility adding up leaf match, the current
+    interests, favourite brand, price fit and quality (search: the query match instead of the
+    interests); a click may go on to a cart and a purchase. `trends` add utility to a brand's
+    items over time; an item before its `arrival` day is not available (never engaged with).
+    `generate_shop` uses neither, so the shop's history is as it always was.
+
+    Times are seconds since the shop's first day (day d starts at d * DAY_S).
+    """
+
+    items: dict
+    leaves: list[_Leaf]
+    interest: np.ndarray  # [users, 4] leaf ids: three interests, then the drift leaf
+    weights: np.ndarray  # [users, 3] the interests' weights
+    fav: np.ndarray  # [users, 2] favourite brand ids
+    price: np.ndarray  # [users] preferred log(price / leaf median)
+    drift_t: np.ndarray  # [users] when the fourth leaf takes over, seconds
+    activity: np.ndarray  # [users] how often the user comes (sessions scale with it)
+    arrival: np.ndarray | None = None  # [items] first day an item can be had; None: all
+    trends: list[Trend] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.pop = np.exp(0.8 * self.items["quality"])
+        self.by_leaf = _Sampler(self.items["leaf"], self.pop, len(self.leaves))
+        self.p_leaf = self.items["leaf_pop"] / self.items["leaf_pop"].sum()
+        self.median = np.array([lf.price for lf in self.leaves])
+
+    @classmethod
+    def draw(
+        cls,
+        rng: np.random.Generator,
+        items: dict,
+        leaves: list[_Leaf],
+        n_users: int,
+        days: int,
+        groups: _LeafGroups | None = None,
+    ) -> Shoppers:
+        """Draw `n_users` users for a shop of `days` days (their drift falls in 25-85% of it)."""
+        n_leaves = len(leaves)
+        groups = groups or _LeafGroups(leaves)
+        pop = np.exp(0.8 * items["quality"])
+        by_leaf = _Sampler(items["leaf"], pop, n_leaves)
+        p_leaf = items["leaf_pop"] / items["leaf_pop"].sum()
+        leaf1 = rng.choice(n_leaves, size=n_users, p=p_leaf)
+        leaf2 = np.where(
+            rng.random(n_users) < 0.7,
+            groups.related(rng, leaf1, "dept"),
+            rng.choice(n_leaves, size=n_users, p=p_leaf),
+        )
+        leaf3 = np.where(
+            rng.random(n_users) < 0.5,
+            groups.related(rng, leaf1, "sub"),
+            rng.choice(n_leaves, size=n_users, p=p_leaf),
+        )
+        leaf4 = np.where(
+            rng.random(n_users) < 0.6,
+            groups.related(rng, leaf3, "sub"),
+            groups.related(rng, leaf2, "dept"),
+        )
+        interest = np.stack([leaf1, leaf2, leaf3, leaf4], axis=1)
+        weights = rng.gamma(np.array([2.0, 1.5, 1.2]), size=(n_users, 3))
+        weights /= weights.sum(axis=1, keepdims=True)
+        fav = np.stack(
+            [
+                items["brand"][by_leaf.sample(leaf1, rng.random(n_users))],
+                items["brand"][by_leaf.sample(leaf2, rng.random(n_users))],
+            ],
+            axis=1,
+        )
+        price = rng.normal(0.0, 0.35, n_users)
+        drift_t = rng.uniform(0.25, 0.85, n_users) * (days * DAY_S)
+        activity = rng.lognormal(0.0, 0.5, n_users)
+        return cls(items, leaves, interest, weights, fav, price, drift_t, activity)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.interest)
+
+    def ramp(self, user: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """How far each user's drift has gone at time t: 0 before, 1 after."""
+        return _sigmoid((t - self.drift_t[user]) / DRIFT_SCALE_S)
+
+    def interest_weights(self, user: np.ndarray, ramp: np.ndarray) -> np.ndarray:
+        """[n, 4] weights of the four interest leaves: the third fades as the fourth grows."""
+        w = self.weights[user]
+        return np.stack([w[:, 0], w[:, 1], w[:, 2] * (1 - ramp), 1.5 * w[:, 2] * ramp], axis=1)
+
+    def focus(self, rng: np.random.Generator, user: np.ndarray, t: np.ndarray):
+        """Each session's focus leaf (8% explore the shop), its drift ramp and interest weights."""
+        ramp = self.ramp(user, t)
+        focus_w = self.interest_weights(user, ramp)
+        focus = self.interest[user, _categorical(rng, focus_w)]
+        explore = rng.random(len(user)) < 0.08
+        n_leaves = len(self.leaves)
+        focus = np.where(explore, rng.choice(n_leaves, size=len(user), p=self.p_leaf), focus)
+        return focus, ramp, focus_w
+
+    def queries(self, rng: np.random.Generator, focus: np.ndarray):
+        """A search per session: a target item of the focus leaf and a query built from it,
+        (target, qtype, qvalue) (qtype 0 noun, 1 adjective, 2 brand, 3 attribute)."""
+        target = self.by_leaf.sample(focus, rng.random(len(focus)))
+        qtype = rng.choice(4, size=len(focus), p=[0.25, 0.3, 0.2, 0.25])
+        return target, qtype, _queries_for(self.items, target, qtype)
+
+    def utility(self, user, item, ramp, focus, t=None, search=None, exact=None):
+        """(utility, favourite brand?, price fit, leaf match?) of each (user, item) shown in a
+        session with that focus and ramp; `search` marks search sessions, `exact` the items
+        that match their query."""
+        items = self.items
+        i_leaf = items["leaf"][item]
+        leaf_match = i_leaf == focus
+        cur = self.interest[user]
+        likes = (
+            (i_leaf == cur[:, 0])
+            | (i_leaf == cur[:, 1])
+            | ((i_leaf == cur[:, 2]) & (ramp < 0.5))
+            | ((i_leaf == cur[:, 3]) & (ramp >= 0.5))
+        )
+        fav_brand = (items["brand"][item] == self.fav[user, 0]) | (
+            items["brand"][item] == self.fav[user, 1]
+        )
+        price_fit = -np.abs(np.log(items["price"][item] / self.median[i_leaf]) - self.price[user])
+        quality = items["quality"][item]
+        if search is None:
+            search = exact = np.zeros(len(item), dtype=bool)
+        util = np.where(
+            search,
+            -2.0 + 2.8 * exact + 0.8 * leaf_match - 1.5 * ~leaf_match + 0.6 * fav_brand,
+            -2.2 + 1.5 * leaf_match + 0.7 * likes + 1.0 * fav_brand,
+        )
+        util = util + 1.0 * price_fit + 0.4 * quality
+        if self.trends and t is not None:
+            util = util + self.trend_bonus(item, t)
+        return util, fav_brand, price_fit, leaf_match
+
+    def trend_bonus(self, item: np.ndarray, t) -> np.ndarray:
+        day = np.asarray(t, dtype=np.float64) / DAY_S
+        bonus = np.zeros(len(item))
+        for trend in self.trends:
+            grown = np.clip((day - trend.start_day) * trend.per_day, 0.0, trend.most)
+            bonus = bonus + np.where(self.items["brand"][item] == trend.brand, grown, 0.0)
+        return bonus
+
+    def available(self, item: np.ndarray, t) -> np.ndarray:
+        if self.arrival is None:
+            return np.ones(len(item), dtype=bool)
+        return self.arrival[item] <= np.asarray(t) / DAY_S
+
+    def click_probability(self, user, item, position, ramp, focus, t=None, search=None, exact=None):
+        """P(click) of each item at its position; also what the funnel after it needs."""
+        util, fav_brand, price_fit, leaf_match = self.utility(
+            user, item, ramp, focus, t, search, exact
+        )
+        stock = self.items["in_stock"][item]
+        p_click = _sigmoid(util) * (1.0 + position) ** -0.5 * np.where(stock, 1.0, 0.4)
+        if self.arrival is not None and t is not None:
+            p_click = np.where(self.available(item, t), p_click, 0.0)
+        return p_click, stock, fav_brand, price_fit, leaf_match
+
+    def outcomes(
+        self, rng, user, item, position, ramp, focus, t=None, search=None, exact=None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(click, cart, purchase) booleans for items shown at positions, vectorised over many
+        sessions' impressions (each row names its user, focus and ramp)."""
+        p_click, stock, fav_brand, price_fit, leaf_match = self.click_probability(
+            user, item, position, ramp, focus, t, search, exact
+        )
+        click = rng.random(len(item)) < p_click
+        matched = leaf_match if exact is None else leaf_match | exact
+        p_cart = _sigmoid(-0.9 + 0.8 * fav_brand + 1.0 * price_fit + 0.5 * matched)
+        cart = click & stock & (rng.random(len(item)) < p_cart)
+        buy = cart & (rng.random(len(item)) < _sigmoid(0.2 + 0.6 * price_fit + 0.4 * fav_brand))
+        return click, cart, buy
+
+    # -- one session at a time (the live simulation) -----------------------------------------
+
+    def start_session(
+        self, rng: np.random.Generator, user: int, t: float, search: bool = False
+    ) -> Session:
+        """A visit by `user` at time t, drawn as the batch generator draws sessions."""
+        focus, ramp, _ = self.focus(rng, np.array([user]), np.array([t], dtype=np.float64))
+        query = None
+        if search:
+            target, qtype, qvalue = self.queries(rng, focus)
+            query = (int(target[0]), int(qtype[0]), int(qvalue[0]))
+        return Session(user, float(t), int(focus[0]), float(ramp[0]), query)
+
+    def query_text(self, session: Session) -> str:
+        target, qtype, qvalue = session.query
+        leaf = self.leaves[self.items["leaf"][target]]
+        return _query_text(leaf, qtype, qvalue, self.items["brand_names"])
+
+    def _session_arrays(self, session: Session, item: np.ndarray):
+        n = len(item)
+        user = np.full(n, session.user)
+        ramp, focus = np.full(n, session.ramp), np.full(n, session.focus)
+        search = exact = None
+        if session.query is not None:
+            target, qtype, qvalue = session.query
+            leaf = np.full(n, self.items["leaf"][target])
+            search = np.ones(n, dtype=bool)
+            exact = _exact(self.items, item, leaf, np.full(n, qtype), np.full(n, qvalue))
+        return user, ramp, focus, search, exact
+
+    def relevance(self, session: Session, item: np.ndarray) -> np.ndarray:
+        """What each item is worth to this session: P(click) at the top position. The gains of
+        the simulation's NDCG (its ideal: the session's best items in the whole catalog)."""
+        item = np.asarray(item, dtype=np.int64)
+        user, ramp, focus, search, exact = self._session_arrays(session, item)
+        zero = np.zeros(len(item))
+        return self.click_probability(user, item, zero, ramp, focus, session.t, search, exact)[0]
+
+    def react(self, session: Session, shown: np.ndarray, rng: np.random.Generator):
+        """(click, cart, purchase) for the items shown to this session, top first."""
+        shown = np.asarray(shown, dtype=np.int64)
+        user, ramp, focus, search, exact = self._session_arrays(session, shown)
+        position = np.arange(len(shown))
+        return self.outcomes(rng, user, shown, position, ramp, focus, session.t, search, exact)
+
+
+def _simulate(rng: np.random.Generator, items: dict, leaves: list[_Leaf], n_users: int, days: int):
+    """The shop's history: every session of `days` days, what the shop showed (its own
+    ranking: mostly the session's focus leaf, noisily ordered) and what the shoppers did."""
+    n_items = len(items["leaf"])
+    groups = _LeafGroups(leaves)
+    shoppers = Shoppers.draw(rng, items, leaves, n_users, days, groups)
+    pop, by_leaf = shoppers.pop, shoppers.by_leaf
+    by_brand = _Sampler(items["brand"], pop, len(items["brand_names"]))
+    interest, fav = shoppers.interest, shoppers.fav
+    n_sessions = 1 + rng.poisson(0.6 * days * shoppers.activity / np.exp(0.125))
 
     # Sessions: a start time (evening-heavy, never after 22:59 so a session stays in its day),
     # a focus leaf drawn from the user's interests at that time, a device, search or browse.
@@ -451,22 +691,15 @@ def _simulate(rng: np.random.Generator, items: dict, leaves: list[_Leaf], n_user
     n_s = len(user)
     hour_w = np.array([1, 1, 1, 1, 1, 1, 2, 3, 4, 4, 4, 5, 6, 5, 4, 4, 5, 6, 8, 9, 9, 8, 6])
     hour = rng.choice(len(hour_w), size=n_s, p=hour_w / hour_w.sum())
-    start = rng.integers(0, days, n_s) * 86_400.0 + hour * 3600.0 + rng.random(n_s) * 3600.0
+    start = rng.integers(0, days, n_s) * DAY_S + hour * 3600.0 + rng.random(n_s) * 3600.0
     order = np.lexsort((start, user))
     user, start = user[order], start[order]
-    ramp = _sigmoid((start - drift_t[user]) / 64_800.0)
-    w = weights[user]
-    focus_w = np.stack([w[:, 0], w[:, 1], w[:, 2] * (1 - ramp), 1.5 * w[:, 2] * ramp], axis=1)
-    focus = interest[user, _categorical(rng, focus_w)]
-    explore = rng.random(n_s) < 0.08
-    focus = np.where(explore, rng.choice(n_leaves, size=n_s, p=p_leaf), focus)
+    focus, ramp, focus_w = shoppers.focus(rng, user, start)
     is_search = rng.random(n_s) < 0.2
     device = rng.choice(3, size=n_s, p=[0.55, 0.35, 0.10])
 
     # Search sessions: a target item in the focus leaf, and a query built from it.
-    target = by_leaf.sample(focus, rng.random(n_s))
-    qtype = rng.choice(4, size=n_s, p=[0.25, 0.3, 0.2, 0.25])
-    qvalue = _queries_for(items, target, qtype)
+    target, qtype, qvalue = shoppers.queries(rng, focus)
 
     # Impression slots: 4..8 per session, drawn from the focus leaf, the user's other
     # interests, favourite brands or the whole catalog (browse); mostly the query's leaf,
@@ -477,7 +710,7 @@ def _simulate(rng: np.random.Generator, items: dict, leaves: list[_Leaf], n_user
     su = user[sess]
     r = rng.random(n_slots)
     other_leaf = interest[su, _categorical(rng, focus_w[sess])]
-    sibling = related(focus[sess], sub_start, sub_size, by_sub, leaf_sub)
+    sibling = groups.related(rng, focus[sess], "sub")
     u = rng.random(n_slots)
     from_focus = by_leaf.sample(focus[sess], u)
     from_other = by_leaf.sample(other_leaf, u)
@@ -505,35 +738,14 @@ def _simulate(rng: np.random.Generator, items: dict, leaves: list[_Leaf], n_user
     show_score = show_score + 0.3 * items["quality"][item] + gumbel
     order = np.lexsort((-show_score, sess))
     sess, item, su = sess[order], item[order], su[order]
-    i_leaf, srch, exact, leaf_match = i_leaf[order], srch[order], exact[order], leaf_match[order]
+    srch, exact = srch[order], exact[order]
     bounds = np.r_[0, np.flatnonzero(sess[1:] != sess[:-1]) + 1]
     position = np.arange(len(sess)) - np.repeat(bounds, np.diff(np.r_[bounds, len(sess)]))
 
-    # Clicks: preference match times position bias; then a cart / purchase funnel.
-    ramp_i = ramp[sess]
-    cur = interest[su]
-    likes = (
-        (i_leaf == cur[:, 0])
-        | (i_leaf == cur[:, 1])
-        | ((i_leaf == cur[:, 2]) & (ramp_i < 0.5))
-        | ((i_leaf == cur[:, 3]) & (ramp_i >= 0.5))
+    # What the shoppers did: clicks by preference and position, then the cart / purchase funnel.
+    click, cart, buy = shoppers.outcomes(
+        rng, su, item, position, ramp[sess], focus[sess], search=srch, exact=exact
     )
-    fav_brand = (items["brand"][item] == fav[su, 0]) | (items["brand"][item] == fav[su, 1])
-    median = np.array([lf.price for lf in leaves])[i_leaf]
-    price_fit = -np.abs(np.log(items["price"][item] / median) - user_price[su])
-    quality = items["quality"][item]
-    util = np.where(
-        srch,
-        -2.0 + 2.8 * exact + 0.8 * leaf_match - 1.5 * ~leaf_match + 0.6 * fav_brand,
-        -2.2 + 1.5 * leaf_match + 0.7 * likes + 1.0 * fav_brand,
-    )
-    util = util + 1.0 * price_fit + 0.4 * quality
-    stock = items["in_stock"][item]
-    p_click = _sigmoid(util) * (1.0 + position) ** -0.5 * np.where(stock, 1.0, 0.4)
-    click = rng.random(len(item)) < p_click
-    p_cart = _sigmoid(-0.9 + 0.8 * fav_brand + 1.0 * price_fit + 0.5 * (leaf_match | exact))
-    cart = click & stock & (rng.random(len(item)) < p_cart)
-    buy = cart & (rng.random(len(item)) < _sigmoid(0.2 + 0.6 * price_fit + 0.4 * fav_brand))
 
     # Rows: every impression, then one row per click / cart / purchase at later times.
     t_imp = start[sess] + 0.01 * position
@@ -801,3 +1013,74 @@ def generate_shop(
         "planted": {"catalog": planted_catalog, "events": planted_events},
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def shop_model(n_items: int = 3000, n_users: int = 2000, days: int = 14, seed: int = 0) -> Shoppers:
+    """The catalog and the shoppers behind `generate_shop` with the same arguments (the same
+    random draws): what a simulation needs to go on where the generated history stops."""
+    leaves, depts = _leaves()
+    s_items, s_users, *_ = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5))
+    items = _make_items(s_items, n_items, leaves, depts)
+    return Shoppers.draw(s_users, items, leaves, n_users, days)
+
+
+def add_line(
+    shoppers: Shoppers,
+    brand: str,
+    n_items: int,
+    arrival_day: float,
+    trend: tuple[float, float] | None,
+    seed: int = 0,
+) -> Shoppers:
+    """New items arriving: `n_items` of a new `brand` spread over the leaves (as many per leaf
+    as the leaf's popularity gives), available from `arrival_day`; with `trend` = (per_day,
+    most), shoppers take to the brand from that day on (Trend). Returns the shoppers over the
+    grown catalog (`catalog_table` writes it); the old items keep their ids and rows."""
+    rng = np.random.default_rng(seed)
+    items, leaves = shoppers.items, shoppers.leaves
+    p_leaf = items["leaf_pop"] / items["leaf_pop"].sum()
+    leaf = np.sort(rng.choice(len(leaves), size=n_items, p=p_leaf))
+    brand_id = len(items["brand_names"])
+    new: dict = {k: [] for k in ("adj1", "adj2", "attr", "title", "description")}
+    seen = set(items["title"])
+    for li in leaf:
+        lf = leaves[li]
+        a1, at = rng.integers(len(lf.adjs)), rng.integers(len(lf.attrs))
+        stem = f"{brand} {lf.adjs[a1]} {lf.noun} {lf.attrs[at]}"
+        new["adj1"].append(a1)
+        new["adj2"].append(-1)
+        new["attr"].append(at)
+        new["title"].append(_distinct(stem, stem, seen))
+        purpose = _USES[lf.dept_name][rng.integers(4)]
+        new["description"].append(
+            f"{lf.adjs[a1]} {lf.noun.lower()} from {brand}, {lf.attrs[at]}. Designed for {purpose}."
+        )
+    median = np.array([lf.price for lf in leaves])[leaf]
+    price = np.maximum(np.floor(median * np.exp(rng.normal(0.0, 0.2, n_items))) + 0.99, 0.99)
+    first = len(items["leaf"])
+    grown = {
+        **items,
+        "leaf": np.concatenate([items["leaf"], leaf]),
+        "brand": np.concatenate([items["brand"], np.full(n_items, brand_id)]),
+        "adj1": np.concatenate([items["adj1"], new["adj1"]]),
+        "adj2": np.concatenate([items["adj2"], new["adj2"]]),
+        "attr": np.concatenate([items["attr"], new["attr"]]),
+        "price": np.concatenate([items["price"], price]),
+        "quality": np.concatenate([items["quality"], rng.normal(0.0, 1.0, n_items)]),
+        "in_stock": np.concatenate([items["in_stock"], np.ones(n_items, dtype=bool)]),
+        "title": items["title"] + new["title"],
+        "description": items["description"] + new["description"],
+        "brand_names": [*items["brand_names"], brand],
+        "id": items["id"] + [f"N{first + i:05d}" for i in range(n_items)],
+    }
+    old = shoppers.arrival if shoppers.arrival is not None else np.zeros(first)
+    arrival = np.concatenate([old, np.full(n_items, float(arrival_day))])
+    trends = list(shoppers.trends)
+    if trend is not None:
+        trends.append(Trend(brand_id, arrival_day, *trend))
+    return replace(shoppers, items=grown, arrival=arrival, trends=trends)
+
+
+def catalog_table(shoppers: Shoppers) -> pa.Table:
+    """The shoppers' catalog in the contract (no planted bad rows)."""
+    return _catalog_table(np.random.default_rng(0), shoppers.items, shoppers.leaves, 0.0)[0]

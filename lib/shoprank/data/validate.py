@@ -131,11 +131,19 @@ def _rule(kind: str, name: str, target: pa.DataType) -> tuple[Callable[[pa.DataT
     raise AssertionError(f"no rule for {kind}.{name} ({target})")  # contract changed
 
 
+def _typed_fields(kind: str) -> list[pa.Field]:
+    """The contract's columns, then (events) the optional served ones, checked when present."""
+    target, _ = _SCHEMAS[kind]
+    served = contract.EVENTS_SERVED_FIELDS if kind == "events" else ()
+    return [*target, *served]
+
+
 def check_schema(schema: pa.Schema, kind: str) -> None:
     """Raise SchemaError naming the first missing required column or mistyped column.
 
     Extra columns are allowed; missing optional contract columns are allowed (filled with nulls
-    by the `check_*` functions).
+    by the `check_*` functions); the served columns (contract.EVENTS_SERVED_FIELDS) are
+    type-checked when present and left absent when absent.
     """
     if kind not in _SCHEMAS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
@@ -148,7 +156,7 @@ def check_schema(schema: pa.Schema, kind: str) -> None:
                 f"{kind}: required column '{name}' is missing (columns seen: {seen}); "
                 f"add it or rename the source column to '{name}'"
             )
-    for field in target:
+    for field in _typed_fields(kind):
         if field.name not in names:
             continue
         accepts, expected = _rule(kind, field.name, field.type)
@@ -232,12 +240,16 @@ def _conform_label(col: pa.ChunkedArray) -> pa.Array:
 
 
 def _conform(table: pa.Table, kind: str) -> pa.Table:
-    """Contract columns first (cast, or all-null when absent), then the extra columns."""
+    """Contract columns first (cast, or all-null when absent), the served columns that are
+    present (cast), then the extra columns."""
     target, _ = _SCHEMAS[kind]
     n = table.num_rows
     columns, fields = [], []
-    for field in target:
-        if field.name not in table.column_names:
+    present = table.column_names
+    for field in _typed_fields(kind):
+        if field.name not in target.names and field.name not in present:
+            continue  # an optional served column this source does not have: stays absent
+        if field.name not in present:
             col = pa.nulls(n, field.type)
         elif field.name == "ts":
             col = _conform_ts(table.column("ts"))
@@ -249,8 +261,9 @@ def _conform(table: pa.Table, kind: str) -> pa.Table:
             col = pc.cast(table.column(field.name), field.type)
         columns.append(col)
         fields.append(pa.field(field.name, field.type))  # nullable: bad rows may hold nulls
+    done = {f.name for f in fields}
     for name in table.column_names:
-        if name in target.names or name == contract.REASON:
+        if name in done or name == contract.REASON:
             continue
         col = table.column(name)
         if kind == "events" and name == "split":

@@ -4,6 +4,10 @@
 - `full_catalog` (a retriever, or `eval.protocol=full_catalog`): every catalog item is a
   candidate; stage one retrieves, the ranker (when given) reranks.
 - `judgments` (`data.task=search`): NDCG@10 over graded (query, item) judgments.
+
+Retraining (lib/shoprank/loop/retrain.py) has its own, time-based protocol,
+`evaluation/newest_day.py`: trained on the days before the newest, candidate and production
+scored on the newest day's positives among sampled candidates (not leave-one-out).
 """
 
 from __future__ import annotations

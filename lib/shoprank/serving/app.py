@@ -144,7 +144,15 @@ class Ingress:
             versions=versions,
             describe=describe,
         )
-        install(Frontend(args, backends))
+        self.front = Frontend(args, backends)
+        install(self.front)
+
+    def __del__(self):
+        """Serve calls this when it stops the replica (after the app's own shutdown, which
+        does the same): the served-events log's buffer is written, best effort, counted."""
+        front = getattr(self, "front", None)
+        if front is not None:
+            front.close()
 
 
 def build_app(args: dict) -> serve.Application:

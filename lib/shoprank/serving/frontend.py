@@ -1,4 +1,5 @@
-"""The HTTP API: authentication, limits, feature store, retrieve -> rerank -> rules.
+"""The HTTP API: authentication, limits, feature store, retrieve -> rerank -> rules, and the
+log of what was served and what came of it (serving/impressions.py, `/feedback`).
 
 `api` holds the routes; the object serving them is `install`ed in this module. In the Serve app
 the Ingress deployment puts a `Frontend` there whose backends are the Retriever and Ranker
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyHeader
 
 from shoprank.console import redact
@@ -23,6 +26,7 @@ from shoprank.serving import schemas
 from shoprank.serving.auth import HEADER, ApiKeys, hash_user
 from shoprank.serving.features import ParquetFeatureStore
 from shoprank.serving.gate import guard
+from shoprank.serving.impressions import ImpressionLogger, new_request_id
 from shoprank.serving.rules import Filters, RuleEngine, Rules, RulesFile
 from shoprank.serving.services import read_catalog
 
@@ -62,6 +66,15 @@ class _Metrics:
             description="Registry version serving, by model.",
             tag_keys=("model",),
         )
+        self.event_log = metrics.Counter(
+            "shoprank_event_log",
+            description="Served-events log: rows written, dropped (buffer full), lost (failed "
+            "writes), feedback outcomes...",
+            tag_keys=("what",),
+        )
+
+    def count(self, what: str, n: int) -> None:
+        self.event_log.inc(n, tags={"what": what})
 
 
 class Frontend:
@@ -86,7 +99,36 @@ class Frontend:
             args.events, self.catalog["item_id"], refresh_s=args.refresh_s
         )
         self.metrics = _Metrics() if with_metrics else None
+        self.impressions = None
+        if args.impressions_dir:
+            self.impressions = ImpressionLogger(
+                args.impressions_dir,
+                user_ids=args.log_user_ids,
+                flush_s=args.impressions_flush_s,
+                flush_rows=args.impressions_flush_rows,
+                max_rows=args.impressions_buffer_rows,
+                answers=args.feedback_requests,
+                ttl_s=args.feedback_ttl_s,
+                on_count=self.metrics.count if self.metrics else None,
+            )
         log.info(f"shoprank frontend up: {len(self.keys)} API keys, {n} catalog items")
+
+    def close(self) -> None:
+        """Write the served-events log's buffer (shutdown: best effort, counted)."""
+        if self.impressions is not None:
+            self.impressions.close()
+
+    def served(
+        self,
+        request_id: str,
+        user_id: str | None,
+        query: str | None,
+        items: list[schemas.Item],
+        versions: dict[str, int | None],
+    ) -> None:
+        if self.impressions is not None:
+            ids = [i.item_id for i in items]
+            self.impressions.served(request_id, user_id, query, ids, versions)
 
     def observe(self, endpoint: str, status: int, started: float) -> None:
         if self.metrics:
@@ -198,12 +240,15 @@ class Frontend:
             )
         who = hash_user(body.user_id) if body.user_id else "explicit history"
         log.info(f"recommend for {who}: {len(items)} items, fallback={fallback}")
+        request_id, versions = new_request_id(), await self.versions()
+        self.served(request_id, body.user_id, None, items, versions)
         return schemas.RankedResponse(
             items=items,
             fallback=fallback,
             removed=removed,
-            version=await self.versions(),
+            version=versions,
             stage_one=None if fallback else got["stage_one"],
+            request_id=request_id,
         )
 
     async def search(
@@ -237,9 +282,35 @@ class Frontend:
             decision=got["rerank"],
             timings=timings,
         )
+        request_id, versions = new_request_id(), await self.versions()
+        self.served(request_id, body.user_id, body.query, items, versions)
         return schemas.RankedResponse(
-            items=items, removed=removed, version=await self.versions(), stage_one=got["stage_one"]
+            items=items,
+            removed=removed,
+            version=versions,
+            stage_one=got["stage_one"],
+            request_id=request_id,
         )
+
+    def feedback(self, body: schemas.FeedbackRequest) -> schemas.FeedbackResponse:
+        if self.impressions is None:
+            raise HTTPException(
+                404, "feedback is not logged by this app: set impressions_dir in the app's args"
+            )
+        outcome = self.impressions.feedback(body.request_id, body.item_id, body.event)
+        if outcome == "not_served":
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ("body", "item_id"),
+                        "msg": "this item was not in that answer: send the item_id of one of "
+                        "the items the request_id's answer listed",
+                        "type": "not_served",
+                    }
+                ]
+            )
+        stored = outcome == "stored"
+        return schemas.FeedbackResponse(stored=stored, reason=None if stored else outcome)
 
     async def score(self, body: schemas.ScoreRequest) -> schemas.ScoreResponse:
         if self.backends.score is None:
@@ -270,11 +341,22 @@ def stage_two_words(retriever: dict, args: schemas.AppArgs, ranker_weights: str 
 
 # -- routes ------------------------------------------------------------------------------------
 
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """At shutdown (uvicorn's, or a Serve replica's), write the served-events log's buffer."""
+    yield
+    front = installed()
+    if front is not None:
+        front.close()
+
+
 api = FastAPI(
     title="shoprank",
     description="Product recommendation and search: retrieve -> rerank -> business rules. "
     f"Send an API key in the `{HEADER}` header.",
     version="1",
+    lifespan=_lifespan,
 )
 
 
@@ -327,6 +409,9 @@ async def version(request: Request) -> dict:
         "registry": redact(front.args.registry),
         "features": front.features.info(),
         "rules_error": front.rules.error,
+        # The served-events log's counts (rows written, dropped, lost; feedback outcomes), or
+        # None when impressions_dir is not set.
+        "impressions": front.impressions.info() if front.impressions else None,
     }
 
 
@@ -358,3 +443,11 @@ async def search(body: schemas.SearchRequest, request: Request, response: Respon
 @api.post("/score", response_model=schemas.ScoreResponse, dependencies=KEY)
 async def score(body: schemas.ScoreRequest, request: Request):
     return await frontend(request).score(body)
+
+
+@api.post("/feedback", response_model=schemas.FeedbackResponse, status_code=202, dependencies=KEY)
+async def feedback(body: schemas.FeedbackRequest, request: Request):
+    """What came of an item of an answer: stored once as an event row beside the answer's
+    impressions when this replica remembers the answer; otherwise counted, not stored (202
+    with `stored: false` and the reason). An item the answer did not list is a 422."""
+    return frontend(request).feedback(body)

@@ -31,7 +31,7 @@ Send = Callable[[Message], Awaitable[None]]
 MAX_DEPTH = 16  # the API's bodies nest 3 deep; anything past this is not a request of ours
 OPEN = frozenset({"/healthz"})  # everything else that exists needs a key
 DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-JSON_BODIES = frozenset({"/recommend", "/search", "/score"})
+JSON_BODIES = frozenset({"/recommend", "/search", "/score", "/feedback"})
 
 
 class Refused(Exception):

@@ -11,6 +11,9 @@ MAX_HISTORY = 50
 MAX_SCORE_ITEMS = 200
 MAX_TEXT = 1000
 MAX_BODY_BYTES = 65_536
+MAX_ID = 256  # an item id in /feedback
+# The request_id an answer carries: a UUID (serving/impressions.py makes version 7 ones).
+REQUEST_ID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
 
 class _Body(BaseModel):
@@ -45,6 +48,9 @@ class SearchFilters(_Body):
 
 class SearchRequest(_Body):
     query: str = Field(min_length=1, max_length=MAX_TEXT)
+    # Who searched: not used to rank, only logged with the impressions (impressions_dir) so
+    # that the search joins the user's other events.
+    user_id: str | None = Field(None, min_length=1, max_length=128)
     k: int = Field(10, ge=1, le=MAX_K)
     filters: SearchFilters = SearchFilters()
     explain: bool = False
@@ -83,6 +89,25 @@ class RankedResponse(BaseModel):
     # Which stage one answered: "blend" (the export's blended signals) or "retriever" (the
     # retriever alone: search, or an export without blend weights); None for a fallback.
     stage_one: str | None = None
+    # This answer's id: send it back with POST /feedback; the impressions logged carry it.
+    request_id: str
+
+
+class FeedbackRequest(_Body):
+    """What came of one item of one answer (the answer's request_id, the item shown)."""
+
+    request_id: str = Field(pattern=REQUEST_ID, description="the request_id of the answer")
+    item_id: str = Field(min_length=1, max_length=MAX_ID, description="an item of that answer")
+    event: Literal["click", "add_to_cart", "purchase"]
+
+
+class FeedbackResponse(BaseModel):
+    # false: counted, not stored, and `reason` says why: "duplicate" (this request, item and
+    # event were stored already), "unknown_request" (this replica never gave that answer, or
+    # forgot it: see feedback_requests), "late" (the answer is older than feedback_ttl_s),
+    # "dropped" (the log's buffer was full).
+    stored: bool
+    reason: str | None = None
 
 
 class ScoreResponse(BaseModel):
@@ -122,3 +147,28 @@ class AppArgs(_Body):
     # 1 = no batching.
     max_batch_size: int | None = Field(None, ge=1)
     batch_wait_timeout_s: float | None = Field(None, ge=0)
+    # Served-events log (serving/impressions.py): every answer's impressions and /feedback's
+    # outcomes as events Parquet under <impressions_dir>/dt=YYYY-MM-DD/. None: off (and
+    # /feedback answers 404). A local folder or a pyarrow filesystem URI.
+    impressions_dir: str | None = None
+    # The user column: "raw" (the id the caller sent: the shop's own) or "pseudonym"
+    # (auth.hash_user under SHOPRANK_USER_HASH_KEY, which the app then requires; the shop's
+    # other events must be pseudonymized with the same secret to join).
+    log_user_ids: Literal["raw", "pseudonym"] = "raw"
+    impressions_flush_s: float = Field(10.0, gt=0)  # write the buffer this often...
+    impressions_flush_rows: int = Field(5_000, ge=1)  # ... or once it holds this many rows
+    # Rows held at most while storage is slow or failing; more are dropped (and counted).
+    impressions_buffer_rows: int = Field(100_000, ge=1)
+    # The answers each Ingress replica remembers for /feedback, and for how long.
+    feedback_requests: int = Field(10_000, ge=1)
+    feedback_ttl_s: float = Field(1_800.0, gt=0)
+
+    @model_validator(mode="after")
+    def _buffer_holds_a_flush(self) -> AppArgs:
+        if self.impressions_flush_rows > self.impressions_buffer_rows:
+            raise ValueError(
+                f"impressions_flush_rows={self.impressions_flush_rows} is over "
+                f"impressions_buffer_rows={self.impressions_buffer_rows}: the buffer would drop "
+                "rows before it is ever written; lower the first or raise the second"
+            )
+        return self

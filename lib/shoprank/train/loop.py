@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,6 +35,16 @@ from shoprank.models import ranker, retriever
 DS_TAG = "deepspeed"
 STATE_FILE = "train_state.json"
 MODEL_DIR = "model"
+# A local folder (seen by every node) where, under <run name>/, every worker notes its pid at each
+# start and rank 0 every optimizer step it runs, across restarts (a checkpoint's step log keeps
+# only the steps before it): what the fault tests read to find a worker to kill and to count
+# repeated steps.
+TRACE_ENV = "SHOPRANK_TRAIN_TRACE"
+# The metric reported with a checkpoint saved between validations. Ray orders checkpoints by
+# (order x metric), so the worst finite number ranks it below every validated one in either
+# `metric_mode`. Not NaN or inf: Ray saves its checkpoint list as JSON, where they become null,
+# and a driver resuming the run then fails sorting the next checkpoint (None x float).
+UNVALIDATED = {"max": -sys.float_info.max, "min": sys.float_info.max}
 
 
 @dataclass(frozen=True)
@@ -169,6 +180,8 @@ class TrainState:
     # Wall seconds (rank 0) in training steps, waiting for data among them, validating and
     # checkpointing.
     timing: dict = field(default_factory=dict)
+    # Each restart from a checkpoint: {"step": resumed at, "workers": world size then}.
+    resumes: list[dict] = field(default_factory=list)
 
     def add_time(self, part: str, seconds: float) -> None:
         self.timing[part] = self.timing.get(part, 0.0) + seconds
@@ -213,6 +226,14 @@ def zero_stage(cfg: TrainConfig, world_size: int) -> int:
     return cfg.zero_stage if world_size > 1 else 0
 
 
+def grad_accum(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on `world_size` workers. An elastic run that lost
+    workers accumulates more, so that an optimizer step still sees num_workers x batch_size x
+    grad_accum groups (exactly when world_size divides num_workers x grad_accum, fewer
+    otherwise) and the planned steps, learning-rate schedule and data position stay valid."""
+    return max(1, cfg.num_workers * cfg.grad_accum // world_size)
+
+
 def deepspeed_config(cfg: TrainConfig, total_steps: int, world_size: int = 2) -> dict:
     """The DeepSpeed config for one run: ZeRO stage, bf16 autocast, warmup then linear decay."""
     stage = zero_stage(cfg, world_size)
@@ -221,7 +242,7 @@ def deepspeed_config(cfg: TrainConfig, total_steps: int, world_size: int = 2) ->
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_accumulation_steps": grad_accum(cfg, world_size),
         "gradient_clipping": 1.0,
         "zero_optimization": zero,
         # Autocast keeps fp32 master weights; on AMX CPUs and GPUs bf16 matmuls run far faster.
@@ -294,6 +315,29 @@ def _window() -> dict:
     return {"losses": [], "pairs": 0, "started": time.perf_counter(), **parts}
 
 
+class _Trace:
+    """Appends JSON lines under `TRACE_ENV`'s folder when the driver set it (else does nothing):
+    workers.jsonl, one line per worker start; steps.jsonl, rank 0's every optimizer step."""
+
+    def __init__(self, folder: str | None, rank: int):
+        self.folder, self.rank = folder, rank
+
+    def _write(self, name: str, row: dict) -> None:
+        # One short write with O_APPEND: lines from several processes do not interleave.
+        with open(os.path.join(self.folder, name), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def started(self, world: int, step: int) -> None:
+        if self.folder:
+            node = ray.get_runtime_context().get_node_id()
+            row = {"rank": self.rank, "pid": os.getpid(), "node": node, "world": world}
+            self._write("workers.jsonl", {**row, "step": step, "time": time.time()})
+
+    def step(self, step: int) -> None:
+        if self.folder and self.rank == 0:
+            self._write("steps.jsonl", {"step": step, "pid": os.getpid(), "time": time.time()})
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     console.quiet()  # this is a Ray Train worker process: its own warnings filters
@@ -311,8 +355,13 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.run.seed)
 
-    steps_per_epoch, total_steps = plan_steps(cfg.train, config["train_rows"], world)
-    validate_at = set(validation_steps(cfg.train, config["train_rows"], world))
+    # The plan counts optimizer steps at the configured worker count: an elastic run on fewer
+    # workers accumulates more micro-batches per step (`grad_accum`) and keeps the same plan.
+    planned = cfg.train.num_workers
+    steps_per_epoch, total_steps = plan_steps(cfg.train, config["train_rows"], planned)
+    validate_at = set(validation_steps(cfg.train, config["train_rows"], planned))
+    every = config.get("checkpoint_every")
+    accum = grad_accum(cfg.train, world)
     model = task.build(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -321,16 +370,23 @@ def train_loop_per_worker(config: dict) -> None:
     )
     if rank == 0 and zero_stage(cfg.train, world) != cfg.train.zero_stage:
         log(f"one worker: ZeRO stage {cfg.train.zero_stage} has nothing to shard, running stage 0")
+    if rank == 0 and world != planned:
+        log(f"elastic: {world} of {planned} workers, {accum} micro-batches per optimizer step")
 
     state = TrainState(setup=work_signature(model, optimizer, cfg, world))
+    # The latest checkpoint Ray registered: Ray registers one only once every rank's report has
+    # copied its finished folder to storage, so a save cut short is never what comes back here.
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=not cfg.lora.enabled)
             state = TrainState.load(d)
             state.setup = work_signature(model, optimizer, cfg, world)
+        state.resumes.append({"step": state.step, "workers": world})
         if rank == 0:
             log(f"resumed at step {state.step} (epoch {state.epoch})")
+    trace = _Trace(config.get("trace"), rank)
+    trace.started(world, state.step)
 
     def validate_and_checkpoint(train_loss: float, samples_per_s: float) -> bool:
         """Report metrics with a checkpoint; True when early stopping says to stop."""
@@ -353,6 +409,15 @@ def train_loop_per_worker(config: dict) -> None:
             **{f"val_{k}": v for k, v in val.items()},
         }
         state.history.append(report)
+        save_checkpoint(report, began)
+        if rank == 0:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in report.items() if isinstance(v, float))
+            log(f"validation at step {state.step}/{total_steps} (epoch {state.epoch}): {shown}")
+        patience = cfg.train.early_stopping_patience
+        return patience is not None and state.bad_evals >= patience
+
+    def save_checkpoint(report: dict, began: float) -> None:
+        """Save engine, model and loop state to a local folder; Ray copies it to storage."""
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=cfg.lora.enabled)
             save_trainable(engine, os.path.join(d, MODEL_DIR), zero_stage(cfg.train, world), rank)
@@ -361,17 +426,36 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 state.save(d)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+        # Ray registers a reported checkpoint only when its controller next collects the
+        # reports; a failure before that resumes from the one before. Waiting here for the
+        # commit (seen: a kill 2 s after the upload of step 8 still resumed at step 6) keeps
+        # the steps a failure loses within one checkpoint interval.
+        ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+        )
+
+    def checkpoint_between_validations(train_loss: float, samples_per_s: float) -> None:
+        """A resumable checkpoint without validating (`train.checkpoint_every_steps`). Its
+        metric is the worst value there is (`UNVALIDATED`): Ray keeps it only while it is the
+        latest, and it is never among the best kept."""
+        began = time.perf_counter()
+        report = {
+            "epoch": state.epoch,
+            "step": state.step,
+            "train_loss": train_loss,
+            "samples_per_s": samples_per_s,
+            "validated": False,
+            f"val_{cfg.train.metric}": UNVALIDATED[cfg.train.metric_mode],
+        }
+        save_checkpoint(report, began)
         if rank == 0:
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in report.items() if isinstance(v, float))
-            log(f"validation at step {state.step}/{total_steps} (epoch {state.epoch}): {shown}")
-        patience = cfg.train.early_stopping_patience
-        return patience is not None and state.bad_evals >= patience
+            log(f"checkpoint at step {state.step}/{total_steps} (no validation)")
 
     train_shard = ray.train.get_dataset_shard("train")
     stop = False
     while state.step < total_steps and not stop:
         # On resume mid-epoch, skip the micro-batches this epoch already trained on.
-        skip = (state.step - state.epoch * steps_per_epoch) * cfg.train.grad_accum
+        skip = (state.step - state.epoch * steps_per_epoch) * accum
         losses, pairs, started = [], 0, time.perf_counter()  # since the last validation
         window = _window()
         waited_from = time.perf_counter()
@@ -407,6 +491,8 @@ def train_loop_per_worker(config: dict) -> None:
                 waited_from = time.perf_counter()
                 continue  # inside a gradient-accumulation window
             state.step = engine.global_steps
+            state.epoch = state.step // steps_per_epoch  # where a resume starts reading
+            trace.step(state.step)
             now = time.perf_counter()
             rate = pairs * world / (now - started)
             if state.step % cfg.train.log_every_steps == 0 or state.step in validate_at:
@@ -428,10 +514,12 @@ def train_loop_per_worker(config: dict) -> None:
                 window = _window()
             end_of_epoch = state.step % steps_per_epoch == 0
             if state.step in validate_at:
-                state.epoch = state.step // steps_per_epoch
                 stop = validate_and_checkpoint(float(np.mean(losses)), rate)
                 losses, pairs, started = [], 0, time.perf_counter()
                 window["started"] = time.perf_counter()  # validation time is not training
+            elif every and state.step % every == 0:
+                checkpoint_between_validations(float(np.mean(losses)), rate)
+                window["started"] = time.perf_counter()
             if stop or end_of_epoch or state.step >= total_steps:
                 break
             waited_from = time.perf_counter()
@@ -451,27 +539,42 @@ def fit(
     `datasets` holds "train" and the task's validation datasets (see `Task.datasets`). The run
     is `run.name` under `run.storage` unless `name` / `storage` say otherwise (sweep trials);
     `callbacks` are Ray Train callbacks (a sweep's TuneReportCallback).
+
+    A failed worker or node restarts the worker group from the latest checkpoint, up to
+    `train.max_failures` times. Under a sweep, Tune retries the trial instead
+    (`sweep.max_failures`), and checkpoints come at validations only: Tune takes every report as
+    a result, and ASHA counts results as its clock.
     """
     missing = [d for d in ("train", *TASKS[task].datasets) if d not in datasets]
     if missing:
         raise ValueError(f"training a {task} needs datasets {missing}")
     metric = f"val_{cfg.train.metric}"
+    t = cfg.train
+    tuned = _under_tune(callbacks)
+    elastic = t.min_workers is not None and t.min_workers < t.num_workers
+    trace = os.environ.get(TRACE_ENV)
+    if trace:  # one folder per run: runs of one driver may go at once
+        trace = os.path.join(trace, name or cfg.run.name)
+        os.makedirs(trace, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
             "task": task,
             "train_rows": train_rows,
+            "checkpoint_every": None if tuned else t.checkpoint_every_steps,
+            "trace": trace,
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            num_workers=(t.min_workers, t.num_workers) if elastic else t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=name or cfg.run.name,
             storage_path=storage or uri(cfg.run.storage),
             callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=0 if tuned else t.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=metric,
@@ -483,13 +586,23 @@ def fit(
     return trainer.fit()
 
 
+def _under_tune(callbacks: list | None) -> bool:
+    if not callbacks:
+        return False
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return any(isinstance(c, TuneReportCallback) for c in callbacks)
+
+
 def best_checkpoint(result, cfg: Config):
-    """The kept checkpoint with the best validation metric, and its metrics."""
+    """The kept checkpoint with the best validation metric, and its metrics. Checkpoints saved
+    between validations (`train.checkpoint_every_steps`) are never chosen."""
     metric = f"val_{cfg.train.metric}"
     sign = 1 if cfg.train.metric_mode == "max" else -1
-    ranked = sorted(result.best_checkpoints, key=lambda cm: sign * cm[1][metric], reverse=True)
+    validated = [cm for cm in result.best_checkpoints if cm[1].get("validated", True)]
+    ranked = sorted(validated, key=lambda cm: sign * cm[1][metric], reverse=True)
     if not ranked:
-        raise RuntimeError(f"run {cfg.run.name} produced no checkpoint")
+        raise RuntimeError(f"run {cfg.run.name} produced no validated checkpoint")
     return ranked[0]
 
 

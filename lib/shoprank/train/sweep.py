@@ -28,7 +28,8 @@ from shoprank.console import log
 from shoprank.data.read import resolve, uri
 from shoprank.evaluation import report
 from shoprank.registry import Registry, Version
-from shoprank.train.loop import fit, plan_steps, validation_steps
+from shoprank.tracking import Tracker, metric_name, redact
+from shoprank.train.loop import STATE_FILE, fit, plan_steps, validation_steps
 
 TUNE_DIR = "tune"  # the Tune experiment, under the run's storage folder
 TRIALS_DIR = "trials"  # one Ray Train run per trial, named by trial id
@@ -468,7 +469,62 @@ def write_results(cfg: Config, table: pa.Table, grid: tune.ResultGrid, out: Path
         f"trial's validations; search {cfg.sweep.algorithm}, scheduler {cfg.sweep.scheduler}."
     )
     sections = [("Summary", summary), ("Trials, best first", md)]
-    return report.write_report(out, f"shoprank sweep: {cfg.run.name}", sections, images)
+    path = report.write_report(out, f"shoprank sweep: {cfg.run.name}", sections, images)
+    track(cfg, table, grid, out)
+    return path
+
+
+def track(cfg: Config, table: pa.Table, grid: tune.ResultGrid, out: Path) -> None:
+    """The sweep as an MLflow run (its config, its winner, the sweep report) with one run nested
+    under it per trial: the trial's config (its searched values included), its logged steps and
+    validations at their steps, its best and its status. Logged from what the trials saved, so
+    a resumed sweep logs each point once."""
+    metric, rows = f"val_{cfg.train.metric}", table.to_pylist()
+    with Tracker.open(cfg, "sweep", announce=False) as parent:
+        if not parent.run_id:
+            return
+        parent.log_artifacts(out, "sweep")
+        winner = next((r for r in rows if math.isfinite(r["best"])), None)
+        if winner:
+            parent.set_tags({"winner": winner["trial"]})
+            parent.log_metrics([(f"best/{metric_name(metric[4:])}", winner["best"], 0)])
+        results = {trial_id(r): r for r in grid}
+        for row in rows:
+            result = results[row["trial"]]
+            trial = Tracker.open(
+                with_values(cfg, {k: row[k] for k in cfg.sweep.space}),
+                "trial",
+                key=f"{cfg.run.name}/{row['trial']}",
+                name=f"{cfg.run.name} {row['trial']}",
+                parent=parent,
+                announce=False,
+            )
+            trial.set_tags({"trial": row["trial"], "status": row["status"]})
+            trial.log_training(_logged_steps(cfg, result), trial_history(result))
+            trial.log_metrics(
+                [(f"best/{metric_name(metric[4:])}", row["best"], 0)]
+                + ([("best/step", row["best_step"], 0)] if row["best_step"] is not None else [])
+                + [("time_s", row["time_s"], 0)]
+            )
+            trial.finish("FAILED" if row["status"] == "error" else "FINISHED")
+        log(
+            f"MLflow run {parent.run_id} (the sweep, {len(rows)} trial runs nested) in "
+            f"experiment {cfg.tracking.experiment!r} at {redact(parent.uri)}"
+        )
+
+
+def _logged_steps(cfg: Config, result: tune.Result) -> list[dict]:
+    """A trial's step records, from the loop state saved in its latest checkpoint (Ray keeps
+    the latest whatever its metric): that file alone, not the whole checkpoint."""
+    df = result.metrics_dataframe
+    if df is None or df.empty or "checkpoint_path" not in df:
+        return []
+    paths = df["checkpoint_path"].dropna()
+    if paths.empty:
+        return []
+    fs, _ = resolve(cfg.run.storage)
+    with fs.open_input_stream(posixpath.join(str(paths.iloc[-1]), STATE_FILE)) as f:
+        return json.loads(f.read())["steps"]
 
 
 def _markdown(rows: list[dict], columns: list[str]) -> str:

@@ -1,0 +1,439 @@
+"""The served-events log: impressions and feedback as events Parquet in `dt=` partitions, read
+back by the project's own readers and validator; every drop, loss and refusal counted; the
+request never fails because of the log."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+from conftest import serving_setup
+from shoprank.data import contract
+from shoprank.data.validate import check_events, reason_counts, split_quarantine
+from shoprank.serving.impressions import (
+    EventLog,
+    ImpressionLogger,
+    new_request_id,
+    pseudonymize_events,
+    request_time,
+)
+
+KEY = "impressions-key-3"
+JSON = {"x-api-key": KEY, "content-type": "application/json"}
+V = {"retriever": 4, "ranker": None}
+MIDNIGHT = datetime(2025, 3, 2, tzinfo=UTC).timestamp()  # 2025-03-01 -> 2025-03-02 (UTC)
+
+
+def _read(root: Path) -> pa.Table:
+    """As the feature store and `pyarrow.dataset` read an events folder (hive partitions)."""
+    return pads.dataset(root, partitioning="hive").to_table()
+
+
+def _parts(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+# -- rows, partitions, the contract ------------------------------------------------------------
+
+
+def test_rows_land_in_day_partitions_in_the_events_contract(tmp_path):
+    logger = ImpressionLogger(str(tmp_path / "log"), flush_s=3600)
+    before, after = new_request_id(MIDNIGHT - 5), new_request_id(MIDNIGHT + 5)
+    logger.served(before, "u1", None, ["a", "b", "c"], V, now=MIDNIGHT - 5)
+    logger.served(after, None, "red mug", ["c", "a"], V, now=MIDNIGHT + 5)
+    assert logger.feedback(before, "b", "click", now=MIDNIGHT + 6) == "stored"
+    assert logger.flush() == 6
+    files = _parts(tmp_path / "log")
+    assert [f.split("/")[0] for f in files] == ["dt=2025-03-01", "dt=2025-03-02"]  # a file a day
+    assert all(f.split("/")[1].startswith("part-") and f.endswith(".parquet") for f in files)
+
+    table = _read(tmp_path / "log").sort_by([("ts", "ascending"), ("position", "ascending")])
+    assert table.column_names == [*contract.SERVED_EVENTS_SCHEMA.names, "dt"]
+    rows = table.to_pylist()
+    assert [(r["user_id"], r["item_id"], r["event"], r["position"]) for r in rows] == [
+        ("u1", "a", "impression", 0),
+        ("u1", "b", "impression", 1),
+        ("u1", "c", "impression", 2),
+        (f"anon-{after}", "c", "impression", 0),  # nobody named: one pseudo-user per answer
+        (f"anon-{after}", "a", "impression", 1),
+        ("u1", "b", "click", 1),  # the feedback: the answer's user and the item's position
+    ]
+    assert [r["query"] for r in rows] == [None, None, None, "red mug", "red mug", None]
+    assert {r["request_id"] for r in rows[:3]} == {before} == {rows[5]["request_id"]}
+    assert {(r["retriever_version"], r["ranker_version"]) for r in rows} == {(4, None)}
+    assert rows[0]["ts"] == datetime(2025, 3, 1, 23, 59, 55)  # naive UTC, as the contract says
+    assert [r["dt"] for r in rows] == ["2025-03-01"] * 3 + ["2025-03-02"] * 3
+    good, bad = split_quarantine(check_events(table, pa.array(["a", "b", "c"])))
+    assert reason_counts(bad) == {} and good.num_rows == 6
+    info = logger.info()
+    assert (info["rows_written"], info["files_written"], info["buffered"]) == (6, 2, 0)
+    logger.close()
+
+
+def test_request_ids_are_fresh_and_carry_their_time():
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    now = time.time()
+    assert abs(request_time(new_request_id(now)) - now) < 0.002
+    assert request_time("not-a-uuid") is None
+    assert request_time("00000000-0000-4000-8000-000000000000") is None  # not ours (v4)
+
+
+def test_the_thread_flushes_by_rows_and_by_time(tmp_path):
+    by_rows = EventLog(str(tmp_path / "rows"), flush_s=3600, flush_rows=3)
+    row = ("u", "a", datetime(2026, 1, 1), "impression", None, None, 0, "r", 1, 1)
+    by_rows.add([row, row])
+    time.sleep(0.2)
+    assert by_rows.info()["rows_written"] == 0  # under flush_rows, long before flush_s
+    by_rows.add([row])
+    by_time = EventLog(str(tmp_path / "time"), flush_s=0.05, flush_rows=1000)
+    by_time.add([row])
+    deadline = time.time() + 10
+    while time.time() < deadline and (
+        by_rows.info()["rows_written"] < 3 or by_time.info()["rows_written"] < 1
+    ):
+        time.sleep(0.02)
+    assert by_rows.info()["rows_written"] == 3 and by_time.info()["rows_written"] == 1
+    by_rows.close()
+    by_time.close()
+
+
+# -- feedback ----------------------------------------------------------------------------------
+
+
+def test_feedback_is_stored_once_and_every_other_outcome_counted(tmp_path):
+    logger = ImpressionLogger(str(tmp_path / "log"), flush_s=3600, answers=2, ttl_s=60)
+    t0 = 1_800_000_000.0
+    first, second, third = (new_request_id(t0 + i) for i in range(3))
+    logger.served(first, "u1", None, ["a", "b"], V, now=t0)
+    logger.served(second, "u2", "mug", ["c"], V, now=t0 + 1)
+    assert logger.feedback(first, "b", "click", now=t0 + 2) == "stored"
+    assert logger.feedback(first, "b", "click", now=t0 + 3) == "duplicate"
+    assert logger.feedback(first, "b", "purchase", now=t0 + 4) == "stored"  # another event
+    assert logger.feedback(first, "zzz", "click", now=t0 + 5) == "not_served"
+    assert logger.feedback(new_request_id(t0), "a", "click", now=t0 + 5) == "unknown_request"
+    assert logger.feedback("not-one-of-ours", "a", "click", now=t0 + 5) == "unknown_request"
+    # A third answer pushes the oldest out (size 2): its id is unknown now, and counted.
+    logger.served(third, "u3", None, ["d"], V, now=t0 + 6)
+    assert logger.feedback(first, "a", "click", now=t0 + 7) == "unknown_request"
+    # Past the TTL: late, whether the answer is still in the map or long gone.
+    assert logger.feedback(second, "c", "click", now=t0 + 62) == "late"
+    assert logger.feedback(new_request_id(t0 - 3600), "c", "click", now=t0 + 62) == "late"
+    with pytest.raises(ValueError, match="event='impression'"):
+        logger.feedback(third, "d", "impression")
+    assert logger.flush() == 2 + 1 + 1 + 2  # impressions, and the two stored outcomes
+    info = logger.info()
+    assert info["feedback"] == {
+        "stored": 2,
+        "duplicate": 1,
+        "unknown_request": 3,
+        "late": 2,
+        "dropped": 0,
+        "not_served": 1,
+    }
+    assert info["answers"]["evicted"] == 1
+    outcomes = _read(tmp_path / "log").filter(pads.field("event") != "impression")
+    assert sorted(outcomes["event"].to_pylist()) == ["click", "purchase"]
+    logger.close()
+
+
+def test_pseudonyms_join_the_shops_pseudonymized_events(tmp_path, monkeypatch):
+    from shoprank.serving import auth
+
+    monkeypatch.delenv(auth.USER_KEY_ENV, raising=False)
+    monkeypatch.delenv(auth.USER_KEY_FILE_ENV, raising=False)
+    with pytest.raises(ValueError, match="SHOPRANK_USER_HASH_KEY"):
+        ImpressionLogger(str(tmp_path / "log"), user_ids="pseudonym")
+    monkeypatch.setenv(auth.USER_KEY_ENV, "shop-secret")
+    auth.reset_user_key()
+    try:
+        logger = ImpressionLogger(str(tmp_path / "log"), user_ids="pseudonym", flush_s=3600)
+        logger.served(new_request_id(), "U42", None, ["a"], V)
+        logger.close()
+        # The shop's own events, copied with the same keyed pseudonym, partitions kept.
+        shop = tmp_path / "shop" / "dt=2026-01-01"
+        shop.mkdir(parents=True)
+        ts = pa.array([datetime(2026, 1, 1)] * 2, pa.timestamp("us"))
+        events = pa.table(
+            {"user_id": ["U42", None], "item_id": ["a", "a"], "ts": ts, "event": ["purchase"] * 2}
+        )
+        pads.write_dataset(events, shop, format="parquet", basename_template="part-{i}.parquet")
+        assert pseudonymize_events(str(tmp_path / "shop"), str(tmp_path / "out")) == {
+            "files": 1,
+            "rows": 2,
+        }
+        copied = _read(tmp_path / "out")
+        served = _read(tmp_path / "log")
+        assert copied["user_id"].to_pylist() == [auth.hash_user("U42"), None]
+        assert served["user_id"].to_pylist() == [auth.hash_user("U42")] != ["U42"]
+        assert copied["dt"].to_pylist() == ["2026-01-01"] * 2
+        with pytest.raises(ValueError, match="inside it"):
+            pseudonymize_events(str(tmp_path / "shop"), str(tmp_path / "shop" / "x"))
+    finally:
+        auth.reset_user_key()
+
+
+# -- faults: a full buffer, storage that fails -------------------------------------------------
+
+
+def test_a_full_buffer_drops_rows_and_counts_them(tmp_path):
+    logger = ImpressionLogger(str(tmp_path / "log"), flush_s=3600, flush_rows=5, max_rows=5)
+    rid = new_request_id()
+    logger.served(rid, "u1", None, ["a", "b", "c", "d"], V)  # 4 of 5
+    logger.served(new_request_id(), "u2", None, ["a", "b"], V)  # would be 6: dropped
+    assert logger.feedback(rid, "a", "click") == "stored"  # the 5th row
+    assert logger.feedback(rid, "b", "click") == "dropped"  # full again
+    assert logger.feedback(rid, "b", "click") == "dropped"  # not a duplicate: never stored
+    info = logger.info()
+    assert info["rows_dropped"] == 4 and info["buffered"] == 5
+    assert info["feedback"]["dropped"] == 2
+    logger.close()
+    assert logger.info()["shutdown_rows"] == 5 and len(_read(tmp_path / "log")) == 5
+    logger.served(new_request_id(), "u1", None, ["a"], V)  # after close: dropped, counted
+    assert logger.info()["rows_dropped"] == 5
+
+
+def test_failing_storage_is_counted_and_the_thread_lives_on(tmp_path, caplog):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the log's folder should be")
+    log = EventLog(str(blocker / "log"), flush_s=0.05, flush_rows=1)
+    row = ("u", "a", datetime(2026, 1, 1), "impression", None, None, 0, "r", 1, 1)
+    with caplog.at_level("ERROR", logger="ray.serve"):
+        for _ in range(3):
+            log.add([row])
+            time.sleep(0.15)
+    info = log.info()
+    assert info["write_errors"] == 3 and info["rows_lost"] == 3 and info["thread_alive"]
+    assert "write:" in info["last_error"]
+    assert sum("event log" in r.message for r in caplog.records) == 1  # logged once
+    blocker.unlink()  # storage is back: the same thread writes again
+    log.add([row])
+    deadline = time.time() + 10
+    while log.info()["rows_written"] < 1 and time.time() < deadline:
+        time.sleep(0.02)
+    assert log.info()["rows_written"] == 1
+    log.close()
+
+
+# -- over the routes (in-process, through the gate) --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, tiny_shop, tiny_model_dir):
+    from fastapi.testclient import TestClient
+
+    from shoprank.serving.plain import create
+    from shoprank.serving.schemas import AppArgs
+
+    tmp = tmp_path_factory.mktemp("impressions")
+    setup = serving_setup(tmp, tiny_shop, tiny_model_dir, KEY)
+    args = {
+        **setup.args,
+        "ranker_precision": "fp32",
+        "impressions_dir": str(tmp / "served"),
+        "impressions_flush_s": 3600,  # written when the test flushes or the app shuts down
+    }
+    app = create(AppArgs.model_validate(args))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        c.headers["x-api-key"] = KEY
+        yield c, tmp / "served"
+
+
+def _front():
+    from shoprank.serving.frontend import installed
+
+    return installed()
+
+
+def test_answers_carry_a_request_id_and_are_logged(client):
+    c, root = client
+    rec = c.post("/recommend", json={"user_id": "no-such-user", "k": 3}).json()
+    found = c.post("/search", json={"query": "gel pens", "k": 4, "user_id": "u7"}).json()
+    assert rec["request_id"] != found["request_id"]
+    assert request_time(rec["request_id"]) == pytest.approx(time.time(), abs=60)
+    _front().impressions.flush()
+    table = _read(root)
+    for answer, user, query in [(rec, "no-such-user", None), (found, "u7", "gel pens")]:
+        mine = table.filter(pads.field("request_id") == answer["request_id"]).sort_by("position")
+        assert mine["item_id"].to_pylist() == [i["item_id"] for i in answer["items"]]
+        assert mine["position"].to_pylist() == list(range(len(answer["items"])))
+        assert set(mine["user_id"].to_pylist()) == {user}
+        assert set(mine["query"].to_pylist()) == {query}
+        assert set(mine["retriever_version"].to_pylist()) == {answer["version"]["retriever"]}
+
+
+def test_feedback_route(client):
+    c, root = client
+    answer = c.post("/recommend", json={"user_id": "u8", "k": 3}).json()
+    rid, item = answer["request_id"], answer["items"][2]["item_id"]
+    body = {"request_id": rid, "item_id": item, "event": "add_to_cart"}
+    first = c.post("/feedback", json=body)
+    assert (first.status_code, first.json()) == (202, {"stored": True, "reason": None})
+    again = c.post("/feedback", json=body)
+    assert (again.status_code, again.json()) == (202, {"stored": False, "reason": "duplicate"})
+    unknown = c.post("/feedback", json={**body, "request_id": new_request_id()})
+    assert unknown.json() == {"stored": False, "reason": "unknown_request"}
+    foreign = c.post("/feedback", json={**body, "item_id": "not-in-that-answer"})
+    assert foreign.status_code == 422 and "not-in-that-answer" not in foreign.text
+    assert foreign.json()["detail"][0]["loc"] == ["body", "item_id"]
+    for bad, field in [
+        ({**body, "event": "impression"}, "event"),
+        ({**body, "request_id": "x" * 36}, "request_id"),
+        ({**body, "item_id": ""}, "item_id"),
+        ({k: v for k, v in body.items() if k != "event"}, "event"),
+        ({**body, "extra": 1}, "extra"),
+    ]:
+        got = c.post("/feedback", json=bad)
+        assert got.status_code == 422 and got.json()["detail"][0]["loc"] == ["body", field]
+    assert c.post("/feedback", json=body, headers={"x-api-key": "wrong"}).status_code == 401
+    counted = c.get("/version").json()["impressions"]
+    assert counted["feedback"]["stored"] == 1 and counted["feedback"]["duplicate"] == 1
+    assert counted["feedback"]["unknown_request"] == 1 and counted["feedback"]["not_served"] == 1
+    _front().impressions.flush()
+    stored = _read(root).filter(pads.field("event") == "add_to_cart").to_pylist()
+    assert [(r["user_id"], r["item_id"], r["position"]) for r in stored] == [("u8", item, 2)]
+
+
+# Hostile /feedback bodies: refused by the gate or the schema before any handler runs.
+# tests/test_serve.py sends them over HTTP too.
+FEEDBACK_HOSTILE = [
+    (b'{"request_id": NaN, "item_id": "a", "event": "click"}', 400, "NaN"),
+    (b'{"request_id": "r", "item_id": "\\ud800", "event": "click"}', 400, "surrogate"),
+    (b'{"request_id": "r", "item_id": "\xff\xfe", "event": "click"}', 400, "UTF-8"),
+    (b'{"request_id": "r", "item_id": 1e999, "event": "click"}', 400, "too large"),
+    (b'{"a":' * 100 + b"1" + b"}" * 100, 400, "nests deeper"),
+    (b"request_id=r", 400, "not JSON"),
+    (b"[]", 422, "body"),
+    (b'{"request_id": "r", "item_id": "' + b"x" * 70_000 + b'"}', 413, "limit"),
+    (b'{"request_id": 7, "item_id": ["a"], "event": "click"}', 422, "request_id"),
+]
+
+
+@pytest.mark.parametrize("body, status, says", FEEDBACK_HOSTILE)
+def test_hostile_feedback_gets_a_4xx_with_a_reason(client, body, status, says):
+    c, _ = client
+    got = c.post("/feedback", content=body, headers=JSON)
+    assert got.status_code == status, got.text
+    assert says in got.text and KEY not in got.text
+
+
+def test_a_failing_log_never_fails_a_request(tmp_path, tiny_shop, tiny_model_dir):
+    """Storage that hangs (the buffer fills), then refuses every write: the answers are all
+    200, and /version counts the rows dropped and lost; the shutdown flush is counted too."""
+    from fastapi.testclient import TestClient
+
+    from shoprank.serving.plain import create
+    from shoprank.serving.schemas import AppArgs
+
+    setup = serving_setup(tmp_path, tiny_shop, tiny_model_dir, KEY)
+    (tmp_path / "blocker").write_text("not a folder")
+    args = {
+        **setup.args,
+        "ranker_precision": "fp32",
+        "impressions_dir": str(tmp_path / "blocker" / "served"),
+        "impressions_flush_s": 3600,
+        "impressions_flush_rows": 5,
+        "impressions_buffer_rows": 10,
+    }
+    with TestClient(create(AppArgs.model_validate(args))) as c:
+        c.headers["x-api-key"] = KEY
+        front = _front()
+        with front.impressions.log._writing:  # storage hangs: no flush can finish
+            statuses = [
+                c.post("/recommend", json={"user_id": f"u{i}", "k": 5}).status_code
+                for i in range(6)
+            ]
+            full = c.get("/version").json()["impressions"]
+        front.impressions.flush()  # after the thread's own attempt: both fail
+        failed = c.get("/version").json()["impressions"]
+        statuses.append(c.post("/search", json={"query": "pens", "k": 5}).status_code)
+    assert statuses == [200] * 7
+    assert (full["buffered"], full["rows_dropped"], full["rows_lost"]) == (10, 20, 0)
+    assert (failed["buffered"], failed["rows_lost"], failed["write_errors"]) == (0, 10, 1)
+    assert failed["thread_alive"] and failed["rows_written"] == 0
+    final = front.impressions.info()  # after the app's shutdown: the last flush, counted
+    assert (final["shutdown_flushes"], final["shutdown_rows"], final["buffered"]) == (1, 0, 0)
+    assert (final["rows_lost"], final["rows_dropped"], final["write_errors"]) == (15, 20, 2)
+
+
+# -- what training reads -----------------------------------------------------------------------
+
+
+def test_training_reads_the_log_unchanged_and_impressions_are_never_positives(
+    ray_local, tmp_path, tiny_shop
+):
+    """The shop's events (no served columns) and the app's log in one events folder: the
+    training loader (Ray Data) validates both, and the training positives (`positive_events`,
+    then the `ExampleBuilder` that `build_examples` runs per user) are the clicks and purchases,
+    never an impression."""
+    import pyarrow.parquet as pq
+
+    from shoprank.config import DataConfig
+    from shoprank.data.examples import ExampleBuilder, positive_events
+    from shoprank.data.load import load_validated
+    from shoprank.data.validate import check_catalog
+
+    catalog, _ = split_quarantine(check_catalog(pq.read_table(tiny_shop / "catalog.parquet")))
+    items = catalog["item_id"].to_pylist()
+    events = tmp_path / "events"
+    shop = events / "dt=2025-03-01"
+    shop.mkdir(parents=True)
+    ts = pa.array([datetime(2025, 3, 1, 12, m) for m in range(3)], pa.timestamp("us"))
+    pq.write_table(
+        pa.table(
+            {"user_id": ["u1"] * 3, "item_id": items[:3], "ts": ts, "event": ["purchase"] * 3}
+        ),
+        shop / "part-0.parquet",
+    )
+    logger = ImpressionLogger(str(events), flush_s=3600)
+    t = MIDNIGHT + 3600
+    shown = {}
+    for n in range(4):
+        rid = new_request_id(t + n)
+        shown[rid] = items[10 + 5 * n : 15 + 5 * n]
+        logger.served(rid, "u1", None, shown[rid], V, now=t + n)
+        assert logger.feedback(rid, shown[rid][n], "click", now=t + n + 0.5) == "stored"
+    logger.close()
+    clicked = [shown[rid][n] for n, rid in enumerate(shown)]
+
+    cfg = DataConfig(
+        catalog=str(tiny_shop / "catalog.parquet"),
+        events=str(events),
+        judgments=None,
+        negatives=2,
+        eval_candidates=5,
+        val_users=None,
+        test_users=None,
+        max_train_positives=None,
+    )
+    data = load_validated(cfg, str(tmp_path / "quarantine"))
+    assert data.counts["events"] == {"rows": 3 + 20 + 4, "bad": 0, "reasons": {}}
+    rows = data.events.take_all()
+    served = [r for r in rows if r.get("request_id") is not None]
+    assert len(served) == 24 and {r["dt"] for r in served} == {"2025-03-02"}
+    assert {r["dt"] for r in rows} == {"2025-03-01", "2025-03-02"}
+    kept = pa.concat_tables(
+        ray_local.get(positive_events(data.events, cfg.task).to_arrow_refs()),
+        promote_options="default",  # the shop's blocks lack the served columns
+    )
+    assert sorted(kept["event"].to_pylist()) == ["click"] * 4 + ["purchase"] * 3
+    groups = ExampleBuilder(data.catalog, cfg, seed=0)(kept).to_pylist()
+    positives = {
+        split: sorted(g["item_ids"][0] for g in groups if g["split"] == split)
+        for split in ("train", "valid", "test")
+    }
+    # u1's 7 positives in time order: the shop's purchases, then the clicks (the first has no
+    # history to predict from); leave-one-out puts the last two in valid and test.
+    assert positives == {
+        "train": sorted(items[1:3] + clicked[:2]),
+        "valid": [clicked[2]],
+        "test": [clicked[3]],
+    }
+    impressions_only = {i for ids in shown.values() for i in ids} - set(clicked)
+    assert len(impressions_only) == 16
+    assert not impressions_only & {i for split in positives.values() for i in split}

@@ -1,0 +1,377 @@
+"""Retraining on the newest days: day partitions, shown-not-clicked negatives, the drift report,
+the retraining lock, the gate against production measured on the same day, and the job end to
+end on a tiny shop (real Ray, real training, real registry)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_export, shop_overrides
+from shoprank.config import DataConfig, load_config
+from shoprank.data.examples import ExampleBuilder
+from shoprank.evaluation.drift import drift_report, js_divergence
+from shoprank.loop.retrain import day_partitions, trained_through
+from shoprank.registry import Registry, RegistryError
+from test_registry import fake_export
+
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "retrain.py"
+T0 = dt.datetime(2024, 3, 1, 12)
+
+
+# -- fast: the pieces -----------------------------------------------------------------------
+
+
+def _event(item, event, session=None, request=None, sec=0, pos=None, split="train"):
+    return {
+        "user_id": "u",
+        "item_id": item,
+        "ts": T0 + dt.timedelta(seconds=sec),
+        "event": event,
+        "query": None,
+        "session_id": session,
+        "position": pos,
+        "request_id": request,
+        "split": split,
+    }
+
+
+def test_shown_not_clicked_items_become_negatives():
+    """A served answer (request_id) and a shop session (session_id): each positive's training
+    negatives are first the items shown with it and not engaged with, then sampled ones."""
+    catalog = pa.table({"item_id": [f"I{i}" for i in range(500)], "title": ["t"] * 500})
+    rows = [_event("I0", "click", session="s0", sec=1)]
+    rows += [
+        _event(i, "impression", request="r1", sec=10, pos=p)
+        for p, i in enumerate(["I1", "I2", "I3", "I4", "I5"])
+    ]
+    rows += [_event("I2", "click", request="r1", sec=20, pos=1)]
+    rows += [
+        _event(i, "impression", session="s2", sec=30, pos=p)
+        for p, i in enumerate(["I6", "I7", "I0"])
+    ]
+    rows += [_event("I7", "purchase", session="s2", sec=40, pos=1)]
+    events = pa.Table.from_pylist(rows)
+
+    def groups(shown: bool, negatives: int = 3) -> list[dict]:
+        cfg = DataConfig(
+            negatives=negatives, shown_negatives=shown, eval_candidates=5, item_template="{title}"
+        )
+        source = events if shown else events.filter(pc.not_equal(events["event"], "impression"))
+        return ExampleBuilder(catalog, cfg, seed=0)(source).to_pylist()
+
+    served, session = groups(shown=True)
+    assert served["item_ids"][0] == "I2" and served["labels"] == [1.0, 0.0, 0.0, 0.0]
+    assert set(served["item_ids"][1:]) <= {"I1", "I3", "I4", "I5"}  # shown with it, not clicked
+    # The session showed I6, I7 and I0: I7 is the positive, I0 the user's own earlier click.
+    assert session["item_ids"][:2] == ["I7", "I6"]
+    assert not {"I0", "I2", "I7"} & set(session["item_ids"][1:])
+    # More negatives than were shown: the rest are sampled, never a positive of the user.
+    wide = groups(shown=True, negatives=8)[0]["item_ids"][1:]
+    assert {"I1", "I3", "I4", "I5"} <= set(wide) and not {"I0", "I2", "I7"} & set(wide)
+    assert len(set(wide)) == 8
+    # Off (the default): sampled negatives only, as before.
+    plain = groups(shown=False)[0]["item_ids"][1:]
+    assert len(set(plain) & {"I1", "I3", "I4", "I5"}) < 3
+
+
+def test_drift_report_has_its_sections(tmp_path):
+    catalog = pa.table(
+        {
+            "item_id": ["A", "B", "C", "D"],
+            "category": ["Home > X", "Home > Y", "Office > Z", "Office > Z"],
+            "price": [10.0, 20.0, 30.0, 40.0],
+        }
+    )
+    counts = pa.Table.from_pylist(
+        [
+            {
+                "period": "window",
+                "item_id": "A",
+                "event": "impression",
+                "search": False,
+                "count": 80,
+            },
+            {"period": "window", "item_id": "A", "event": "click", "search": False, "count": 8},
+            {"period": "window", "item_id": "B", "event": "click", "search": True, "count": 2},
+            {
+                "period": "newest",
+                "item_id": "A",
+                "event": "impression",
+                "search": False,
+                "count": 10,
+            },
+            {
+                "period": "newest",
+                "item_id": "C",
+                "event": "impression",
+                "search": False,
+                "count": 10,
+            },
+            {"period": "newest", "item_id": "A", "event": "click", "search": False, "count": 1},
+            {"period": "newest", "item_id": "C", "event": "click", "search": False, "count": 3},
+        ]
+    )
+    rng = np.random.default_rng(0)
+    scores = {
+        "window": (rng.normal(0, 1, (50, 4)), np.tile([1, 0, 0, 0], (50, 1))),
+        "newest": (rng.normal(1, 1, (50, 4)), np.tile([1, 0, 0, 0], (50, 1))),
+    }
+    drift = drift_report(
+        counts, catalog, scores, tmp_path, ("2024-03-01", "2024-03-03"), "2024-03-04"
+    )
+    titles = [t for t, _ in drift.sections]
+    assert titles == [
+        "Drift: traffic",
+        "Drift: what was engaged with",
+        "Drift: production's scores",
+    ]
+    traffic = drift.numbers["traffic"]
+    assert traffic["window"]["click_rate"] == pytest.approx(0.125)  # 8 + 2 clicks, 80 shown
+    assert traffic["newest"]["click_rate"] == pytest.approx(0.2)
+    assert traffic["window"]["search_share"] == pytest.approx(0.2)
+    assert traffic["newest"]["new_item_share"] == pytest.approx(0.75)  # C: never seen before
+    assert traffic["newest"]["new_item_impressions"] == pytest.approx(0.5)
+    assert traffic["window"]["median_price"] == 10.0
+    assert drift.numbers["categories"]["newest"] == {"Home": 0.25, "Office": 0.75}
+    assert 0 < drift.numbers["popularity_js"] <= 1
+    assert drift.numbers["category_js"] == pytest.approx(
+        js_divergence({"Home": 10}, {"Home": 1, "Office": 3})
+    )
+    q = drift.numbers["score_quantiles"]
+    assert q["newest"]["positives"][2] > q["window"]["positives"][2]  # production's scores moved
+    assert "| newest | positives |" in drift.sections[2][1]
+    for image in drift.images.values():
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert js_divergence({"a": 1}, {"a": 5}) == 0.0 and js_divergence({"a": 1}, {"b": 1}) == 1.0
+
+
+def test_day_partitions_and_the_snapshot(tmp_path):
+    for root, day in [("shop", "2024-03-01"), ("shop", "2024-03-02"), ("served", "2024-03-02")]:
+        (tmp_path / root / f"dt={day}").mkdir(parents=True)
+    (tmp_path / "shop" / "notes").mkdir()  # not a partition
+    roots = [str(tmp_path / "shop"), str(tmp_path / "served"), str(tmp_path / "not-yet")]
+    days = day_partitions(roots)
+    assert list(days) == ["2024-03-01", "2024-03-02"]
+    assert [Path(p).parent.name for p in days["2024-03-02"]] == ["shop", "served"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="retrain.events"):
+        day_partitions([str(tmp_path / "file")])
+
+    registry = Registry(str(tmp_path / "registry"))
+    export = fake_export(tmp_path / "export")
+    plain = registry.register("m", str(export))
+    recorded = registry.register(
+        "m", str(export), metadata={"days": {"trained_through": "2024-03-05"}}
+    )
+    assert trained_through(recorded, None) == "2024-03-05"
+    assert trained_through(plain, dt.date(2024, 3, 2)) == "2024-03-02"
+    assert trained_through(None, None) is None
+    with pytest.raises(ValueError, match=r"retrain.since=YYYY-MM-DD"):
+        trained_through(plain, None)
+
+
+@pytest.mark.parametrize("store", ["local", "object store"])
+def test_a_second_retraining_is_refused_while_one_holds_the_lock(tmp_path, store):
+    if store == "local":
+        registry = Registry(str(tmp_path / "reg"))
+    else:
+        registry = Registry(
+            "reg", filesystem=pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+        )
+    with registry.hold("shop", "retrain"):
+        second = registry.hold("shop", "retrain")
+        with pytest.raises(RegistryError, match=r"already running|another retrain holds") as err:
+            second.__enter__()
+        assert "pid" in str(err.value)  # names the holder
+        registry.register("shop", str(fake_export(tmp_path / "e")))  # writers are not blocked
+    with registry.hold("shop", "retrain"):  # released: the next run goes
+        pass
+
+
+def test_the_gate_compares_production_measured_on_the_same_data(tmp_path):
+    registry = Registry(str(tmp_path / "reg"))
+    registry.register("m", str(fake_export(tmp_path / "a", ndcg=0.9)))  # recorded 0.9
+    registry.promote("m", 1, "val_ndcg@10")
+    registry.register("m", str(fake_export(tmp_path / "b", ndcg=0.5, seed=1)))
+    assert not registry.promote("m", 2, "val_ndcg@10").promoted  # against the recorded 0.9
+    decision = registry.promote("m", 2, "val_ndcg@10", measured=(1, 0.4))  # measured today
+    assert decision.promoted and decision.production_value == 0.4
+    assert registry.history("m")[-1]["production_measured"] is True
+    registry.register("m", str(fake_export(tmp_path / "c", ndcg=0.6, seed=2)))
+    with pytest.raises(RegistryError, match="production is v2, not v1"):
+        registry.promote("m", 3, "val_ndcg@10", measured=(1, 0.4))  # production moved since
+    assert registry.aliases("m")["production"] == 2
+
+
+# -- slow: the job end to end (real Ray, training, registry) ---------------------------------
+
+
+def _served_copy(src: Path, dst: Path, day: str) -> None:
+    """A shop day rewritten as the app's served-events log writes it: each session an answer
+    with its request_id, the registry versions that made it."""
+    table = pq.read_table(src / f"dt={day}" / "part-0.parquet")
+    good = pc.and_(pc.is_valid(table["user_id"]), pc.is_valid(table["ts"]))
+    table = table.filter(good)
+    n = table.num_rows
+    served = pa.table(
+        {
+            "user_id": table["user_id"],
+            "item_id": table["item_id"],
+            "ts": table["ts"],
+            "event": table["event"],
+            "query": table["query"],
+            "session_id": pa.nulls(n, pa.string()),
+            "position": table["position"],
+            "request_id": table["session_id"],
+            "retriever_version": pa.array(np.ones(n, dtype=np.int64)),
+            "ranker_version": pa.array(np.ones(n, dtype=np.int64)),
+        }
+    )
+    (dst / f"dt={day}").mkdir(parents=True)
+    pq.write_table(served, dst / f"dt={day}" / "part-1.parquet")
+
+
+def _constant_ranker(folder: Path, tiny_model_dir: str, cfg) -> Path:
+    """A tiny ranker export whose classifier is all zeros: every item scores alike, the worst
+    ranking there is (ties count against the model), so any trained candidate beats it."""
+    from transformers import AutoModelForSequenceClassification
+
+    make_export(folder, "ranker", tiny_model_dir, cfg, seed=1)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    model.classifier.weight.data.zero_()
+    model.classifier.bias.data.zero_()
+    model.save_pretrained(folder)
+    return folder
+
+
+def _job(args: list[str], monkeypatch) -> int:
+    monkeypatch.setattr(sys, "argv", ["retrain.py", *args])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(JOB), run_name="__main__")
+    return done.value.code
+
+
+def test_retrain_job_end_to_end(
+    ray_local, tmp_path, tiny_shop, tiny_model_dir, monkeypatch, capsys
+):
+    """Production v1 (trained through 03-03) and days up to 03-05 in two folders (the shop's
+    events, the app's log): the job finds 03-04 and 03-05, trains from v1's weights on
+    03-03..03-04, judges both on 03-05 and promotes; run again, nothing is new; a second run
+    while another holds the lock is refused; a run that fails leaves production alone."""
+    events, served = tmp_path / "events", tmp_path / "served"
+    for day in ("2024-03-01", "2024-03-02", "2024-03-03", "2024-03-04"):
+        shutil.copytree(tiny_shop / "events" / f"dt={day}", events / f"dt={day}")
+    _served_copy(tiny_shop / "events", served, "2024-03-05")
+    args = [
+        *shop_overrides(tiny_shop),
+        f"data.events={events}",
+        f"run.storage={tmp_path / 'runs'}",
+        "run.name=rt",
+        f"registry.root={tmp_path / 'registry'}",
+        "registry.model=ranker",
+        f"model.name={tiny_model_dir}",
+        "model.max_length=64",
+        "model.attn_implementation=null",
+        "lora.enabled=false",
+        "train.bf16=false",
+        "train.num_workers=1",
+        "train.batch_size=8",
+        "train.lr=3e-3",
+        "train.max_steps=8",
+        "train.epochs=50",
+        "train.warmup_ratio=0",
+        "data.val_users=8",
+        "data.test_users=40",
+        "data.eval_candidates=20",
+        "data.max_bad_fraction=0.5",
+        f"retrain.events=[{events},{served}]",
+        "retrain.window_days=2",
+        "retrain.since=null",
+        "eval.num_cpus=1",
+        "tracking.enabled=false",
+    ]
+    cfg = load_config(JOB.parents[1] / "configs" / "retrain-synthetic.yaml", args)
+    registry = Registry(cfg.registry.root)
+    v1 = _constant_ranker(tmp_path / "v1", tiny_model_dir, cfg)
+    registry.register("ranker", str(v1), metadata={"days": {"trained_through": "2024-03-03"}})
+    registry.promote("ranker", 1, "val_ndcg@10")
+
+    assert _job(args, monkeypatch) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "new days 2024-03-04, 2024-03-05; training on 2024-03-03..2024-03-04, judged on "
+        "2024-03-05" in printed
+    )
+    v2 = registry.get("ranker", 2)
+    assert v2.metadata["days"]["trained_through"] == "2024-03-04"
+    assert v2.metadata["days"]["held_out"] == "2024-03-05" and v2.metadata["parent"] == 1
+    meta = json.loads((Path(v2.uri) / "shoprank.json").read_text())
+    assert meta["base_model"] == registry.get("ranker", 1).uri  # trained from production
+    promoted = registry.history("ranker")[-1]
+    assert promoted["event"] == "promote" and promoted["production_measured"] is True
+    assert promoted["production_value"] == 0.0  # v1 ties every item: the worst ranking
+    assert promoted["candidate_value"] == v2.metrics["heldout_ndcg@10"] > 0
+    assert registry.aliases("ranker")["production"] == 2
+    assert "promoted ranker v2 to production: v2 heldout_ndcg@10=" in printed
+    report = Path(v2.metadata["retrain"]["report"]).read_text()
+    for section in (
+        "## Decision",
+        "## Days",
+        "## Newest day",
+        "## Drift: traffic",
+        "## Drift: what was engaged with",
+        "## Drift: production's scores",
+    ):
+        assert section in report
+    assert "| candidate |" in report and "| production |" in report
+
+    # Again: production v2 was trained through 03-04; 03-05 alone is new, and held out.
+    assert _job(args, monkeypatch) == 0
+    assert "kept production: the only new day, 2024-03-05, is held out" in capsys.readouterr().out
+    assert [v.version for v in registry.versions("ranker")] == [1, 2]
+
+    # Another retraining holds the lock (another process): this one is refused, changes nothing.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom shoprank.registry import Registry\n"
+            "with Registry(sys.argv[1]).hold('ranker', 'retrain'):\n"
+            "    print('held', flush=True); time.sleep(120)",
+            str(tmp_path / "registry"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert _job(args, monkeypatch) == 3
+        refused = capsys.readouterr().out
+        assert "refused: ranker: a retrain is already running" in refused
+        assert f"pid {holder.pid}" in refused
+    finally:
+        holder.kill()
+        holder.wait()
+
+    # A day's file that cannot be read (a truncated upload): the run fails, says why, and
+    # production stays v2.
+    (served / "dt=2024-03-07").mkdir()
+    (served / "dt=2024-03-07" / "part-0.parquet").write_bytes(b"PAR1 cut short")
+    assert _job(args, monkeypatch) == 1
+    failed = capsys.readouterr().out
+    assert "retraining failed, production untouched (v2): " in failed
+    assert registry.aliases("ranker")["production"] == 2
+    assert [v.version for v in registry.versions("ranker")] == [1, 2]
