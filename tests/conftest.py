@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s: a run's end, and each checkpoint the loop
+# waits to see committed, cost up to one poll. The tiny runs here are seconds long.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

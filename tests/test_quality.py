@@ -54,7 +54,12 @@ def test_minilm_fine_tuned_beats_zero_shot(ray_local, tmp_path, tiny_shop):
         export = export_model(d, cfg, str(tmp_path / "export"), {})
 
     tuned = group_metrics(
-        *collect_scores(valid, CrossEncoderScorer, {"model_dir": export, "precision": "bf16"})[:2],
+        *collect_scores(
+            valid,
+            CrossEncoderScorer,
+            {"model_dir": export, "precision": "bf16"},
+            in_process_below=cfg.eval.score_in_process_below,
+        )[:2],
         probabilistic=True,
     )
     zero_shot = group_metrics(
@@ -67,6 +72,7 @@ def test_minilm_fine_tuned_beats_zero_shot(ray_local, tmp_path, tiny_shop):
                 "item_texts": render_items(data.catalog, cfg.data.item_template),
                 "bf16": True,
             },
+            in_process_below=cfg.eval.score_in_process_below,
         )[:2],
         probabilistic=False,
     )

@@ -164,7 +164,7 @@ def test_sweep_stops_a_trial_registers_the_winner(
         "sweep.space={train.lr: {loguniform: [1e-9, 1e-2]}, lora.r: {choice: [2, 4, 8]}}",
         "sweep.start_from_config=false",
         "sweep.points=[{train.lr: 1e-2, lora.r: 4}, {train.lr: 1e-9, lora.r: 2}]",
-        "sweep.num_samples=4",
+        "sweep.num_samples=3",
         "sweep.max_concurrent_trials=1",
         "sweep.reduction_factor=2",
         f"registry.root={registry}",
@@ -176,10 +176,11 @@ def test_sweep_stops_a_trial_registers_the_winner(
     runpy.run_path(str(SWEEP), run_name="__main__")
     printed = capsys.readouterr().out
 
-    # The results: 4 trials, the lr-1e-9 one stopped by ASHA after one validation.
+    # The results: 3 trials (the two points, then Optuna's), the lr-1e-9 one stopped by ASHA
+    # after one validation.
     out = tmp_path / "sweep"
     rows = pq.read_table(out / "sweep" / "results.parquet").to_pylist()
-    assert len(rows) == 4
+    assert len(rows) == 3
     frozen = next(r for r in rows if r["train.lr"] == pytest.approx(1e-9))
     assert frozen["status"] == "stopped early" and frozen["validations"] < 4
     assert any(r["status"] == "completed" and r["validations"] == 4 for r in rows)
@@ -215,7 +216,7 @@ def test_sweep_stops_a_trial_registers_the_winner(
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = [client.get_experiment_by_name("shoprank").experiment_id]
     (parent,) = client.search_runs(experiment, "tags.`shoprank.kind` = 'sweep'")
-    assert f"MLflow run {parent.info.run_id} (the sweep, 4 trial runs nested)" in printed
+    assert f"MLflow run {parent.info.run_id} (the sweep, 3 trial runs nested)" in printed
     assert "sweep/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
     nested = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     trials = {t.data.tags["trial"]: t for t in client.search_runs(experiment, nested)}

@@ -61,11 +61,10 @@ def _data(cfg, out):
 
 
 # ZeRO-3 only: LoRA under ZeRO-2 with 2 workers is the default config that tests/test_jobs.py
-# trains and evaluates, and the sweep test runs it four times.
+# trains and evaluates, the sweep test runs three times, and tests/test_faults.py resumes after
+# each fault.
 @pytest.mark.parametrize("stage", [3])
-def test_lora_zero_trains_checkpoints_and_resumes(
-    ray_local, tmp_path, tiny_shop, tiny_model_dir, stage
-):
+def test_lora_zero_trains_and_checkpoints(ray_local, tmp_path, tiny_shop, tiny_model_dir, stage):
     cfg = _config(tmp_path, tiny_shop, tiny_model_dir, stage, f"zero{stage}", max_steps=8)
     out = output_dir(cfg)
     train, valid, valid_texts = _data(cfg, out)
@@ -117,10 +116,13 @@ def test_lora_zero_trains_checkpoints_and_resumes(
     )
     again = group_metrics(scores, labels, probabilistic=True)
     assert again["auc"] == pytest.approx(best["val_auc"], abs=1e-3)
-
-    # Running the same run name again resumes at the saved step, not at step 0.
-    cfg2 = _config(tmp_path, tiny_shop, tiny_model_dir, stage, f"zero{stage}", max_steps=12)
-    result2 = fit(cfg2, "ranker", {"train": train, "valid": valid}, train.count())
-    steps = [h["step"] for h in run_history(result2)]
-    assert steps == [4, 8, 12]
-    assert np.isfinite(run_history(result2)[-1]["train_loss"])
+    # Small evaluations are scored in the calling process (eval.score_in_process_below): the
+    # same scorer gives the same scores there.
+    here, here_labels, _ = collect_scores(
+        valid_texts,
+        CrossEncoderScorer,
+        {"model_dir": export, "precision": "fp32"},
+        in_process_below=10**6,
+    )
+    assert np.allclose(np.sort(here.ravel()), np.sort(scores.ravel()), atol=1e-5)
+    assert group_metrics(here, here_labels, probabilistic=True) == pytest.approx(again)

@@ -180,6 +180,9 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     # CPUs for each scoring actor (its torch threads); GPUs when train.use_gpu.
     num_cpus: float = 2
+    # Evaluations of up to this many (context, item) pairs are scored in the job's own process:
+    # a scoring actor is a new process importing torch, seconds before its first pair.
+    score_in_process_below: int = Field(20_000, ge=0)
     baselines: list[Literal["popularity", "tfidf", "covisit"]] = ["popularity", "tfidf", "covisit"]
     # Weight of the i-th newest history item in TF-IDF, co-visitation and the blend: decay**i.
     # (Called eval.tfidf_decay before co-visitation used it too: exports that say so still load.)

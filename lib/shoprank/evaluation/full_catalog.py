@@ -127,6 +127,7 @@ def two_stage_ranks(
         {"model_dir": ranker_dir, "precision": ranker_precision(cfg)},
         num_cpus=cfg.eval.num_cpus,
         batch_size=max(1, cfg.train.eval_batch_size // m),
+        in_process_below=cfg.eval.score_in_process_below,
     )
     out = {}
     for mix in cfg.eval.rerank_mix:

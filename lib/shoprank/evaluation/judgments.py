@@ -58,6 +58,7 @@ def _cross_encoder_scores(
         {"model_dir": model_dir, "precision": ranker_precision(cfg)},
         num_cpus=cfg.eval.num_cpus,
         batch_size=cfg.train.eval_batch_size,
+        in_process_below=cfg.eval.score_in_process_below,
     )
     out = np.empty(len(queries), dtype=np.float32)
     out[keys] = scores[:, 0]

@@ -49,23 +49,11 @@ def split_by_day(events: ray.data.Dataset, newest: str, first_train: str) -> ray
     return events.map_batches(label, batch_format="pyarrow")
 
 
-# (context, item) pairs up to this many are scored in the calling process: a Ray Data actor's
-# start (a process, torch, the model) costs more than scoring a few thousand pairs; more go to
-# Ray Data batch inference. The same scorer classes either way.
-IN_PROCESS_PAIRS = 20_000
-
-
 def score(
-    groups: ray.data.Dataset, scorer, kwargs: dict, num_cpus: float = 1
+    groups: ray.data.Dataset, scorer, kwargs: dict, num_cpus: float = 1, in_process_below: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, labels) [groups, G] of one scorer (evaluation/scorers.py) over the groups."""
-    if groups.count() * 2 <= IN_PROCESS_PAIRS:  # a group holds 2 items at least
-        columns = ["context", "history_ids", "item_ids", "item_texts", "labels"]
-        rows = pa.concat_tables(ray.get(groups.select_columns(columns).to_arrow_refs()))
-        if pc.sum(pc.list_value_length(rows["labels"])).as_py() <= IN_PROCESS_PAIRS:
-            out = scorer(**kwargs)({c: rows[c].to_pylist() for c in columns})
-            return np.asarray(out["scores"]), np.asarray(out["labels"])
-    return collect_scores(groups, scorer, kwargs, num_cpus=num_cpus)[:2]
+    return collect_scores(groups, scorer, kwargs, num_cpus, in_process_below=in_process_below)[:2]
 
 
 def score_models(
@@ -74,6 +62,7 @@ def score_models(
     precision: str,
     baselines: dict | None = None,
     num_cpus: float = 1,
+    in_process_below: int = 0,
 ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Metrics of each exported ranker (name -> folder) and baseline on the same groups, and
     their raw (scores, labels)."""
@@ -86,7 +75,7 @@ def score_models(
     table, raw = {}, {}
     for name, (scorer, kwargs) in runs.items():
         started = time.perf_counter()
-        scores, labels = score(groups, scorer, kwargs, num_cpus)
+        scores, labels = score(groups, scorer, kwargs, num_cpus, in_process_below)
         raw[name] = (scores, labels)
         table[name] = group_metrics(scores, labels, probabilistic=scorer is CrossEncoderScorer)
         log(

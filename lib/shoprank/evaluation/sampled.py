@@ -68,7 +68,13 @@ def evaluate_groups(
     for name, (scorer, kwargs) in runs.items():
         started = time.perf_counter()
         log(f"scoring {n} {cfg.eval.split} groups of {cfg.data.eval_candidates} with {name}")
-        scores, labels, _ = collect_scores(groups, scorer, kwargs, num_cpus=cfg.eval.num_cpus)
+        scores, labels, _ = collect_scores(
+            groups,
+            scorer,
+            kwargs,
+            num_cpus=cfg.eval.num_cpus,
+            in_process_below=cfg.eval.score_in_process_below,
+        )
         raw[name] = (scores, labels)
         table[name] = group_metrics(scores, labels, probabilistic=scorer is CrossEncoderScorer)
         log(f"{name}: {table[name][PRIMARY]:.4f} {PRIMARY} ({time.perf_counter() - started:.0f} s)")

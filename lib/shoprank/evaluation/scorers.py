@@ -1,4 +1,5 @@
-"""Evaluation: score held-out groups with each model via Ray Data batch inference.
+"""Evaluation: score held-out groups with each model via Ray Data batch inference (small
+evaluations in the calling process).
 
 Every scorer is a callable class for `map_batches` (the model loads once per actor) that adds a
 [G] `scores` column to each group; metrics then come from the one metrics module.
@@ -7,6 +8,8 @@ Every scorer is a callable class for `map_batches` (the model loads once per act
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from shoprank import console  # noqa: F401  (Ray Data actors: foreign warnings filtered)
@@ -82,10 +85,30 @@ class BaselineScorer:
 
 
 def collect_scores(
-    ds: ray.data.Dataset, scorer, kwargs: dict, num_cpus: float = 1, batch_size: int = 4
+    ds: ray.data.Dataset,
+    scorer,
+    kwargs: dict,
+    num_cpus: float = 1,
+    batch_size: int = 4,
+    in_process_below: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Run a scorer over every group: (scores, labels), both [n_groups, G], and the groups'
-    `key` column when they carry one (Ray Data does not promise to keep row order)."""
+    `key` column when they carry one (Ray Data does not promise to keep row order).
+
+    Up to `in_process_below` pairs are scored in this process (eval.score_in_process_below):
+    an actor is a new process that imports torch and loads the model again, which costs more
+    than scoring a few thousand pairs."""
+    if in_process_below and ds.count() <= in_process_below:  # a group holds one pair at least
+        table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+        if pc.sum(pc.list_value_length(table["labels"])).as_py() <= in_process_below:
+            fn = scorer(**kwargs)
+            batches = [
+                fn(part.to_pydict())
+                for part in (
+                    table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)
+                )
+            ]
+            return _joined(batches)
     scored = ds.map_batches(
         scorer,
         fn_constructor_kwargs=kwargs,
@@ -94,12 +117,24 @@ def collect_scores(
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=num_cpus,  # Ray sets the actor's torch threads to this
     )
+    return _joined(scored.iter_batches(batch_format="numpy", batch_size=None))
+
+
+def _matrix(rows) -> np.ndarray:
+    """[groups, G] float32, from a 2-D array, a list of lists or an array of arrays."""
+    a = np.asarray(rows) if not isinstance(rows, list) else np.asarray(rows, dtype=np.float32)
+    if a.dtype == object:
+        a = np.stack([np.asarray(r, dtype=np.float32) for r in a])
+    return a.astype(np.float32, copy=False)
+
+
+def _joined(batches) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     scores, labels, keys = [], [], []
-    for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
-        scores.append(batch["scores"])
-        labels.append(batch["labels"])
+    for batch in batches:
+        scores.append(_matrix(batch["scores"]))
+        labels.append(_matrix(batch["labels"]))
         if KEY in batch:
-            keys.append(batch[KEY])
+            keys.append(np.asarray(batch[KEY]))
     return np.concatenate(scores), np.concatenate(labels), np.concatenate(keys) if keys else None
 
 

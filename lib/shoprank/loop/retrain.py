@@ -286,7 +286,9 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
         models["production"] = base
     baselines = fit_baselines(cfg, data.catalog, *train_pairs(train))
     precision = ranker_precision(cfg)
-    table, raw = score_models(test, models, precision, baselines, cfg.eval.num_cpus)
+    table, raw = score_models(
+        test, models, precision, baselines, cfg.eval.num_cpus, cfg.eval.score_in_process_below
+    )
     metric = f"heldout_{r.metric}"
     meta_path = Path(export) / METADATA
     meta = json.loads(meta_path.read_text())
@@ -303,6 +305,7 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
         CrossEncoderScorer,
         {"model_dir": models[reference], "precision": precision},
         cfg.eval.num_cpus,
+        cfg.eval.score_in_process_below,
     )
     drift = drift_report(
         count_events(events, newest, first),
