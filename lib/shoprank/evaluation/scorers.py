@@ -8,8 +8,6 @@ Every scorer is a callable class for `map_batches` (the model loads once per act
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from shoprank import console  # noqa: F401  (Ray Data actors: foreign warnings filtered)
@@ -98,17 +96,12 @@ def collect_scores(
     Up to `in_process_below` pairs are scored in this process (eval.score_in_process_below):
     an actor is a new process that imports torch and loads the model again, which costs more
     than scoring a few thousand pairs."""
-    if in_process_below and ds.count() <= in_process_below:  # a group holds one pair at least
-        table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-        if pc.sum(pc.list_value_length(table["labels"])).as_py() <= in_process_below:
+    if in_process_below and (n := ds.count()) <= in_process_below:
+        first = ds.take(1)  # every group of one evaluation holds as many pairs
+        if not first or n * len(first[0]["labels"]) <= in_process_below:
             fn = scorer(**kwargs)
-            batches = [
-                fn(part.to_pydict())
-                for part in (
-                    table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)
-                )
-            ]
-            return _joined(batches)
+            batches = ds.iter_batches(batch_size=batch_size, batch_format="numpy")
+            return _joined(fn(batch) for batch in batches)
     scored = ds.map_batches(
         scorer,
         fn_constructor_kwargs=kwargs,
