@@ -95,35 +95,17 @@ def test_drift_report_has_its_sections(tmp_path):
             "price": [10.0, 20.0, 30.0, 40.0],
         }
     )
-    counts = pa.Table.from_pylist(
-        [
-            {
-                "period": "window",
-                "item_id": "A",
-                "event": "impression",
-                "search": False,
-                "count": 80,
-            },
-            {"period": "window", "item_id": "A", "event": "click", "search": False, "count": 8},
-            {"period": "window", "item_id": "B", "event": "click", "search": True, "count": 2},
-            {
-                "period": "newest",
-                "item_id": "A",
-                "event": "impression",
-                "search": False,
-                "count": 10,
-            },
-            {
-                "period": "newest",
-                "item_id": "C",
-                "event": "impression",
-                "search": False,
-                "count": 10,
-            },
-            {"period": "newest", "item_id": "A", "event": "click", "search": False, "count": 1},
-            {"period": "newest", "item_id": "C", "event": "click", "search": False, "count": 3},
-        ]
-    )
+    names = ["period", "item_id", "event", "search", "count"]
+    rows = [
+        ("window", "A", "impression", False, 80),
+        ("window", "A", "click", False, 8),
+        ("window", "B", "click", True, 2),
+        ("newest", "A", "impression", False, 10),
+        ("newest", "C", "impression", False, 10),
+        ("newest", "A", "click", False, 1),
+        ("newest", "C", "click", False, 3),
+    ]
+    counts = pa.Table.from_pylist([dict(zip(names, row, strict=True)) for row in rows])
     rng = np.random.default_rng(0)
     scores = {
         "window": (rng.normal(0, 1, (50, 4)), np.tile([1, 0, 0, 0], (50, 1))),
