@@ -144,13 +144,12 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def fault_env(tmp_path_factory):
-    """The trace folder, and Ray Train's controller polling its workers every 0.5 s instead of
-    2 s: it notices a dead worker, registers a checkpoint (which the loop waits for) and sees a
-    run end sooner. Drivers started here inherit both."""
+    """The trace folder, which drivers started here inherit. (Ray Train's controller polls every
+    0.5 s in tests, set in conftest.py: it notices a dead worker and registers a checkpoint,
+    which the loop waits for, sooner.)"""
     with pytest.MonkeyPatch.context() as mp:
         trace = tmp_path_factory.mktemp("trace")
         mp.setenv(TRACE_ENV, str(trace))
-        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         yield trace
 
 

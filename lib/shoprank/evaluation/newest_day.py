@@ -49,13 +49,6 @@ def split_by_day(events: ray.data.Dataset, newest: str, first_train: str) -> ray
     return events.map_batches(label, batch_format="pyarrow")
 
 
-def score(
-    groups: ray.data.Dataset, scorer, kwargs: dict, num_cpus: float = 1, in_process_below: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, labels) [groups, G] of one scorer (evaluation/scorers.py) over the groups."""
-    return collect_scores(groups, scorer, kwargs, num_cpus, in_process_below=in_process_below)[:2]
-
-
 def score_models(
     groups: ray.data.Dataset,
     models: dict[str, str],
@@ -75,7 +68,9 @@ def score_models(
     table, raw = {}, {}
     for name, (scorer, kwargs) in runs.items():
         started = time.perf_counter()
-        scores, labels = score(groups, scorer, kwargs, num_cpus, in_process_below)
+        scores, labels, _ = collect_scores(
+            groups, scorer, kwargs, num_cpus, in_process_below=in_process_below
+        )
         raw[name] = (scores, labels)
         table[name] = group_metrics(scores, labels, probabilistic=scorer is CrossEncoderScorer)
         log(

@@ -95,7 +95,8 @@ def collect_scores(
 
     Up to `in_process_below` pairs are scored in this process (eval.score_in_process_below):
     an actor is a new process that imports torch and loads the model again, which costs more
-    than scoring a few thousand pairs."""
+    than scoring a few thousand pairs. Callers pass materialised datasets: the count and the
+    first row are then read, not computed."""
     if in_process_below and (n := ds.count()) <= in_process_below:
         first = ds.take(1)  # every group of one evaluation holds as many pairs
         if not first or n * len(first[0]["labels"]) <= in_process_below:
@@ -115,9 +116,9 @@ def collect_scores(
 
 def _matrix(rows) -> np.ndarray:
     """[groups, G] float32, from a 2-D array, a list of lists or an array of arrays."""
-    a = np.asarray(rows) if not isinstance(rows, list) else np.asarray(rows, dtype=np.float32)
+    a = np.asarray(rows)
     if a.dtype == object:
-        a = np.stack([np.asarray(r, dtype=np.float32) for r in a])
+        a = np.stack([np.asarray(r) for r in a])
     return a.astype(np.float32, copy=False)
 
 

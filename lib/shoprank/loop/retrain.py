@@ -51,8 +51,8 @@ from shoprank.data.load import counts_table, load_validated
 from shoprank.evaluation import report
 from shoprank.evaluation.baselines import fit_baselines, train_pairs
 from shoprank.evaluation.drift import count_events, drift_report
-from shoprank.evaluation.newest_day import COLUMNS, score, score_models, split_by_day
-from shoprank.evaluation.scorers import CrossEncoderScorer, ranker_precision
+from shoprank.evaluation.newest_day import COLUMNS, score_models, split_by_day
+from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_precision
 from shoprank.models.export_meta import METADATA
 from shoprank.registry import PRODUCTION, Registry, RegistryError, Version
 
@@ -300,13 +300,13 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
     # Drift: the newest day against the window, production's scores on both.
     reference = "production" if production else "candidate"
     sample = train.limit(max(n_test, 1)).materialize()
-    window_scores = score(
+    window_scores = collect_scores(
         sample,
         CrossEncoderScorer,
         {"model_dir": models[reference], "precision": precision},
         cfg.eval.num_cpus,
-        cfg.eval.score_in_process_below,
-    )
+        in_process_below=cfg.eval.score_in_process_below,
+    )[:2]
     drift = drift_report(
         count_events(events, newest, first),
         data.catalog,
