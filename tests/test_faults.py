@@ -3,8 +3,8 @@ killed (and, in test_serve.py, a Serve replica killed under load).
 
 Every run trains the tiny ranker for STEPS optimizer steps on the same tokenized groups, with a
 checkpoint every EVERY steps (`train.checkpoint_every_steps`) and a validation every 6. The
-module's setup trains three uninterrupted runs of the same seed and measures the spread of their
-final validation metric (logloss); each faulted run must end inside it. The loop's trace
+module's setup trains an uninterrupted run of the same seed; each faulted run must end on its
+final validation metric (logloss), within TOLERANCE. The loop's trace
 (`loop.TRACE_ENV`) holds every step rank 0 ran, also those a fault threw away, and every worker
 start: the steps planned, run and repeated are counted from it.
 
@@ -46,10 +46,12 @@ FAULT_AFTER = 2 * EVERY + 1
 NODE_FAULT_AFTER = EVERY + 1
 CHECKPOINTS = sorted({*range(EVERY, STEPS + 1, EVERY), *range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)})
 METRIC = "val_logloss"
-# The three uninterrupted runs agree to the last digit (the loop is deterministic for one set of
-# rows); one optimizer step moves the final logloss by about 1e-2 here, so a resume that lost or
-# repeated an update, or restarted the optimizer or the schedule, lands far outside this.
+# Uninterrupted runs agree to the last digit (measured: three of them, 0.5983076827574447 each;
+# the loop is deterministic for one set of rows, so the suite runs one); one optimizer step
+# moves the final logloss by about 1e-2 here, so a resume that lost or repeated an update, or
+# restarted the optimizer or the schedule, lands far outside this.
 TOLERANCE = 1e-5
+REFERENCE_RUNS = 1
 TESTS = Path(__file__).resolve().parent
 
 
@@ -174,7 +176,7 @@ def setup(ray_local, tiny_shop, tiny_model_dir, tmp_path_factory, fault_env):
         table = pa.concat_tables([ray_local.get(r) for r in ds.to_arrow_refs()])
         pq.write_table(table, s.data / f"{split}.parquet")
     seconds = [time.perf_counter() - began]  # the groups, built and written
-    for i in range(3):
+    for i in range(REFERENCE_RUNS):
         began = time.perf_counter()
         cfg = s.config(f"uninterrupted-{i}")
         got = summary(fit(cfg, "ranker", s.datasets, s.rows), cfg)

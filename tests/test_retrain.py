@@ -85,6 +85,36 @@ def test_shown_not_clicked_items_become_negatives():
     # Off (the default): sampled negatives only, as before.
     plain = groups(shown=False)[0]["item_ids"][1:]
     assert len(set(plain) & {"I1", "I3", "I4", "I5"}) < 3
+    # data.shown_share: at most that share of the negatives shown, the rest sampled.
+    cfg = DataConfig(negatives=4, shown_negatives=True, shown_share=0.5, item_template="{title}")
+    half = ExampleBuilder(catalog, cfg, seed=0)(events).to_pylist()[0]["item_ids"][1:]
+    assert set(half[:2]) <= {"I1", "I3", "I4", "I5"} and len(set(half)) == 4
+    assert not set(half[2:]) & {"I0", "I1", "I2", "I3", "I4", "I5", "I7"}
+
+
+def test_held_out_groups_can_be_judged_on_what_was_shown():
+    """data.shown_candidates: a held-out positive among the other items of its answer first,
+    sampled items after; training groups keep data.shown_negatives' rule."""
+    catalog = pa.table({"item_id": [f"I{i}" for i in range(500)], "title": ["t"] * 500})
+    rows = [_event("I0", "click", request="r0", sec=1)]
+    rows += [
+        _event(i, "impression", request="r1", sec=10, pos=p, split="test")
+        for p, i in enumerate(["I1", "I2", "I3", "I4", "I5"])
+    ]
+    rows += [_event("I3", "click", request="r1", sec=20, pos=2, split="test")]
+    events = pa.Table.from_pylist(rows)
+
+    def test_group(**kw) -> dict:
+        cfg = DataConfig(eval_candidates=8, item_template="{title}", **kw)
+        (group,) = [g for g in ExampleBuilder(catalog, cfg, 0)(events).to_pylist()]
+        assert group["split"] == "test" and group["item_ids"][0] == "I3"
+        return group
+
+    shown = test_group(shown_candidates=True)["item_ids"][1:]
+    assert set(shown[:4]) == {"I1", "I2", "I4", "I5"} and len(set(shown)) == 7
+    assert "I0" not in shown  # the user's own click is never a negative
+    sampled = test_group(shown_negatives=True)["item_ids"][1:]  # training's rule only
+    assert len(set(sampled) & {"I1", "I2", "I4", "I5"}) < 2
 
 
 def test_drift_report_has_its_sections(tmp_path):

@@ -52,9 +52,15 @@ class DataConfig(Section):
     negatives: int = Field(3, ge=0)
     # Training negatives taken first from the items shown in the same request (request_id, else
     # session_id) and not engaged with: the click model's negatives (impressions, such as the
-    # serving app's event log writes); sampled items fill the rest. Evaluation groups keep the
-    # sampled protocol.
+    # serving app's event log writes); sampled items fill the rest.
     shown_negatives: bool = False
+    # At most this share of a training group's negatives from the shown items; sampled ones
+    # fill the rest, so the model keeps learning what is plainly irrelevant too.
+    shown_share: float = Field(1.0, ge=0.0, le=1.0)
+    # Validation / test groups likewise: a positive among the other items shown in its request
+    # first, sampled ones after: the judge of a reranker on the kind of list it reorders (a
+    # positive that production put before random items is no contest for any model).
+    shown_candidates: bool = False
     # Candidates per validation / test user: 1 positive + (eval_candidates - 1) sampled;
     # 1 keeps only the positive (the full-catalog protocol ranks every item anyway).
     eval_candidates: int = Field(100, ge=1)

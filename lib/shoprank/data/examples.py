@@ -11,6 +11,7 @@ With `data.shown_negatives` the events keep their impressions, and a training gr
 negatives come first from the items shown in the same request (`request_id`, else
 `session_id`) and not engaged with: the click model's own negatives (docs/DESIGN.md), which
 the served-events log provides for every answer. Sampled items fill the rest of the group.
+`data.shown_candidates` builds validation and test groups the same way.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class ExampleBuilder:
             sort_keys.append(("position", "ascending"))
         events = events.sort_by(sort_keys)
         shown: dict[str, list[int]] = {}
-        if self.cfg.shown_negatives:
+        if self.cfg.shown_negatives or self.cfg.shown_candidates:
             impression = pc.equal(events["event"], IMPRESSION)
             shown = self._shown(events.filter(impression))
             events = events.filter(pc.invert(impression))
@@ -90,8 +91,10 @@ class ExampleBuilder:
                 continue  # no history to predict from, or an event kept for histories only
             history = [self.item_ids[h] for h in seq[:i][::-1]]  # newest first
             n_neg = self.cfg.negatives if split == "train" else self.cfg.eval_candidates - 1
-            seen = shown.get(requests[i], []) if split == "train" else []
-            negatives = self.negatives(rng, exclude, n_neg, seen)
+            use = self.cfg.shown_negatives if split == "train" else self.cfg.shown_candidates
+            seen = shown.get(requests[i], []) if use else []
+            most = int(np.ceil(n_neg * self.cfg.shown_share)) if split == "train" else n_neg
+            negatives = self.negatives(rng, exclude, n_neg, seen, most)
             candidates = [target, *negatives]
             rows["user_id"].append(user)
             rows["split"].append(split)
@@ -116,12 +119,19 @@ class ExampleBuilder:
         return out
 
     def negatives(
-        self, rng: np.random.Generator, exclude: np.ndarray, n: int, shown: list[int]
+        self,
+        rng: np.random.Generator,
+        exclude: np.ndarray,
+        n: int,
+        shown: list[int],
+        most: int | None = None,
     ) -> np.ndarray:
         """n negatives: items of `shown` (the request's impressions) that the user never
-        engaged with, at most n of them drawn at random, then sampled items for the rest."""
+        engaged with, at most `most` (default n) of them drawn at random, then sampled items
+        for the rest."""
         pool = sorted(set(shown) - set(exclude.tolist()))
-        picked = rng.choice(pool, size=min(n, len(pool)), replace=False) if pool else []
+        take = min(n if most is None else most, len(pool))
+        picked = rng.choice(pool, size=take, replace=False) if pool else []
         picked = np.asarray(picked, dtype=np.int64)
         rest = sample_negatives(
             rng, len(self.item_ids), np.concatenate([exclude, picked]), n - len(picked)
@@ -179,7 +189,8 @@ def example_groups(
     events: ray.data.Dataset, catalog: pa.Table, cfg: DataConfig, seed: int
 ) -> ray.data.Dataset:
     """Every user's groups, of every split, materialised in the object store."""
-    positives = positive_events(events, cfg.task, impressions=cfg.shown_negatives)
+    shown = cfg.shown_negatives or cfg.shown_candidates
+    positives = positive_events(events, cfg.task, impressions=shown)
     # A few hash partitions suffice for small logs; big ones get one per ~20k events.
     partitions = int(min(200, max(2, positives.count() // 20_000)))
     grouped = positives.groupby("user_id", num_partitions=partitions)
