@@ -90,6 +90,10 @@ def test_shown_not_clicked_items_become_negatives():
     half = ExampleBuilder(catalog, cfg, seed=0)(events).to_pylist()[0]["item_ids"][1:]
     assert set(half[:2]) <= {"I1", "I3", "I4", "I5"} and len(set(half)) == 4
     assert not set(half[2:]) & {"I0", "I1", "I2", "I3", "I4", "I5", "I7"}
+    # data.shown_above: only what was shown above the click (I1; I2 itself was clicked).
+    cfg = DataConfig(negatives=3, shown_negatives=True, shown_above=True, item_template="{title}")
+    above = ExampleBuilder(catalog, cfg, seed=0)(events).to_pylist()[0]["item_ids"][1:]
+    assert above[0] == "I1" and not set(above[1:]) & {"I0", "I2", "I3", "I4", "I5", "I7"}
 
 
 def test_held_out_groups_can_be_judged_on_what_was_shown():
@@ -115,6 +119,60 @@ def test_held_out_groups_can_be_judged_on_what_was_shown():
     assert "I0" not in shown  # the user's own click is never a negative
     sampled = test_group(shown_negatives=True)["item_ids"][1:]  # training's rule only
     assert len(set(sampled) & {"I1", "I2", "I4", "I5"}) < 2
+
+
+def test_negatives_can_come_from_the_items_the_events_hold():
+    """data.negatives_from=events: sampled negatives only among the items the events read
+    hold, so an item nobody was shown yet (a new arrival) is never taught as a negative."""
+    catalog = pa.table({"item_id": [f"I{i}" for i in range(500)], "title": ["t"] * 500})
+    rows = [_event(f"I{i}", "click", sec=i) for i in range(6)]
+    events = pa.Table.from_pylist(rows)
+    pool = [f"I{i}" for i in range(12)]  # what the events read hold (here: I0-I11)
+    cfg = DataConfig(negatives=4, negatives_from="events", item_template="{title}")
+    groups = ExampleBuilder(catalog, cfg, 0, pool=pool)(events).to_pylist()
+    assert len(groups) == 5
+    clicked = {f"I{i}" for i in range(6)}
+    for g in groups:
+        negatives = g["item_ids"][1:]
+        assert len(set(negatives)) == 4 and set(negatives) <= set(pool) - clicked
+    # Too few items left to sample from: the error names the setting.
+    with pytest.raises(ValueError, match="data.negatives_from"):
+        ExampleBuilder(catalog, cfg, 0, pool=pool[:8])(events)
+
+
+def test_items_first_seen_on_the_held_out_day_are_no_training_negatives(ray_local):
+    """data.negatives_from=events with a held-out day (split `test`): the pool is what the
+    events held before it, so a new arrival first shown that day is no training negative."""
+    import ray
+
+    from shoprank.data.examples import example_groups
+
+    catalog = pa.table({"item_id": [f"I{i}" for i in range(40)], "title": ["t"] * 40})
+    rows = []
+    for u in range(3):
+        user = {"user_id": f"u{u}"}
+        for n in range(4):  # each click shown beside I20+n
+            clicked, request, sec = f"I{4 * u + n}", f"r{u}{n}", 10 * n
+            rows += [
+                {**_event(clicked, "impression", request=request, sec=sec, pos=0), **user},
+                {**_event(f"I{20 + n}", "impression", request=request, sec=sec, pos=1), **user},
+                {**_event(clicked, "click", request=request, sec=sec + 1, pos=0), **user},
+            ]
+        # The held-out day shows and sells new arrivals, I30-I33.
+        rows += [
+            {**_event("I30", "impression", request=f"t{u}", sec=99, split="test"), **user},
+            {**_event(f"I3{u + 1}", "click", request=f"t{u}", sec=99, split="test"), **user},
+        ]
+    events = pa.Table.from_pylist(rows)
+    cfg = DataConfig(
+        negatives=3, eval_candidates=4, negatives_from="events", item_template="{title}"
+    )
+    groups = example_groups(ray.data.from_arrow(events), catalog, cfg, 0).take_all()
+    before = {f"I{i}" for i in range(12)} | {f"I{i}" for i in range(20, 24)}
+    train = [g for g in groups if g["split"] == "train"]
+    assert len(train) == 9 and len([g for g in groups if g["split"] == "test"]) == 3
+    for g in groups:
+        assert set(g["item_ids"][1:]) <= before, g
 
 
 def test_drift_report_has_its_sections(tmp_path):

@@ -57,6 +57,16 @@ class DataConfig(Section):
     # At most this share of a training group's negatives from the shown items; sampled ones
     # fill the rest, so the model keeps learning what is plainly irrelevant too.
     shown_share: float = Field(1.0, ge=0.0, le=1.0)
+    # Of the shown items, only those shown above the engaged one (looked at and passed over):
+    # the ones below may never have been looked at, and teaching them as negatives teaches
+    # the old ranking's position bias back ("skip-above", Joachims 2002).
+    shown_above: bool = False
+    # Where sampled negatives come from: any catalog item, or only the items the events read
+    # hold (shown or engaged with; a `test` split's events do not count: the held-out day
+    # was not known when training). "events" keeps a new arrival that nobody was shown yet from
+    # being taught as a negative before anyone could pick it (it would then never be shown,
+    # never clicked, and never learned: the loop's cold-start trap).
+    negatives_from: Literal["catalog", "events"] = "catalog"
     # Validation / test groups likewise: a positive among the other items shown in its request
     # first, sampled ones after: the judge of a reranker on the kind of list it reorders (a
     # positive that production put before random items is no contest for any model).

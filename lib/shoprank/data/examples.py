@@ -54,13 +54,21 @@ def leave_one_out(n: int) -> list[str]:
 class ExampleBuilder:
     """Builds one user's groups; a class so the catalog lookup is built once per Ray actor."""
 
-    def __init__(self, catalog: pa.Table, cfg: DataConfig, seed: int):
+    def __init__(
+        self, catalog: pa.Table, cfg: DataConfig, seed: int, pool: list[str] | None = None
+    ):
         self.cfg = cfg
         self.seed = seed
         self.item_ids = catalog["item_id"].to_pylist()
         self.texts = render_items(catalog, cfg.item_template)
         self.text_of = dict(zip(self.item_ids, self.texts, strict=True))
         self.index = {item: i for i, item in enumerate(self.item_ids)}
+        # The catalog rows negatives are sampled from (None: all; data.negatives_from)
+        self.pool = (
+            None
+            if pool is None
+            else np.asarray(sorted(self.index[i] for i in pool if i in self.index), np.int64)
+        )
 
     def __call__(self, events: pa.Table) -> pa.Table:
         sort_keys = [("ts", "ascending")]
@@ -93,6 +101,8 @@ class ExampleBuilder:
             n_neg = self.cfg.negatives if split == "train" else self.cfg.eval_candidates - 1
             use = self.cfg.shown_negatives if split == "train" else self.cfg.shown_candidates
             seen = shown.get(requests[i], []) if use else []
+            if split == "train" and self.cfg.shown_above and target in seen:
+                seen = seen[: seen.index(target)]
             most = int(np.ceil(n_neg * self.cfg.shown_share)) if split == "train" else n_neg
             negatives = self.negatives(rng, exclude, n_neg, seen, most)
             candidates = [target, *negatives]
@@ -134,7 +144,7 @@ class ExampleBuilder:
         picked = rng.choice(pool, size=take, replace=False) if pool else []
         picked = np.asarray(picked, dtype=np.int64)
         rest = sample_negatives(
-            rng, len(self.item_ids), np.concatenate([exclude, picked]), n - len(picked)
+            rng, len(self.item_ids), np.concatenate([exclude, picked]), n - len(picked), self.pool
         )
         return np.concatenate([picked, rest])
 
@@ -194,9 +204,15 @@ def example_groups(
     # A few hash partitions suffice for small logs; big ones get one per ~20k events.
     partitions = int(min(200, max(2, positives.count() // 20_000)))
     grouped = positives.groupby("user_id", num_partitions=partitions)
+    pool = None
+    if cfg.negatives_from == "events":
+        known = events  # what was shown or engaged with before the held-out day, if there is one
+        if "split" in events.schema().names:
+            known = events.filter(expr=col("split") != "test")
+        pool = known.unique("item_id")
     return grouped.map_groups(
         ExampleBuilder,
-        fn_constructor_kwargs={"catalog": catalog, "cfg": cfg, "seed": seed},
+        fn_constructor_kwargs={"catalog": catalog, "cfg": cfg, "seed": seed, "pool": pool},
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1),
     ).materialize()

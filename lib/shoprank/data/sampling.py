@@ -14,20 +14,28 @@ def user_rng(seed: int, user_id: str, salt: str = "") -> np.random.Generator:
 
 
 def sample_negatives(
-    rng: np.random.Generator, n_items: int, exclude: np.ndarray, k: int
+    rng: np.random.Generator,
+    n_items: int,
+    exclude: np.ndarray,
+    k: int,
+    pool: np.ndarray | None = None,
 ) -> np.ndarray:
-    """k distinct catalog indices, uniformly drawn, none of them in `exclude` (the positives)."""
+    """k distinct catalog indices, uniformly drawn from `pool` (default: the whole catalog),
+    none of them in `exclude` (the positives)."""
     excluded = np.unique(np.asarray(exclude, dtype=np.int64))
-    available = n_items - len(excluded)
+    seen = set(excluded.tolist())
+    size = n_items if pool is None else len(pool)
+    available = size - (len(excluded) if pool is None else len(seen.intersection(pool.tolist())))
     if available < k:
+        where = "the catalog" if pool is None else "the items the events hold (data.negatives_from)"
         raise ValueError(
-            f"cannot sample {k} negatives: the catalog has {n_items} items and {len(excluded)} "
-            "are excluded; lower data.negatives or data.eval_candidates"
+            f"cannot sample {k} negatives: {where} has {size} items and "
+            f"{size - available} are excluded; lower data.negatives or data.eval_candidates"
         )
     picked: list[int] = []
-    seen = set(excluded.tolist())
     while len(picked) < k:
-        for idx in rng.integers(0, n_items, size=2 * (k - len(picked)) + 8).tolist():
+        for idx in rng.integers(0, size, size=2 * (k - len(picked)) + 8).tolist():
+            idx = idx if pool is None else int(pool[idx])
             if idx not in seen:
                 seen.add(idx)
                 picked.append(idx)

@@ -121,6 +121,7 @@ class Visit:
     ndcg: float
     versions: dict
     stored: int  # feedback rows the app stored
+    new_shown: int = 0  # items shown that arrived during the simulation (the new line)
 
 
 @dataclass
@@ -192,6 +193,9 @@ class SimulatedShop:
             self.ndcg(session, shown),
             answer["version"],
             stored,
+            int((self.shoppers.arrival[shown] > 0).sum())
+            if self.shoppers.arrival is not None
+            else 0,
         )
 
     async def _day(self, arm: Arm, day: int) -> list[Visit]:
@@ -221,12 +225,14 @@ class SimulatedShop:
 
 
 def day_metrics(visits: list[Visit], kind: str = "recommend") -> dict:
-    """CTR@10 (clicks per item shown), NDCG@10, purchases per visit, over one kind of visit."""
+    """CTR@10 (clicks per item shown), NDCG@10, purchases per visit and the share of shown
+    items that are new arrivals, over one kind of visit."""
     chosen = [v for v in visits if v.kind == kind]
     shown = sum(len(v.shown) for v in chosen)
     return {
         "visits": len(chosen),
         "ctr@10": sum(v.clicks for v in chosen) / shown if shown else float("nan"),
+        "new_shown": sum(v.new_shown for v in chosen) / shown if shown else float("nan"),
         "ndcg@10": float(np.mean([v.ndcg for v in chosen])) if chosen else float("nan"),
         "purchases_per_visit": sum(v.purchases for v in chosen) / max(len(chosen), 1),
     }
@@ -411,8 +417,8 @@ def write_results(
     )
     lines = [
         "| day | date | looped ranker | CTR@10 looped | CTR@10 frozen | NDCG@10 looped "
-        "| NDCG@10 frozen | retraining that night |",
-        "|---:|---|---|---:|---:|---:|---:|---|",
+        "| NDCG@10 frozen | new items shown, looped / frozen | retraining that night |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for i, d in enumerate(days):
         night = nights[i]["line"] if i < len(nights) else "–"
@@ -420,7 +426,8 @@ def write_results(
         served = ", ".join(f"v{x}" for x in d["looped"]["ranker"])
         lines.append(
             f"| {d['day']} | {d['date']} | {served} | {a['ctr@10']:.4f} | {b['ctr@10']:.4f} "
-            f"| {a['ndcg@10']:.4f} | {b['ndcg@10']:.4f} | {night} |"
+            f"| {a['ndcg@10']:.4f} | {b['ndcg@10']:.4f} "
+            f"| {a['new_shown']:.1%} / {b['new_shown']:.1%} | {night} |"
         )
 
     def fmt(m: dict) -> str:
