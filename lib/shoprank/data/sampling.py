@@ -20,17 +20,22 @@ def sample_negatives(
     k: int,
     pool: np.ndarray | None = None,
 ) -> np.ndarray:
-    """k distinct catalog indices, uniformly drawn from `pool` (default: the whole catalog),
-    none of them in `exclude` (the positives)."""
+    """k distinct catalog indices, uniformly drawn from `pool` (sorted catalog indices;
+    default: the whole catalog), none of them in `exclude` (the positives)."""
     excluded = np.unique(np.asarray(exclude, dtype=np.int64))
     seen = set(excluded.tolist())
-    size = n_items if pool is None else len(pool)
-    available = size - (len(excluded) if pool is None else len(seen.intersection(pool.tolist())))
+    if pool is None:
+        size, blocked = n_items, len(excluded)
+    else:  # per group: a binary search, not a pass over the pool
+        size = len(pool)
+        at = np.minimum(np.searchsorted(pool, excluded), max(size - 1, 0))
+        blocked = int(np.count_nonzero(pool[at] == excluded)) if size else 0
+    available = size - blocked
     if available < k:
         where = "the catalog" if pool is None else "the items the events hold (data.negatives_from)"
         raise ValueError(
             f"cannot sample {k} negatives: {where} has {size} items and "
-            f"{size - available} are excluded; lower data.negatives or data.eval_candidates"
+            f"{blocked} are excluded; lower data.negatives or data.eval_candidates"
         )
     picked: list[int] = []
     while len(picked) < k:
