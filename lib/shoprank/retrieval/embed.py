@@ -152,8 +152,12 @@ class Contexts:
 def embed_contexts(
     examples: ray.data.Dataset, spec: EncoderSpec, cfg: Config, catalog_ids: list[str]
 ) -> Contexts:
-    contexts = examples.map_batches(positive_only, batch_format="pyarrow").select_columns(
-        ["user_id", "context", "history_ids", "item_ids"]
+    # Materialised before the embedding pool starts: its actors may hold every CPU of the
+    # cluster (eval.num_cpus), and an upstream task would then wait for them forever.
+    contexts = (
+        examples.map_batches(positive_only, batch_format="pyarrow")
+        .select_columns(["user_id", "context", "history_ids", "item_ids"])
+        .materialize()
     )
     rows = {item: i for i, item in enumerate(catalog_ids)}
     parts: dict[str, list] = {k: [] for k in ("user_id", "embedding", "target")}
