@@ -221,6 +221,13 @@ class EvalConfig(Section):
     # blend) and stored beside the export; weights given here override the stored ones.
     blend_trials: int = Field(60, ge=0)
     blend_weights: dict[str, float] | None = None
+    # Fusion (lib/shoprank/retrieval/fusion.py): a LightGBM LambdaMART model reorders the
+    # blend's top fusion_top (0 = no fusion), fitted on the same valid users as the blend
+    # weights; its boosting rounds are chosen among fusion_rounds by fusion_folds-fold
+    # cross-fitting on them.
+    fusion_top: int = Field(100, ge=0)
+    fusion_rounds: list[int] = Field([50, 100, 200], min_length=1)
+    fusion_folds: int = Field(2, ge=2)
     # How many of them the ranker rescores (None = all N): the cost of stage two on a CPU.
     rerank_top: int | None = None
     # Stage two's order: (1 - mix) z(stage one) + mix z(ranker), one report row per mix

@@ -44,6 +44,8 @@ RETRIEVER = "fine-tuned retriever"
 BLEND = "blended stage one"
 TWO_STAGE = "fine-tuned retriever + ranker"
 BLEND_TWO_STAGE = "blended stage one + ranker"
+FUSED = "fused stage one"
+FUSED_TWO_STAGE = "fused stage one + ranker"
 PRIMARY = "ndcg@10"
 
 
@@ -186,20 +188,28 @@ def rank_all(
         weights = stage.weights
         if weights:
             started = time.perf_counter()
-            blended = stage.scores(contexts.embedding, contexts.history_ids)
-            stage_one = metrics.target_ranks(blended, contexts.target)
-            candidates = metrics.top_n(blended, cfg.eval.retrieve_top)
-            scores = np.take_along_axis(blended, candidates, axis=1)
-            out.ranks[BLEND] = stage_one
-            timed(BLEND, started)
+            by_stage = stage.stage_scores(contexts.embedding, contexts.history_ids)
+            for name, scored in ((BLEND, by_stage["blend"]), (FUSED, by_stage.get("fused"))):
+                if scored is not None:
+                    stage_one = metrics.target_ranks(scored, contexts.target)
+                    candidates = metrics.top_n(scored, cfg.eval.retrieve_top)
+                    scores = np.take_along_axis(scored, candidates, axis=1)
+                    out.ranks[name] = stage_one
+            timed(FUSED if stage.fusion else BLEND, started)
             out.notes.append(
                 f"Blended stage one (retrieval/blend.py): standardised signals weighted "
-                f"{weights}, exact over the catalog; its top {cfg.eval.retrieve_top} go to "
-                "stage two."
+                f"{weights}, exact over the catalog."
             )
+            if stage.fusion:
+                out.notes.append(
+                    f"Fused stage one (retrieval/fusion.py): a LightGBM LambdaMART model "
+                    f"reorders the blend's top {stage.fusion.top} by the same signals, the "
+                    "history position and length."
+                )
+            out.notes.append(f"The last stage one's top {cfg.eval.retrieve_top} go to stage two.")
         if ranker_dir:
             started = time.perf_counter()
-            name = BLEND_TWO_STAGE if weights else TWO_STAGE
+            name = (FUSED_TWO_STAGE if stage.fusion else BLEND_TWO_STAGE) if weights else TWO_STAGE
             mixed, n = two_stage_ranks(
                 cfg, ranker_dir, contexts, candidates, scores, stage_one, catalog
             )
@@ -221,7 +231,7 @@ def rank_all(
     out.ranks.update(baseline_ranks(baselines, contexts.history_ids, contexts.target))
     timed("baselines", started)
     # Baselines first, as in every report.
-    models = (ZERO_SHOT, RETRIEVER, TWO_STAGE, BLEND, BLEND_TWO_STAGE)
+    models = (ZERO_SHOT, RETRIEVER, TWO_STAGE, BLEND, BLEND_TWO_STAGE, FUSED)
 
     def stage(name: str) -> int:  # baselines first, then the stages in order
         return max((i + 1 for i, m in enumerate(models) if name.startswith(m)), default=0)
@@ -293,8 +303,10 @@ def choose_rerank(
     cfg: Config, table: dict[str, dict[str, float]], ranker_dir: str, chosen_on: str
 ) -> rerank.RerankDecision:
     """The best `eval.rerank_mix` on this table against stage one alone, by the primary metric."""
-    blended = BLEND in table
-    first, second = (BLEND, BLEND_TWO_STAGE) if blended else (RETRIEVER, TWO_STAGE)
+    if FUSED in table:
+        first, second = FUSED, FUSED_TWO_STAGE
+    else:
+        first, second = (BLEND, BLEND_TWO_STAGE) if BLEND in table else (RETRIEVER, TWO_STAGE)
     by_mix = {
         mix: table[second if mix == 1 else f"{second} (mix {mix:g})"][PRIMARY]
         for mix in cfg.eval.rerank_mix

@@ -23,6 +23,8 @@ import optuna
 from shoprank.console import log
 from shoprank.evaluation import metrics
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory, history_weights
+from shoprank.retrieval.fusion import Fusion
+from shoprank.retrieval.fusion import fit as fusion_fit
 
 SIGNALS = ("retriever", "history", "covisit", "tfidf", "popularity")
 FILE = "blend.json"
@@ -184,4 +186,46 @@ def fit(run, retriever_dir: str) -> dict:
     save_signals(retriever_dir, baselines, cfg.eval.history_decay, fitted_on)
     log(f"blend weights (chosen on {details['chosen_on']}): {weights}")
     print_table(details["valid"], [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")])
+    Fusion.remove(retriever_dir)
+    if cfg.eval.fusion_top:
+        details["fusion"] = fit_fusion(cfg, signals, weights, contexts, ids, retriever_dir)
     return {"weights": weights, **details}
+
+
+def fit_fusion(
+    cfg, signals: dict[str, np.ndarray], weights: dict[str, float], contexts, ids: list[str], out
+) -> dict:
+    """Fit the fusion model on the users the weights were chosen on and store it beside the
+    retriever (retrieval/fusion.py); prints its cross-fitted valid table."""
+    from shoprank.evaluation.report import print_table
+
+    row = {item: j for j, item in enumerate(ids)}
+    rows = [[row[i] for i in h if i in row] for h in contexts.history_ids]
+    blended = blend(signals, weights)
+    retrieved = np.mean(metrics.target_ranks(blended, contexts.target) < cfg.eval.fusion_top)
+    if not retrieved:
+        log(f"fusion skipped: no valid user's item is in the blend's top {cfg.eval.fusion_top}")
+        return {"skipped": "no held-out item among the candidates"}
+    model, details = fusion_fit(
+        signals,
+        blended,
+        rows,
+        contexts.target,
+        cfg.eval.fusion_top,
+        cfg.eval.fusion_rounds,
+        cfg.eval.fusion_folds,
+        threads=max(1, int(cfg.eval.num_cpus)),
+        seed=cfg.run.seed,
+        ks=cfg.eval.ks,
+        metric=cfg.train.metric,
+    )
+    users = len(contexts.target)
+    details["chosen_on"] = (
+        f"valid, {users} users ({retrieved:.1%} with their item in the blend's top "
+        f"{cfg.eval.fusion_top}), {cfg.eval.fusion_folds}-fold cross-fitted"
+    )
+    model.save(out, details)
+    log(f"fusion: {details['rounds']} rounds, chosen on {details['chosen_on']}:")
+    columns = [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")]
+    print_table(details["cross_fitted"], columns)
+    return details

@@ -3,6 +3,8 @@
 A retriever export carries everything its blended stage one needs:
 - `index/`: the catalog's embeddings, in catalog order (jobs/embed.py);
 - `blend.json`: the weights chosen on valid (absent: the retriever alone is stage one);
+- `fusion.txt` / `fusion.json`: the LightGBM model that reorders the blend's top N
+  (retrieval/fusion.py; absent: the blend's order is final);
 - `signals/`: the statistics of the collaborative signals, fitted on the training groups of
   the data the model was trained on: item popularity and the co-visitation matrix. TF-IDF
   depends on the catalog texts alone and is refitted from them.
@@ -29,6 +31,7 @@ from shoprank.data.text import render_items
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
 from shoprank.models.export_meta import read_export
 from shoprank.retrieval import blend
+from shoprank.retrieval.fusion import Fusion
 from shoprank.retrieval.index import INDEX_DIR, read_embeddings
 
 SIGNALS_DIR = "signals"
@@ -62,7 +65,8 @@ def save_signals(export_dir: str | Path, baselines: dict, decay: float, fitted_o
 
 class StageOne:
     """Exact [users, catalog] stage-one scores: the blend of a retriever export's signals when it
-    has blend weights, else the retriever's inner product alone."""
+    has blend weights (reordered by its fusion model when it has one), else the retriever's
+    inner product alone."""
 
     def __init__(
         self,
@@ -71,10 +75,13 @@ class StageOne:
         weights: dict[str, float] | None,
         baselines: dict,
         decay: float,
+        fusion: Fusion | None = None,
     ):
         self.item_ids, self.items = item_ids, items
         self.weights, self.baselines, self.decay = weights, baselines, decay
-        self._known = frozenset(item_ids)  # built once: scores() runs on the request path
+        self.fusion = fusion
+        # Built once: scores() runs on the request path.
+        self._row = {item: j for j, item in enumerate(item_ids)}
 
     @property
     def blended(self) -> bool:
@@ -117,19 +124,31 @@ class StageOne:
             baselines["co-visitation"] = CoVisitation.from_counts(
                 ids, sp.load_npz(folder / "covisit.npz"), info["covisit_window"], decay
             )
-        return cls(ids, items, weights, baselines, decay)
+        return cls(ids, items, weights, baselines, decay, Fusion.load(retriever_dir))
 
     def scores(self, contexts: np.ndarray, histories: Sequence[Sequence[str]]) -> np.ndarray:
         """[users, items] scores; `contexts` are the retriever's context vectors, `histories`
         the users' item ids, newest first."""
         if not self.blended:
             return contexts @ self.items.T
+        by_stage = self.stage_scores(contexts, histories)
+        return by_stage.get("fused", by_stage["blend"])
+
+    def stage_scores(
+        self, contexts: np.ndarray, histories: Sequence[Sequence[str]]
+    ) -> dict[str, np.ndarray]:
+        """{"blend": [users, items], and "fused" when the export has a fusion model}: the
+        evaluation reports both."""
         # An item the catalog lacks has no signal to give.
-        histories = [[i for i in h if i in self._known] for h in histories]
+        histories = [[i for i in h if i in self._row] for h in histories]
         signals = blend.signals(
             contexts, histories, self.items, self.item_ids, self.baselines, self.decay
         )
-        return blend.blend(signals, self.weights)
+        out = {"blend": blend.blend(signals, self.weights)}
+        if self.fusion is not None:
+            rows = [[self._row[i] for i in h] for h in histories]
+            out["fused"] = self.fusion.scores(signals, out["blend"], rows)
+        return out
 
 
 def for_evaluation(
@@ -147,4 +166,5 @@ def for_evaluation(
         stage = StageOne(ids, items, blend.load(retriever_dir), baselines, decay)
     if weights:
         stage.weights = dict(weights)
+        stage.fusion = None  # fitted on the stored blend: other weights give it other inputs
     return stage

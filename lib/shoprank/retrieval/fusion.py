@@ -1,0 +1,203 @@
+"""Stage one's final order: LambdaMART (LightGBM) over the blend's top N candidates.
+
+The blend is one weighted sum of z-scored signals. What it cannot express, a tree ensemble
+learns from the same signals: whether a candidate is an item the user already has and how
+recently (on Amazon the blend fills 29% of its top-10 slots with history items, while the held-out
+item is one of them for 0.6% of users), how the signals agree, how long the history is. The
+model reorders the blend's top `eval.fusion_top`; everything below keeps the blend's order.
+
+It is fitted on the valid users' held-out items, where the blend weights are chosen too, so test
+stays untouched. The number of boosting rounds is chosen by cross-fitting on valid (each user
+scored by a model trained on the other folds): the valid figures it reports are those
+cross-fitted ones. The model ships inside the retriever export (fusion.txt + fusion.json) and is
+applied by `StageOne.scores`, the one path evaluation and the Serve app share.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+
+from shoprank.evaluation import metrics
+
+MODEL_FILE = "fusion.txt"
+META_FILE = "fusion.json"
+# history_position of an item the user does not have: further back than any history.
+ABSENT = 1000.0
+# Signals whose order within the candidates is a feature too (ranks carry what z-scores of
+# skewed signals blur).
+_RANKED = ("retriever", "history", "covisit", "tfidf")
+
+
+def feature_names(signal_names: Sequence[str]) -> list[str]:
+    ranked = [f"{s}_rank" for s in _RANKED if s in signal_names]
+    return [*signal_names, *ranked, "blend", "blend_rank", "history_position", "history_length"]
+
+
+def features(
+    signals: dict[str, np.ndarray],
+    blended: np.ndarray,
+    history_rows: Sequence[Sequence[int]],
+    top: int,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(candidates [U, N] best first by the blend, features [U, N, F], feature names).
+
+    `signals` are the standardised [U, items] scores of `blend.signals`, `blended` their blend,
+    `history_rows` each user's catalog rows, newest first."""
+    cand = metrics.top_n(blended, top)
+    users, n = cand.shape
+    names = sorted(signals)
+    cols = [np.take_along_axis(signals[s], cand, axis=1) for s in names]
+    for s in _RANKED:
+        if s in signals:
+            cols.append(np.argsort(np.argsort(-cols[names.index(s)], axis=1), axis=1))
+    cols.append(np.take_along_axis(blended, cand, axis=1))
+    cols.append(np.broadcast_to(np.arange(n), (users, n)))
+    position = np.full((users, n), ABSENT, dtype=np.float32)
+    for u, rows in enumerate(history_rows):
+        newest = {}
+        for i, row in enumerate(rows):
+            newest.setdefault(int(row), i)
+        if newest:
+            hit = [(j, newest[r]) for j, r in enumerate(cand[u].tolist()) if r in newest]
+            for j, i in hit:
+                position[u, j] = i
+    cols.append(position)
+    lengths = np.array([len(h) for h in history_rows], dtype=np.float32)
+    cols.append(np.broadcast_to(lengths[:, None], (users, n)))
+    x = np.stack([np.asarray(c, dtype=np.float32) for c in cols], axis=2)
+    return cand, x, feature_names(names)
+
+
+@dataclass
+class Fusion:
+    booster: lgb.Booster
+    top: int
+    features: list[str]
+
+    def scores(
+        self,
+        signals: dict[str, np.ndarray],
+        blended: np.ndarray,
+        history_rows: Sequence[Sequence[int]],
+    ) -> np.ndarray:
+        """[U, items] scores: the blend's top N in the model's order, above the rest of the
+        catalog in the blend's order."""
+        cand, x, names = features(signals, blended, history_rows, self.top)
+        if names != self.features:
+            raise ValueError(
+                f"the fusion model was fitted on features {self.features}, but these signals "
+                f"give {names}: fit it again (jobs/blend.py) with the same eval.baselines"
+            )
+        users, n, f = x.shape
+        fused = self.booster.predict(x.reshape(-1, f), num_threads=1).reshape(users, n)
+        out = np.array(blended, dtype=np.float64)
+        lift = out.max(axis=1, keepdims=True) + 1.0 - fused.min(axis=1, keepdims=True)
+        np.put_along_axis(out, cand, fused + lift, axis=1)
+        return out
+
+    def save(self, export_dir: str | Path, details: dict) -> Path:
+        folder = Path(export_dir)
+        self.booster.save_model(str(folder / MODEL_FILE))
+        meta = {"top": self.top, "features": self.features, **details}
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+        return folder / MODEL_FILE
+
+    @staticmethod
+    def remove(export_dir: str | Path) -> None:
+        """Drop an export's fusion model (one fitted on other blend weights must not stay)."""
+        for name in (MODEL_FILE, META_FILE):
+            (Path(export_dir) / name).unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, export_dir: str | Path) -> Fusion | None:
+        """The fusion model of a retriever export, or None when it has none."""
+        folder = Path(export_dir)
+        if not (folder / MODEL_FILE).exists():
+            return None
+        meta = json.loads((folder / META_FILE).read_text())
+        booster = lgb.Booster(model_file=str(folder / MODEL_FILE))
+        return cls(booster, int(meta["top"]), list(meta["features"]))
+
+
+def _params(leaves: int, learning_rate: float, threads: int, seed: int) -> dict:
+    return {
+        "objective": "lambdarank",
+        "learning_rate": learning_rate,
+        "num_leaves": leaves,
+        "min_data_in_leaf": 50,
+        "lambdarank_truncation_level": 20,
+        "num_threads": threads,
+        "deterministic": True,
+        "force_row_wise": True,
+        "seed": seed,
+        "verbose": -1,
+    }
+
+
+def _train(x: np.ndarray, y: np.ndarray, users: np.ndarray, rounds: int, params: dict):
+    """A booster on these users' groups; groups without their target teach nothing."""
+    users = users[y[users].any(axis=1)]
+    if not len(users):
+        raise ValueError("no user's held-out item is among the candidates: nothing to learn")
+    n, f = x.shape[1], x.shape[2]
+    data = lgb.Dataset(x[users].reshape(-1, f), y[users].reshape(-1), group=np.full(len(users), n))
+    return lgb.train(params, data, num_boost_round=rounds)
+
+
+def fused_ranks(order: np.ndarray, cand: np.ndarray, target: np.ndarray, blend_ranks: np.ndarray):
+    """Each target's rank once `order` [U, N] reorders the candidates; a target outside them
+    keeps its blend rank (>= N)."""
+    hit = np.take_along_axis(cand, order, axis=1) == target[:, None]
+    return np.where(hit.any(axis=1), hit.argmax(axis=1), blend_ranks)
+
+
+def fit(
+    signals: dict[str, np.ndarray],
+    blended: np.ndarray,
+    history_rows: Sequence[Sequence[int]],
+    target: np.ndarray,
+    top: int,
+    rounds: Sequence[int],
+    folds: int,
+    threads: int,
+    seed: int,
+    ks: Sequence[int] = (10, 50),
+    metric: str = "ndcg@10",
+    leaves: int = 15,
+    learning_rate: float = 0.05,
+) -> tuple[Fusion, dict]:
+    """Choose the rounds by `folds`-fold cross-fitting on these users, then fit on all of them.
+
+    Returns the model and what to record: the cross-fitted metrics of every round count and
+    of the blend over the same users."""
+    cand, x, names = features(signals, blended, history_rows, top)
+    y = cand == np.asarray(target)[:, None]
+    blend_ranks = metrics.target_ranks(blended, target)
+    params = _params(leaves, learning_rate, threads, seed)
+    fold = np.random.default_rng(seed).permutation(len(target)) % folds
+    table = {"blend": metrics.ranking_metrics(blend_ranks, ks)}
+    for r in rounds:
+        pred = np.zeros(y.shape)
+        for f in range(folds):
+            model = _train(x, y, np.flatnonzero(fold != f), r, params)
+            held = np.flatnonzero(fold == f)
+            pred[held] = model.predict(x[held].reshape(-1, x.shape[2])).reshape(len(held), -1)
+        order = np.argsort(-pred, axis=1, kind="stable")
+        ranks = fused_ranks(order, cand, np.asarray(target), blend_ranks)
+        table[f"fusion, {r} rounds"] = metrics.ranking_metrics(ranks, ks)
+    best = max(rounds, key=lambda r: table[f"fusion, {r} rounds"][metric])
+    model = _train(x, y, np.arange(len(target)), best, params)
+    gain = model.feature_importance("gain")
+    gain = gain / max(gain.sum(), 1e-12)
+    details = {
+        "rounds": best,
+        "cross_fitted": table,
+        "feature_gain": {n: round(float(g), 4) for n, g in zip(names, gain, strict=True)},
+    }
+    return Fusion(model, top, names), details
