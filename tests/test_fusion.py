@@ -69,3 +69,31 @@ def test_fusion_refuses_other_signals(tmp_path) -> None:
     fewer = {"retriever": signals["retriever"]}
     with pytest.raises(ValueError, match="fitted on features"):
         model.scores(fewer, blend.blend(fewer, {"retriever": 1.0}), history)
+
+
+def test_ablation_refits_the_system_without_a_signal() -> None:
+    from shoprank.config import Config
+    from shoprank.evaluation import ablation
+    from shoprank.retrieval.embed import Contexts
+
+    cfg = Config.model_validate(
+        {"eval": {"blend_trials": 8, "fusion_top": 20, "fusion_rounds": [20]}}
+    )
+
+    def split(seed: int) -> ablation.Signals:
+        signals, history, target = _shop(seed, users=300)
+        n = len(target)
+        contexts = Contexts(np.arange(n), np.zeros((n, 2)), target, [[] for _ in range(n)])
+        return ablation.Signals(contexts, signals, history)
+
+    valid, test = split(0), split(1)
+    full = ablation.fit_system(cfg, valid, test, ["retriever", "covisit"])
+    alone = ablation.fit_system(cfg, valid, test, ["covisit"])
+    assert set(full.weights) == {"retriever", "covisit"} and alone.weights == {"covisit": 1.0}
+    # Fused beats the blend on unseen users, and the covisit-only system loses the retriever's
+    # information (its taste signal): the ablation sees it.
+    assert full.test["fused"]["ndcg@10"] > full.test["blend"]["ndcg@10"]
+    assert full.test["fused"]["ndcg@10"] > alone.test["fused"]["ndcg@10"]
+    scores = ablation.final_scores(full, test)
+    after = metrics.ranking_metrics(metrics.target_ranks(scores, test.contexts.target), [10, 50])
+    assert after == pytest.approx(full.test["fused"])

@@ -1,10 +1,10 @@
 """Serving parity: the Serve app answers, over HTTP, exactly what offline evaluation ranked.
 
-A tiny retriever export with blend weights and its saved signals is evaluated offline the way
-jobs/evaluate.py does (Ray Data: examples -> tokens -> context embeddings; the export's own
-stage one) and served by the real Serve app. For every test user of the tiny shop, with the
-rules switched off, `/recommend` for that user's history must return the offline top-k in the
-same order with the same pre-rules scores (fp32, within 1e-4). A deliberately skewed export
+A tiny retriever export with blend weights, its saved signals and a fusion model is evaluated
+offline the way jobs/evaluate.py does (Ray Data: examples -> tokens -> context embeddings; the
+export's own stage one) and served by the real Serve app. For every test user of the tiny shop,
+with the rules switched off, `/recommend` for that user's history must return the offline top-k
+in the same order with the same pre-rules scores (fp32, within 1e-4). A deliberately skewed export
 (an item template other than the one trained with) must break that, or the comparison proves
 nothing.
 """
@@ -47,6 +47,7 @@ def offline(ray_local, tmp_path_factory, tiny_shop, tiny_model_dir):
             "data.max_bad_fraction=0.5",
             "eval.split=test",
             "train.bf16=false",  # fp32 offline, as served (retriever_precision: fp32)
+            "eval.fusion_rounds=[20]",
         ],
     )
     run = Run(cfg, tmp / "run")
@@ -57,8 +58,17 @@ def offline(ray_local, tmp_path_factory, tiny_shop, tiny_model_dir):
     catalog = run.data.catalog
     ids = catalog["item_id"].to_pylist()
     contexts = embed_contexts(run.examples["test"], EncoderSpec.from_export(str(export)), cfg, ids)
+    # A fusion model on top, so that the parity covers the whole stage one (fitted on these
+    # users for want of others: parity is about serving what was evaluated, not quality).
+    signals = blend.signals_for(cfg, catalog, contexts, run.baselines, str(export))
+    found = blend.fit_fusion(cfg, signals, WEIGHTS, contexts, ids, export)
+    assert "rounds" in found, found
     stage = for_evaluation(export, catalog, run.baselines, cfg.eval.history_decay)
+    assert stage.fusion is not None
     scores = stage.scores(contexts.embedding, contexts.history_ids)
+    assert not np.allclose(
+        scores, stage.stage_scores(contexts.embedding, contexts.history_ids)["blend"]
+    )
     top = top_n(scores, K)
     expected = {
         str(user): (

@@ -84,6 +84,7 @@ def test_retriever_train_embed_and_two_stage_evaluate(
         "zero-shot retriever",
         "fine-tuned retriever",
         "blended stage one",
+        "fused stage one",
     }
     for row in table.values():
         assert set(row) == {"recall@10", "ndcg@10", "recall@50", "ndcg@50"}
@@ -98,7 +99,10 @@ def test_retriever_train_embed_and_two_stage_evaluate(
     assert found["weights"]["retriever"] == 1.0 and len(found["trials"]) == 8
     assert set(found["weights"]) == {"retriever", "history", "covisit", "tfidf", "popularity"}
     assert found["valid"]["blend"]["ndcg@10"] >= found["valid"]["retriever"]["ndcg@10"]
-    assert "Blended stage one" in md
+    assert "Blended stage one" in md and "Fused stage one" in md
+    # The fusion model was fitted on the same valid users, its rounds chosen by cross-fitting.
+    fused = json.loads((export / "fusion.json").read_text())
+    assert fused["rounds"] in (50, 100, 200) and "history_position" in fused["features"]
 
     # An unchanged catalog and model are not embedded again; new index parameters only
     # rebuild the index from the stored embeddings.
@@ -138,10 +142,38 @@ def test_retriever_train_embed_and_two_stage_evaluate(
         monkeypatch,
     )
     printed = capsys.readouterr().out
-    assert "blended stage one + ranker" in printed
+    assert "fused stage one + ranker" in printed
     valid = json.loads((out / "report_valid" / "metrics.json").read_text())["metrics"]
-    stage1, stage2 = valid["blended stage one"], valid["blended stage one + ranker"]
-    mixed = valid["blended stage one + ranker (mix 0.5)"]
+    stage1, stage2 = valid["fused stage one"], valid["fused stage one + ranker"]
+    mixed = valid["fused stage one + ranker (mix 0.5)"]
     # Reranking reorders only the retrieved 50: recall at 50 cannot change, the order can.
     assert stage2["recall@50"] == mixed["recall@50"] == stage1["recall@50"] > 0
     assert "the ranker reordered the top 50" in (out / "report_valid" / "report.md").read_text()
+
+    # The ablation: each system refitted on valid and scored on test, the ranker's mix chosen
+    # on valid.
+    run_job(
+        "ablate.py",
+        [
+            *retriever_args,
+            "--retriever",
+            str(export),
+            "--ranker",
+            str(tmp_path / "ranker" / "export"),
+            "eval.rerank_mix=[0.5,1.0]",
+        ],
+        monkeypatch,
+    )
+    found = json.loads((out / "ablation" / "ablation.json").read_text())
+    rows = found["test"]
+    assert {
+        "zero-shot encoder: blend",
+        "zero-shot encoder: fused",
+        "fine-tuned encoder: blend",
+        "fine-tuned encoder: fused",
+        "fine-tuned encoder, without covisit: fused",
+        "fine-tuned encoder, without retriever: fused",
+    } <= set(rows)
+    assert f"fine-tuned encoder: fused + ranker (mix {found['ranker_mix']:g})" in rows
+    assert "retriever" not in found["weights"]["fine-tuned encoder, without retriever"]
+    assert (out / "ablation" / "ablation.png").read_bytes()[:4] == b"\x89PNG"

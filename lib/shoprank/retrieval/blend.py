@@ -102,14 +102,17 @@ def search_weights(
 ) -> tuple[dict[str, float], list[dict]]:
     """Weights that maximise `metric` on these users (Optuna TPE, seeded).
 
-    The retriever's weight is fixed at 1 (only ratios matter); the others range over [0, 2].
-    The first trial is the retriever alone, so the search never returns less than it.
+    The retriever's weight (the first signal's, without one) is fixed at 1 (only ratios
+    matter); the others range over [0, 2]. The first trial is that signal alone, so the search
+    never returns less than it.
     """
-    free = [name for name in SIGNALS if name in signals and name != "retriever"]
+    present = [name for name in SIGNALS if name in signals]
+    anchor = "retriever" if "retriever" in present else present[0]
+    free = [name for name in present if name != anchor]
     k = int(metric.split("@")[1])
 
     def objective(trial: optuna.Trial) -> float:
-        weights = {"retriever": 1.0} | {n: trial.suggest_float(n, 0.0, 2.0) for n in free}
+        weights = {anchor: 1.0} | {n: trial.suggest_float(n, 0.0, 2.0) for n in free}
         ranks = metrics.target_ranks(blend(signals, weights), target)
         values = metrics.ranking_metrics(ranks, [k])
         for name, value in values.items():
@@ -120,7 +123,7 @@ def search_weights(
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     study.enqueue_trial(dict.fromkeys(free, 0.0))
     study.optimize(objective, n_trials=trials, show_progress_bar=True)
-    best = {"retriever": 1.0} | {n: round(study.best_params[n], 4) for n in free}
+    best = {anchor: 1.0} | {n: round(study.best_params[n], 4) for n in free}
     table = [{"trial": t.number, **t.params, **t.user_attrs} for t in study.trials]
     return best, table
 

@@ -1,0 +1,93 @@
+"""What each part of stage one buys, every choice made on valid and every figure on test.
+
+A system is one encoder's signals (retrieval/blend.py) with blend weights searched on the valid
+users and a fusion model fitted on them (retrieval/fusion.py), applied to every test user: the
+procedure jobs/blend.py ships. The ablation refits that procedure without each signal in turn
+and on the zero-shot encoder, so each row answers "what if this part were missing" under the
+same protocol as the full system.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shoprank.evaluation import metrics
+from shoprank.retrieval import blend
+from shoprank.retrieval.embed import Contexts
+from shoprank.retrieval.fusion import Fusion
+from shoprank.retrieval.fusion import fit as fit_fusion
+
+
+@dataclass
+class Signals:
+    """One encoder's standardised signals for one split's users, and what they came from."""
+
+    contexts: Contexts
+    signals: dict[str, np.ndarray]
+    rows: list[list[int]]  # each user's history as catalog rows, newest first
+
+
+def split_signals(contexts: Contexts, items: np.ndarray, ids: list[str], baselines, decay):
+    row = {item: j for j, item in enumerate(ids)}
+    histories = [[i for i in h if i in row] for h in contexts.history_ids]
+    signals = blend.signals(contexts.embedding, histories, items, ids, baselines, decay)
+    return Signals(contexts, signals, [[row[i] for i in h] for h in histories])
+
+
+@dataclass
+class System:
+    weights: dict[str, float]
+    fusion: Fusion | None
+    valid: dict[str, dict[str, float]]  # blend, and fusion cross-fitted
+    test: dict[str, dict[str, float]]  # blend, fused
+    notes: dict = field(default_factory=dict)
+
+
+def fit_system(cfg, valid: Signals, test: Signals, keep: list[str]) -> System:
+    """Blend weights and fusion over the signals in `keep`, chosen on valid, scored on test."""
+    v = {k: valid.signals[k] for k in keep}
+    t = {k: test.signals[k] for k in keep}
+    target_v, target_t = valid.contexts.target, test.contexts.target
+    weights, _ = blend.search_weights(
+        v, target_v, cfg.eval.blend_trials, cfg.train.metric, cfg.run.seed
+    )
+    blended_v, blended_t = blend.blend(v, weights), blend.blend(t, weights)
+    ks = cfg.eval.ks
+    system = System(
+        weights,
+        None,
+        {"blend": metrics.ranking_metrics(metrics.target_ranks(blended_v, target_v), ks)},
+        {"blend": metrics.ranking_metrics(metrics.target_ranks(blended_t, target_t), ks)},
+    )
+    if not cfg.eval.fusion_top:
+        return system
+    model, details = fit_fusion(
+        v,
+        blended_v,
+        valid.rows,
+        target_v,
+        cfg.eval.fusion_top,
+        cfg.eval.fusion_rounds,
+        cfg.eval.fusion_folds,
+        threads=max(1, int(cfg.eval.num_cpus)),
+        seed=cfg.run.seed,
+        ks=ks,
+        metric=cfg.train.metric,
+    )
+    fused_t = model.scores(t, blended_t, test.rows)
+    system.fusion = model
+    system.valid["fused"] = details["cross_fitted"][f"fusion, {details['rounds']} rounds"]
+    system.test["fused"] = metrics.ranking_metrics(metrics.target_ranks(fused_t, target_t), ks)
+    system.notes = {"rounds": details["rounds"], "feature_gain": details["feature_gain"]}
+    return system
+
+
+def final_scores(system: System, split: Signals) -> np.ndarray:
+    """The system's stage-one scores [users, items] for a split's users."""
+    s = {k: split.signals[k] for k in system.weights}
+    blended = blend.blend(s, system.weights)
+    if system.fusion is None:
+        return blended
+    return system.fusion.scores(s, blended, split.rows)
