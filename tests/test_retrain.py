@@ -23,7 +23,7 @@ from conftest import make_export, shop_overrides
 from shoprank.config import DataConfig, load_config
 from shoprank.data.examples import ExampleBuilder
 from shoprank.evaluation.drift import drift_report, js_divergence
-from shoprank.loop.retrain import day_partitions, trained_through
+from shoprank.loop.retrain import day_partitions, start_weights, trained_through
 from shoprank.registry import Registry, RegistryError
 from test_registry import fake_export
 
@@ -251,6 +251,16 @@ def test_day_partitions_and_the_snapshot(tmp_path):
     assert trained_through(None, None) is None
     with pytest.raises(ValueError, match=r"retrain.since=YYYY-MM-DD"):
         trained_through(plain, None)
+
+
+def test_candidates_start_from_production_or_the_base():
+    cfg = load_config(None, ["retrain.start_from=base"])
+    assert cfg.retrain.start_from == "base"
+    assert start_weights("production", "/reg/ranker/v3", "minilm") == "/reg/ranker/v3"
+    assert start_weights("base", "/reg/ranker/v3", "minilm") == "minilm"
+    assert start_weights("production", None, "minilm") == "minilm"  # no production yet
+    with pytest.raises(ValueError, match="start_from"):
+        load_config(None, ["retrain.start_from=scratch"])
 
 
 @pytest.mark.parametrize("store", ["local", "object store"])

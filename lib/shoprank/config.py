@@ -318,6 +318,10 @@ class RetrainConfig(Section):
     events: list[str] = []
     # Days trained on, ending the day before the newest (which is held out: the gate's data).
     window_days: int = Field(3, ge=1)
+    # What the candidate starts from: production's weights (continued training on the new
+    # days) or model.name, the pretrained base (a full retraining on the window, the recipe
+    # production itself was trained with: give a window as long as its).
+    start_from: Literal["production", "base"] = "production"
     # Earlier days read only for users' histories (the contexts), never trained on.
     history_days: int = Field(14, ge=0)
     # The newest day production was trained on, for a production version that does not record

@@ -16,7 +16,8 @@ of jobs/bench_loop.py).
    one): production is kept, and the run says so.
 4. Example groups (with `data.shown_negatives`, a request's shown-not-clicked items are its
    negatives) and training from production's weights (`model.name` = its registry folder;
-   LoRA, when on, is merged into them at export). Validation during training reads the
+   LoRA, when on, is merged into them at export), or with `retrain.start_from=base` from the
+   pretrained `model.name` (a full retraining on the window). Validation during training reads the
    newest day, so the last checkpoint is exported, never the "best" one.
 5. Candidate and production scored on the newest day's groups, like with like
    (evaluation/newest_day.py); the drift of the newest day from the window
@@ -139,6 +140,12 @@ def _uniform(batch: pa.Table) -> pa.Table:
     )
 
 
+def start_weights(start_from: str, production_dir: str | None, base_model: str) -> str:
+    """The weights a candidate trains from: production's folder unless `retrain.start_from`
+    asks for the base model, or there is no production yet."""
+    return production_dir if production_dir and start_from == "production" else base_model
+
+
 def _local_folder(registry: Registry, version: Version, out: Path) -> str:
     """A folder that loaders can read: the version itself, or its download (object stores)."""
     if registry.local:
@@ -213,7 +220,8 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     run_dir = out / f"retrain-{newest}-{stamp}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    base = _local_folder(registry, production, run_dir) if production else cfg.model.name
+    prod_dir = _local_folder(registry, production, run_dir) if production else None
+    base = start_weights(r.start_from, prod_dir, cfg.model.name)
     tree = cfg.model_dump(mode="json")
     tree["model"]["name"] = base
     tree["train"]["early_stopping_patience"] = None  # validation reads the held-out day
@@ -241,7 +249,8 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
     log(f"{n_train} training groups ({first}..{train_days[-1]}), {n_test} groups on {newest}")
     phases.done("data and groups")
 
-    # Train from production's weights; export the last checkpoint.
+    # Train from production's weights (or the base); export the last checkpoint.
+    started_from = "production's weights" if base == prod_dir else f"the base model {base}"
     from shoprank.train.datasets import training_datasets
     from shoprank.train.export import export_model
     from shoprank.train.loop import fit, saved_state
@@ -283,7 +292,7 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
     # Candidate vs production on the newest day, like with like; the baselines beside them.
     models = {"candidate": export}
     if production:
-        models["production"] = base
+        models["production"] = prod_dir
     baselines = fit_baselines(cfg, data.catalog, *train_pairs(train))
     precision = ranker_precision(cfg)
     table, raw = score_models(
@@ -350,7 +359,7 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
             "Days",
             f"Production {f'v{prod_n}' if production else '(none)'} was trained through "
             f"{through or '–'}; new day partitions: {', '.join(new_days)}. The candidate "
-            f"trained from production's weights on {first}..{train_days[-1]} ({n_train} groups) "
+            f"trained from {started_from} on {first}..{train_days[-1]} ({n_train} groups) "
             f"and is judged on {newest} ({n_test} groups: each positive of that day among "
             f"{cfg.data.eval_candidates - 1} sampled candidates); "
             f"histories from {read_days[0]}. Events read from: {', '.join(roots)}.",
