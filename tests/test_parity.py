@@ -140,6 +140,7 @@ def test_recommend_serves_what_offline_evaluation_ranked(offline, tiny_shop, tin
     try:
         version = httpx.get(url + "/version", headers={"x-api-key": KEY}).json()
         assert version["stage_one"].startswith("blend retriever 1")
+        assert version["stage_one"].endswith("reordered by the fusion model")
         answers = {}
         with httpx.Client(timeout=60, headers={"x-api-key": KEY}) as client:
             for user, (history, _, _) in expected.items():

@@ -124,7 +124,10 @@ class RetrieverService:
 def describe(stage: StageOne) -> str:
     if not stage.blended:
         return "the retriever alone (its export has no blend.json)"
-    return "blend " + ", ".join(f"{k} {v:g}" for k, v in stage.weights.items() if v)
+    out = "blend " + ", ".join(f"{k} {v:g}" for k, v in stage.weights.items() if v)
+    if stage.fusion is not None:
+        out += f"; its top {stage.fusion.top} reordered by the fusion model"
+    return out
 
 
 class RankerService:
