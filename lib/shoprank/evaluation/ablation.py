@@ -29,7 +29,10 @@ class Signals:
     rows: list[list[int]]  # each user's history as catalog rows, newest first
 
 
-def split_signals(contexts: Contexts, items: np.ndarray, ids: list[str], baselines, decay):
+def split_signals(
+    contexts: Contexts, items: np.ndarray, ids: list[str], baselines: dict, decay: float
+) -> Signals:
+    """Every signal of `blend.signals` for these users, over this encoder's item vectors."""
     row = {item: j for j, item in enumerate(ids)}
     histories = [[i for i in h if i in row] for h in contexts.history_ids]
     signals = blend.signals(contexts.embedding, histories, items, ids, baselines, decay)
