@@ -17,7 +17,7 @@ from shoprank.evaluation import metrics
 from shoprank.retrieval import blend
 from shoprank.retrieval.embed import Contexts
 from shoprank.retrieval.fusion import Fusion
-from shoprank.retrieval.fusion import fit as fit_fusion
+from shoprank.retrieval.fusion import fit_for as fit_fusion
 
 
 @dataclass
@@ -66,19 +66,7 @@ def fit_system(cfg, valid: Signals, test: Signals, keep: list[str]) -> System:
     )
     if not cfg.eval.fusion_top:
         return system
-    model, details = fit_fusion(
-        v,
-        blended_v,
-        valid.rows,
-        target_v,
-        cfg.eval.fusion_top,
-        cfg.eval.fusion_rounds,
-        cfg.eval.fusion_folds,
-        threads=max(1, int(cfg.eval.num_cpus)),
-        seed=cfg.run.seed,
-        ks=ks,
-        metric=cfg.train.metric,
-    )
+    model, details = fit_fusion(cfg, v, blended_v, valid.rows, target_v)
     fused_t = model.scores(t, blended_t, test.rows)
     system.fusion = model
     system.valid["fused"] = details["cross_fitted"][f"fusion, {details['rounds']} rounds"]

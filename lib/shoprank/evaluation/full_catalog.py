@@ -191,10 +191,10 @@ def rank_all(
             by_stage = stage.stage_scores(contexts.embedding, contexts.history_ids)
             for name, scored in ((BLEND, by_stage["blend"]), (FUSED, by_stage.get("fused"))):
                 if scored is not None:
-                    stage_one = metrics.target_ranks(scored, contexts.target)
-                    candidates = metrics.top_n(scored, cfg.eval.retrieve_top)
-                    scores = np.take_along_axis(scored, candidates, axis=1)
-                    out.ranks[name] = stage_one
+                    stage_one = out.ranks[name] = metrics.target_ranks(scored, contexts.target)
+            last = by_stage.get("fused", by_stage["blend"])  # what stage two reorders
+            candidates = metrics.top_n(last, cfg.eval.retrieve_top)
+            scores = np.take_along_axis(last, candidates, axis=1)
             timed(FUSED if stage.fusion else BLEND, started)
             out.notes.append(
                 f"Blended stage one (retrieval/blend.py): standardised signals weighted "

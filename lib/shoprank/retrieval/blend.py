@@ -24,7 +24,7 @@ from shoprank.console import log
 from shoprank.evaluation import metrics
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory, history_weights
 from shoprank.retrieval.fusion import Fusion
-from shoprank.retrieval.fusion import fit as fusion_fit
+from shoprank.retrieval.fusion import fit_for as fusion_fit
 
 SIGNALS = ("retriever", "history", "covisit", "tfidf", "popularity")
 FILE = "blend.json"
@@ -209,19 +209,7 @@ def fit_fusion(
     if not retrieved:
         log(f"fusion skipped: no valid user's item is in the blend's top {cfg.eval.fusion_top}")
         return {"skipped": "no held-out item among the candidates"}
-    model, details = fusion_fit(
-        signals,
-        blended,
-        rows,
-        contexts.target,
-        cfg.eval.fusion_top,
-        cfg.eval.fusion_rounds,
-        cfg.eval.fusion_folds,
-        threads=max(1, int(cfg.eval.num_cpus)),
-        seed=cfg.run.seed,
-        ks=cfg.eval.ks,
-        metric=cfg.train.metric,
-    )
+    model, details = fusion_fit(cfg, signals, blended, rows, contexts.target)
     users = len(contexts.target)
     details["chosen_on"] = (
         f"valid, {users} users ({retrieved:.1%} with their item in the blend's top "

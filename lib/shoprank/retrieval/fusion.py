@@ -2,9 +2,10 @@
 
 The blend is one weighted sum of z-scored signals. What it cannot express, a tree ensemble
 learns from the same signals: whether a candidate is an item the user already has and how
-recently (on Amazon the blend fills 29% of its top-10 slots with history items, while the held-out
-item is one of them for 0.6% of users), how the signals agree, how long the history is. The
-model reorders the blend's top `eval.fusion_top`; everything below keeps the blend's order.
+recently (on Amazon the blend gives many of its top slots to items the user already has, while
+the held-out item is rarely one of them: RESULTS.md), how the signals agree, how long the
+history is. The model reorders the blend's top `eval.fusion_top`; everything below keeps the
+blend's order.
 
 It is fitted on the valid users' held-out items, where the blend weights are chosen too, so test
 stays untouched. The number of boosting rounds is chosen by cross-fitting on valid (each user
@@ -63,10 +64,9 @@ def features(
         newest = {}
         for i, row in enumerate(rows):
             newest.setdefault(int(row), i)
-        if newest:
-            hit = [(j, newest[r]) for j, r in enumerate(cand[u].tolist()) if r in newest]
-            for j, i in hit:
-                position[u, j] = i
+        for j, r in enumerate(cand[u].tolist()):
+            if r in newest:
+                position[u, j] = newest[r]
     cols.append(position)
     lengths = np.array([len(h) for h in history_rows], dtype=np.float32)
     cols.append(np.broadcast_to(lengths[:, None], (users, n)))
@@ -201,3 +201,22 @@ def fit(
         "feature_gain": {n: round(float(g), 4) for n, g in zip(names, gain, strict=True)},
     }
     return Fusion(model, top, names), details
+
+
+def fit_for(
+    cfg, signals: dict[str, np.ndarray], blended: np.ndarray, history_rows, target: np.ndarray
+) -> tuple[Fusion, dict]:
+    """`fit` with the eval section's choices (fusion_top, fusion_rounds, fusion_folds)."""
+    return fit(
+        signals,
+        blended,
+        history_rows,
+        target,
+        cfg.eval.fusion_top,
+        cfg.eval.fusion_rounds,
+        cfg.eval.fusion_folds,
+        threads=max(1, int(cfg.eval.num_cpus)),
+        seed=cfg.run.seed,
+        ks=cfg.eval.ks,
+        metric=cfg.train.metric,
+    )
