@@ -13,6 +13,9 @@ one's top 30 (rules: out of stock and already bought filtered). Two Serve applic
 Ray: `/looped` follows `production`, `/frozen` the `day0` alias. Each simulated day every
 visitor goes to both (paired: same visitor, same random numbers; lib/shoprank/loop/simulate.py),
 then the retraining runs on the looped arm's events (the seed days and what it served).
+Both apps show a share of answers (--explore) in a random order, and the nightly gate judges
+candidate and production on those answers' clicks only (data.explored_only): on the others
+the shoppers' position bias favours whichever model ordered the list.
 Overrides (`section.key=value`) apply to the retraining config (configs/retrain-synthetic.yaml).
 Writes bench.json, bench.md and loop.png to --out; each night's report under --out/runs/.
 """
@@ -71,6 +74,12 @@ def main() -> None:
     p.add_argument("--initial-steps", type=int, default=120, help="the day-0 ranker's steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--explore",
+        type=float,
+        default=0.25,
+        help="share of answers shown in a random order (both arms); >0: the gate judges on them",
+    )
+    p.add_argument(
         "--no-gate", action="store_true", help="promote every candidate (what the gate is worth)"
     )
     p.add_argument("overrides", nargs="*", help="section.key=value for the retraining")
@@ -121,6 +130,9 @@ def main() -> None:
             f"retrain.events=[{arms['looped'].root / 'shop'},{arms['looped'].root / 'served'}]",
             "retrain.since=null",
             "tracking.enabled=false",
+            # Judged on the explored answers (all of them: they are few), or on every answer.
+            f"data.explored_only={str(cli.explore > 0).lower()}",
+            *(["data.test_users=null"] if cli.explore > 0 else []),
             *cli.overrides,
         ],
     )
@@ -138,6 +150,8 @@ def main() -> None:
             "retrain.window_days": cli.seed_days - 1,
             "train.max_steps": cli.initial_steps,
             "train.lr": 1e-4,
+            "data.explored_only": False,  # the seed days were not served by the app
+            "data.test_users": 120,
         },
     )
     day0 = retrain(initial, out / "runs")
@@ -172,6 +186,7 @@ def main() -> None:
             "impressions_dir": str(arm.spool),
             "impressions_flush_s": 0.5,
             "feedback_ttl_s": 86_400.0,
+            "explore_share": cli.explore,
         }
         quiet = {"log_level": "WARNING", "enable_access_log": False}  # 2 apps x every request
         serve.run(build_app(args), name=name, route_prefix=f"/{name}", logging_config=quiet)
@@ -208,7 +223,9 @@ def main() -> None:
         # The night: the looped arm's feature store has the day; retraining may promote.
         looped = arms["looped"]
         outcome = retrain(cfg, out / "runs")
-        nights.append({"after_day": j, "line": outcome.line(), **asdict(outcome)})
+        judged = outcome.days.get("judged_groups")
+        line = outcome.line() + (f" (judged on {judged} groups)" if judged else "")
+        nights.append({"after_day": j, "line": line, **asdict(outcome)})
         log(f"night {j}: {outcome.line()} ({outcome.seconds:.0f} s)")
         if cli.no_gate and outcome.status == "kept" and outcome.candidate:
             registry.set_alias(RANKER, "production", outcome.candidate, force=True)

@@ -86,7 +86,7 @@ def test_request_ids_are_fresh_and_carry_their_time():
 
 def test_the_thread_flushes_by_rows_and_by_time(tmp_path):
     by_rows = EventLog(str(tmp_path / "rows"), flush_s=3600, flush_rows=3)
-    row = ("u", "a", datetime(2026, 1, 1), "impression", None, None, 0, "r", 1, 1)
+    row = ("u", "a", datetime(2026, 1, 1), "impression", None, None, 0, "r", 1, 1, False)
     by_rows.add([row, row])
     time.sleep(0.2)
     assert by_rows.info()["rows_written"] == 0  # under flush_rows, long before flush_s
@@ -202,7 +202,7 @@ def test_failing_storage_is_counted_and_the_thread_lives_on(tmp_path, caplog):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the log's folder should be")
     log = EventLog(str(blocker / "log"), flush_s=0.05, flush_rows=1)
-    row = ("u", "a", datetime(2026, 1, 1), "impression", None, None, 0, "r", 1, 1)
+    row = ("u", "a", datetime(2026, 1, 1), "impression", None, None, 0, "r", 1, 1, False)
     with caplog.at_level("ERROR", logger="ray.serve"):
         for _ in range(3):
             log.add([row])
@@ -297,6 +297,49 @@ def test_feedback_route(client):
     _front().impressions.flush()
     stored = _read(root).filter(pads.field("event") == "add_to_cart").to_pylist()
     assert [(r["user_id"], r["item_id"], r["position"]) for r in stored] == [("u8", item, 2)]
+
+
+def test_exploration_shows_the_same_items_in_a_random_order_flagged(client):
+    """explore_share: such answers show the model's items in a random order, say so, and every
+    row of them (impressions and feedback) is flagged `explored`; explain=true never explores."""
+    c, root = client
+    body = {"user_id": "u8", "k": 5}
+    plain = c.post("/recommend", json=body).json()
+    assert plain["explored"] is False
+    front = _front()
+    front.args.explore_share = 1.0
+    try:
+        answers = [c.post("/recommend", json=body).json() for _ in range(6)]
+        explained = c.post("/recommend", json={**body, "explain": True}).json()
+    finally:
+        front.args.explore_share = 0.0
+    order = [i["item_id"] for i in plain["items"]]
+    shown = [[i["item_id"] for i in a["items"]] for a in answers]
+    assert all(a["explored"] for a in answers) and not explained["explored"]
+    assert all(sorted(s) == sorted(order) for s in shown)  # the same items...
+    assert any(s != order for s in shown)  # ... in another order (all 6 as ranked: 1 in 120^6)
+    assert [i["item_id"] for i in explained["items"]] == order
+    first = answers[0]
+    item = first["items"][0]["item_id"]
+    click = {"request_id": first["request_id"], "item_id": item, "event": "click"}
+    assert c.post("/feedback", json=click).json()["stored"] is True
+    front.impressions.flush()
+    table = _read(root)
+    for answer, flag in [(plain, False), (first, True), (explained, False)]:
+        mine = table.filter(pads.field("request_id") == answer["request_id"])
+        assert set(mine["explored"].to_pylist()) == {flag}
+    clicked = table.filter(pads.field("event") == "click").to_pylist()
+    assert [(r["item_id"], r["position"], r["explored"]) for r in clicked] == [(item, 0, True)]
+    assert c.get("/version").json()["explore_share"] == 0.0
+
+
+def test_exploration_needs_the_log():
+    from shoprank.serving.schemas import AppArgs
+
+    with pytest.raises(ValueError, match="explore_share=0.2 needs impressions_dir"):
+        AppArgs.model_validate(
+            {"retriever": "r", "catalog": "c.parquet", "events": "e", "explore_share": 0.2}
+        )
 
 
 # Hostile /feedback bodies: refused by the gate or the schema before any handler runs.

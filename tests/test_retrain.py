@@ -34,8 +34,9 @@ T0 = dt.datetime(2024, 3, 1, 12)
 # -- fast: the pieces -----------------------------------------------------------------------
 
 
-def _event(item, event, session=None, request=None, sec=0, pos=None, split="train"):
+def _event(item, event, session=None, request=None, sec=0, pos=None, split="train", **extra):
     return {
+        **extra,
         "user_id": "u",
         "item_id": item,
         "ts": T0 + dt.timedelta(seconds=sec),
@@ -119,6 +120,46 @@ def test_held_out_groups_can_be_judged_on_what_was_shown():
     assert "I0" not in shown  # the user's own click is never a negative
     sampled = test_group(shown_negatives=True)["item_ids"][1:]  # training's rule only
     assert len(set(sampled) & {"I1", "I2", "I4", "I5"}) < 2
+
+
+def test_held_out_groups_can_be_judged_on_explored_answers_only():
+    """data.explored_only: a held-out positive is judged only when its answer was shown in a
+    random order (`explored`); training groups are built as before."""
+    catalog = pa.table({"item_id": [f"I{i}" for i in range(500)], "title": ["t"] * 500})
+    rows = [_event(i, "click", sec=s, explored=None) for s, i in enumerate(["I0", "I9", "I8"])]
+    for n, (request, flag) in enumerate([("r1", False), ("r2", True), ("r3", None)]):
+        shown = [f"I{10 * (n + 1) + p}" for p in range(5)]
+        rows += [
+            _event(i, "impression", request=request, sec=10 + n, pos=p, split="test", explored=flag)
+            for p, i in enumerate(shown)
+        ]
+        rows += [
+            _event(
+                shown[2], "click", request=request, sec=20 + n, pos=2, split="test", explored=flag
+            )
+        ]
+    events = pa.Table.from_pylist(rows)
+
+    def groups(explored_only: bool) -> list[dict]:
+        cfg = DataConfig(
+            eval_candidates=5,
+            shown_candidates=True,
+            explored_only=explored_only,
+            item_template="{title}",
+        )
+        return ExampleBuilder(catalog, cfg, 0)(events).to_pylist()
+
+    every = groups(False)
+    assert [g["item_ids"][0] for g in every if g["split"] == "test"] == ["I12", "I22", "I32"]
+    judged = groups(True)
+    (test,) = [g for g in judged if g["split"] == "test"]
+    assert test["item_ids"][0] == "I22" and set(test["item_ids"][1:]) == {
+        "I20",
+        "I21",
+        "I23",
+        "I24",
+    }
+    assert [g["item_ids"][0] for g in judged if g["split"] == "train"] == ["I9", "I8"]
 
 
 def test_negatives_can_come_from_the_items_the_events_hold():

@@ -418,7 +418,9 @@ def test_served_columns_are_conformed_after_the_contract_columns(tmp_path):
     assert checked.schema.field("ranker_version").type == pa.int64()
     assert checked["ranker_version"].to_pylist() == [None, 3]
     served = contract.SERVED_EVENTS_SCHEMA
-    assert served.names == [*names, "request_id", "retriever_version", "ranker_version"]
+    assert served.names == [
+        *names, "request_id", "retriever_version", "ranker_version", "explored",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -427,6 +429,7 @@ def test_served_columns_are_conformed_after_the_contract_columns(tmp_path):
         ("request_id", pa.int64(), "expected string"),
         ("retriever_version", pa.string(), "expected an integer"),
         ("ranker_version", pa.float64(), "expected an integer"),
+        ("explored", pa.string(), "expected bool"),
     ],
 )
 def test_served_column_with_a_wrong_type_is_named(column, bad_type, hint):

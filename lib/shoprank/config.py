@@ -71,6 +71,11 @@ class DataConfig(Section):
     # first, sampled ones after: the judge of a reranker on the kind of list it reorders (a
     # positive that production put before random items is no contest for any model).
     shown_candidates: bool = False
+    # Validation / test groups only for positives of explored answers (the served-events log's
+    # `explored`: shown in a random order, the app's explore_share). Clicks on a list in the
+    # serving model's own order favour that model (shoppers click what is on top); on a random
+    # order they favour no one: the fair judge of a retraining's candidate against production.
+    explored_only: bool = False
     # Candidates per validation / test user: 1 positive + (eval_candidates - 1) sampled;
     # 1 keeps only the positive (the full-catalog protocol ranks every item anyway).
     eval_candidates: int = Field(100, ge=1)

@@ -41,6 +41,9 @@ EVENTS_SERVED_FIELDS = (
     pa.field("request_id", pa.string()),
     pa.field("retriever_version", pa.int64()),
     pa.field("ranker_version", pa.int64()),  # null: no ranker deployed
+    # True: the answer was served in a random order (the app's `explore_share`), so its clicks
+    # carry no position bias of the model that served it: what a retraining is judged on.
+    pa.field("explored", pa.bool_()),
 )
 # What the app writes: the contract's columns, then the served ones.
 SERVED_EVENTS_SCHEMA = pa.schema([*EVENTS_SCHEMA, *EVENTS_SERVED_FIELDS])

@@ -11,7 +11,8 @@ With `data.shown_negatives` the events keep their impressions, and a training gr
 negatives come first from the items shown in the same request (`request_id`, else
 `session_id`) and not engaged with: the click model's own negatives (docs/DESIGN.md), which
 the served-events log provides for every answer. Sampled items fill the rest of the group.
-`data.shown_candidates` builds validation and test groups the same way.
+`data.shown_candidates` builds validation and test groups the same way, and
+`data.explored_only` keeps only those of answers served in a random order (`explored`).
 """
 
 from __future__ import annotations
@@ -93,10 +94,17 @@ class ExampleBuilder:
         rng = user_rng(self.seed, user)
         exclude = np.asarray(seq)
         requests = request_keys(events) if shown else [None] * len(seq)
+        explored = (
+            events["explored"].to_pylist()
+            if self.cfg.explored_only and "explored" in events.column_names
+            else [None] * len(seq)
+        )
         rows: dict[str, list] = {name: [] for name in EXAMPLE_SCHEMA.names}
         for i, (target, split) in enumerate(zip(seq, splits, strict=True)):
             if (i == 0 and not search) or split not in SPLITS:
                 continue  # no history to predict from, or an event kept for histories only
+            if split != "train" and self.cfg.explored_only and explored[i] is not True:
+                continue  # judged only where the order shown was random
             history = [self.item_ids[h] for h in seq[:i][::-1]]  # newest first
             n_neg = self.cfg.negatives if split == "train" else self.cfg.eval_candidates - 1
             use = self.cfg.shown_negatives if split == "train" else self.cfg.shown_candidates

@@ -244,8 +244,17 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
     ).materialize()
     n_train, n_test = train.count(), test.count()
     if not n_test:
-        raise ValueError(f"the newest day, {newest}, has no positive to judge a candidate on")
+        raise ValueError(
+            f"the newest day, {newest}, has no positive to judge a candidate on"
+            + (
+                " among explored answers (data.explored_only): serve with the app's "
+                "explore_share above 0, or set data.explored_only=false"
+                if cfg.data.explored_only
+                else ""
+            )
+        )
     valid = test.limit(cfg.data.val_users or n_test).materialize()  # (test: users in hash order)
+    plan.update(training_groups=n_train, judged_groups=n_test)
     log(f"{n_train} training groups ({first}..{train_days[-1]}), {n_test} groups on {newest}")
     phases.done("data and groups")
 
@@ -360,9 +369,12 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
             f"Production {f'v{prod_n}' if production else '(none)'} was trained through "
             f"{through or '–'}; new day partitions: {', '.join(new_days)}. The candidate "
             f"trained from {started_from} on {first}..{train_days[-1]} ({n_train} groups) "
-            f"and is judged on {newest} ({n_test} groups: each positive of that day among "
-            f"{cfg.data.eval_candidates - 1} sampled candidates); "
-            f"histories from {read_days[0]}. Events read from: {', '.join(roots)}.",
+            f"and is judged on {newest} ({n_test} groups: each positive of that day"
+            + (" in an answer shown in a random order" if cfg.data.explored_only else "")
+            + f" among {cfg.data.eval_candidates - 1} candidates"
+            + (", the other items shown first" if cfg.data.shown_candidates else ", sampled")
+            + f"); histories from {read_days[0]}. "
+            f"Events read from: {', '.join(roots)}.",
         ),
         ("Newest day", report.metrics_table(table, COLUMNS)),
         *drift.sections,

@@ -122,6 +122,7 @@ class Visit:
     versions: dict
     stored: int  # feedback rows the app stored
     new_shown: int = 0  # items shown that arrived during the simulation (the new line)
+    explored: bool = False  # the app showed this answer in a random order
 
 
 @dataclass
@@ -196,6 +197,7 @@ class SimulatedShop:
             int((self.shoppers.arrival[shown] > 0).sum())
             if self.shoppers.arrival is not None
             else 0,
+            bool(answer.get("explored")),
         )
 
     async def _day(self, arm: Arm, day: int) -> list[Visit]:
@@ -225,8 +227,8 @@ class SimulatedShop:
 
 
 def day_metrics(visits: list[Visit], kind: str = "recommend") -> dict:
-    """CTR@10 (clicks per item shown), NDCG@10, purchases per visit and the share of shown
-    items that are new arrivals, over one kind of visit."""
+    """CTR@10 (clicks per item shown), NDCG@10, purchases per visit, the share of shown items
+    that are new arrivals and the share of visits explored, over one kind of visit."""
     chosen = [v for v in visits if v.kind == kind]
     shown = sum(len(v.shown) for v in chosen)
     return {
@@ -235,6 +237,7 @@ def day_metrics(visits: list[Visit], kind: str = "recommend") -> dict:
         "new_shown": sum(v.new_shown for v in chosen) / shown if shown else float("nan"),
         "ndcg@10": float(np.mean([v.ndcg for v in chosen])) if chosen else float("nan"),
         "purchases_per_visit": sum(v.purchases for v in chosen) / max(len(chosen), 1),
+        "explored": sum(v.explored for v in chosen) / max(len(chosen), 1),
     }
 
 

@@ -99,6 +99,7 @@ class Frontend:
             args.events, self.catalog["item_id"], refresh_s=args.refresh_s
         )
         self.metrics = _Metrics() if with_metrics else None
+        self.explore = np.random.default_rng()  # which answers explore, and their order
         self.impressions = None
         if args.impressions_dir:
             self.impressions = ImpressionLogger(
@@ -125,10 +126,19 @@ class Frontend:
         query: str | None,
         items: list[schemas.Item],
         versions: dict[str, int | None],
+        explored: bool = False,
     ) -> None:
         if self.impressions is not None:
             ids = [i.item_id for i in items]
-            self.impressions.served(request_id, user_id, query, ids, versions)
+            self.impressions.served(request_id, user_id, query, ids, versions, explored=explored)
+
+    def exploring(self, items: list[schemas.Item], explain: bool) -> tuple[list, bool]:
+        """With probability `explore_share` (never for explain=true), the items in a random
+        order: an answer whose clicks are free of the model's position bias."""
+        share = self.args.explore_share
+        if not share or explain or len(items) < 2 or self.explore.random() >= share:
+            return items, False
+        return [items[i] for i in self.explore.permutation(len(items))], True
 
     def observe(self, endpoint: str, status: int, started: float) -> None:
         if self.metrics:
@@ -240,8 +250,9 @@ class Frontend:
             )
         who = hash_user(body.user_id) if body.user_id else "explicit history"
         log.info(f"recommend for {who}: {len(items)} items, fallback={fallback}")
+        items, explored = self.exploring(items, body.explain)
         request_id, versions = new_request_id(), await self.versions()
-        self.served(request_id, body.user_id, None, items, versions)
+        self.served(request_id, body.user_id, None, items, versions, explored)
         return schemas.RankedResponse(
             items=items,
             fallback=fallback,
@@ -249,6 +260,7 @@ class Frontend:
             version=versions,
             stage_one=None if fallback else got["stage_one"],
             request_id=request_id,
+            explored=explored,
         )
 
     async def search(
@@ -282,14 +294,16 @@ class Frontend:
             decision=got["rerank"],
             timings=timings,
         )
+        items, explored = self.exploring(items, body.explain)
         request_id, versions = new_request_id(), await self.versions()
-        self.served(request_id, body.user_id, body.query, items, versions)
+        self.served(request_id, body.user_id, body.query, items, versions, explored)
         return schemas.RankedResponse(
             items=items,
             removed=removed,
             version=versions,
             stage_one=got["stage_one"],
             request_id=request_id,
+            explored=explored,
         )
 
     def feedback(self, body: schemas.FeedbackRequest) -> schemas.FeedbackResponse:
@@ -412,6 +426,7 @@ async def version(request: Request) -> dict:
         # The served-events log's counts (rows written, dropped, lost; feedback outcomes), or
         # None when impressions_dir is not set.
         "impressions": front.impressions.info() if front.impressions else None,
+        "explore_share": front.args.explore_share,  # answers shown in a random order
     }
 
 

@@ -2,11 +2,12 @@
 
 Every `/recommend` and `/search` answer becomes impression rows (one per item shown: user, item,
 its 0-based position, the query or null, UTC time, the answer's `request_id`, the registry
-versions that made it) and every `POST /feedback` about an answer this replica still remembers
-becomes one outcome row (click, add_to_cart or purchase, with that answer's user, position and
-versions). All rows follow the events contract (`data/contract.py: SERVED_EVENTS_SCHEMA`) and
-land as `<impressions_dir>/dt=YYYY-MM-DD/part-<uuid>.parquet`, the day of each row's `ts`: the
-hive partitions that `data/read.py` and the training jobs read as any events folder.
+versions that made it, and `explored`: whether its order was random) and every `POST /feedback`
+about an answer this replica still remembers becomes one outcome row (click, add_to_cart or
+purchase, with that answer's user, position, versions and flag). All rows follow the events
+contract (`data/contract.py: SERVED_EVENTS_SCHEMA`) and land as
+`<impressions_dir>/dt=YYYY-MM-DD/part-<uuid>.parquet`, the day of each row's `ts`: the hive
+partitions that `data/read.py` and the training jobs read as any events folder.
 
 The request path never waits on storage and never fails because of it: rows go to a bounded
 in-memory buffer that a background thread writes every `flush_s` seconds or `flush_rows` rows.
@@ -337,6 +338,7 @@ class Answer:
     positions: dict[str, int]  # item -> 0-based position shown
     versions: tuple[int | None, int | None]  # (retriever, ranker)
     at: float  # Unix time served
+    explored: bool = False  # served in a random order (the app's explore_share)
     outcomes: set[tuple[str, str]] = field(default_factory=set)  # (item, event) stored
 
 
@@ -425,21 +427,24 @@ class ImpressionLogger:
         item_ids: list[str],
         versions: dict[str, int | None],
         now: float | None = None,
+        explored: bool = False,
     ) -> None:
-        """Log one answer's impressions and remember it for feedback; never raises."""
+        """Log one answer's impressions and remember it for feedback; never raises.
+        `explored`: the answer's order was random (exploration), flagged on every row."""
         try:
             now = time.time() if now is None else now
             ts = _utc(now)
             user = self.user(user_id, request_id)
             v = (versions.get("retriever"), versions.get("ranker"))
             rows = [
-                (user, item, ts, IMPRESSION, query, None, pos, request_id, *v)
+                (user, item, ts, IMPRESSION, query, None, pos, request_id, *v, explored)
                 for pos, item in enumerate(item_ids)
             ]
             if rows:
                 self.log.add(rows)
                 positions = {item: pos for pos, item in enumerate(item_ids)}
-                self.answers.remember(request_id, Answer(user, query, positions, v, now))
+                answer = Answer(user, query, positions, v, now, explored)
+                self.answers.remember(request_id, answer)
         except Exception as err:  # noqa: BLE001 - logging must never fail the answer
             self.log.count("log_errors")
             self.log.failed("impressions", err)
@@ -465,6 +470,7 @@ class ImpressionLogger:
                 found.positions[item_id],
                 request_id,
                 *found.versions,
+                found.explored,
             )
             with self._outcomes:
                 if (item_id, event) in found.outcomes:

@@ -91,6 +91,8 @@ class RankedResponse(BaseModel):
     stage_one: str | None = None
     # This answer's id: send it back with POST /feedback; the impressions logged carry it.
     request_id: str
+    # True: an exploration answer (the app's explore_share): the items shown in a random order.
+    explored: bool = False
 
 
 class FeedbackRequest(_Body):
@@ -162,6 +164,10 @@ class AppArgs(_Body):
     # The answers each Ingress replica remembers for /feedback, and for how long.
     feedback_requests: int = Field(10_000, ge=1)
     feedback_ttl_s: float = Field(1_800.0, gt=0)
+    # Exploration: this share of answers (explain=false) shows its k items in a random order,
+    # flagged `explored` in the log. Their clicks owe nothing to the serving model's order, so
+    # a retraining can judge candidate and production on them alike (data.explored_only).
+    explore_share: float = Field(0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _buffer_holds_a_flush(self) -> AppArgs:
@@ -170,5 +176,10 @@ class AppArgs(_Body):
                 f"impressions_flush_rows={self.impressions_flush_rows} is over "
                 f"impressions_buffer_rows={self.impressions_buffer_rows}: the buffer would drop "
                 "rows before it is ever written; lower the first or raise the second"
+            )
+        if self.explore_share and not self.impressions_dir:
+            raise ValueError(
+                f"explore_share={self.explore_share} needs impressions_dir: exploration is for "
+                "the log that retraining is judged on; set impressions_dir or explore_share: 0"
             )
         return self
