@@ -13,7 +13,8 @@ one's top 30 (rules: out of stock and already bought filtered). Two Serve applic
 Ray: `/looped` follows `production`, `/frozen` the `day0` alias. Each simulated day every
 visitor goes to both (paired: same visitor, same random numbers; lib/shoprank/loop/simulate.py),
 then the retraining runs on the looped arm's events (the seed days and what it served).
-Both apps show a share of answers (--explore) in a random order, and the nightly gate judges
+Both apps show a share of answers (--explore) as k items drawn at random from the ranked head
+(--explore-top), in a random order, and the nightly gate judges
 candidate and production on those answers' clicks only (data.explored_only): on the others
 the shoppers' position bias favours whichever model ordered the list.
 Overrides (`section.key=value`) apply to the retraining config (configs/retrain-synthetic.yaml).
@@ -78,6 +79,12 @@ def main() -> None:
         type=float,
         default=0.25,
         help="share of answers shown in a random order (both arms); >0: the gate judges on them",
+    )
+    p.add_argument(
+        "--explore-top",
+        type=int,
+        default=30,
+        help="an explored answer's k items come from this head",
     )
     p.add_argument(
         "--no-gate", action="store_true", help="promote every candidate (what the gate is worth)"
@@ -187,6 +194,7 @@ def main() -> None:
             "impressions_flush_s": 0.5,
             "feedback_ttl_s": 86_400.0,
             "explore_share": cli.explore,
+            "explore_top": cli.explore_top,
         }
         quiet = {"log_level": "WARNING", "enable_access_log": False}  # 2 apps x every request
         serve.run(build_app(args), name=name, route_prefix=f"/{name}", logging_config=quiet)

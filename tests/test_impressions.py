@@ -299,38 +299,46 @@ def test_feedback_route(client):
     assert [(r["user_id"], r["item_id"], r["position"]) for r in stored] == [("u8", item, 2)]
 
 
-def test_exploration_shows_the_same_items_in_a_random_order_flagged(client):
-    """explore_share: such answers show the model's items in a random order, say so, and every
-    row of them (impressions and feedback) is flagged `explored`; explain=true never explores."""
+def test_exploration_shows_the_head_in_a_random_order_flagged(client):
+    """explore_share: such answers show the model's items in a random order (explore_top: k
+    of its first explore_top), say so, and every row of them (impressions and feedback) is
+    flagged `explored`; explain=true never explores."""
     c, root = client
     body = {"user_id": "u8", "k": 5}
     plain = c.post("/recommend", json=body).json()
+    head = [i["item_id"] for i in c.post("/recommend", json={**body, "k": 8}).json()["items"]]
     assert plain["explored"] is False
     front = _front()
     front.args.explore_share = 1.0
     try:
         answers = [c.post("/recommend", json=body).json() for _ in range(6)]
         explained = c.post("/recommend", json={**body, "explain": True}).json()
+        front.args.explore_top = 8
+        deeper = [c.post("/recommend", json=body).json() for _ in range(6)]
+        version = c.get("/version").json()["explore"]
     finally:
-        front.args.explore_share = 0.0
+        front.args.explore_share, front.args.explore_top = 0.0, None
     order = [i["item_id"] for i in plain["items"]]
+    assert order == head[:5] and version == {"share": 1.0, "top": 8}
     shown = [[i["item_id"] for i in a["items"]] for a in answers]
     assert all(a["explored"] for a in answers) and not explained["explored"]
     assert all(sorted(s) == sorted(order) for s in shown)  # the same items...
     assert any(s != order for s in shown)  # ... in another order (all 6 as ranked: 1 in 120^6)
     assert [i["item_id"] for i in explained["items"]] == order
+    drawn = [[i["item_id"] for i in a["items"]] for a in deeper]
+    assert all(len(d) == 5 == len(set(d)) and set(d) <= set(head) for d in drawn)
+    assert set().union(*drawn) - set(order)  # items 6-8 shown too (never, in 6 draws: 1 in 56^6)
     first = answers[0]
     item = first["items"][0]["item_id"]
     click = {"request_id": first["request_id"], "item_id": item, "event": "click"}
     assert c.post("/feedback", json=click).json()["stored"] is True
     front.impressions.flush()
     table = _read(root)
-    for answer, flag in [(plain, False), (first, True), (explained, False)]:
+    for answer, flag in [(plain, False), (first, True), (explained, False), (deeper[0], True)]:
         mine = table.filter(pads.field("request_id") == answer["request_id"])
         assert set(mine["explored"].to_pylist()) == {flag}
     clicked = table.filter(pads.field("event") == "click").to_pylist()
     assert [(r["item_id"], r["position"], r["explored"]) for r in clicked] == [(item, 0, True)]
-    assert c.get("/version").json()["explore_share"] == 0.0
 
 
 def test_exploration_needs_the_log():

@@ -132,13 +132,20 @@ class Frontend:
             ids = [i.item_id for i in items]
             self.impressions.served(request_id, user_id, query, ids, versions, explored=explored)
 
-    def exploring(self, items: list[schemas.Item], explain: bool) -> tuple[list, bool]:
-        """With probability `explore_share` (never for explain=true), the items in a random
-        order: an answer whose clicks are free of the model's position bias."""
+    def explores(self, explain: bool) -> bool:
+        """Whether this answer explores: with probability `explore_share`, never with
+        explain=true (whose caller wants to see the model's order)."""
         share = self.args.explore_share
-        if not share or explain or len(items) < 2 or self.explore.random() >= share:
-            return items, False
-        return [items[i] for i in self.explore.permutation(len(items))], True
+        return bool(share) and not explain and self.explore.random() < share
+
+    def depth(self, k: int, explore: bool) -> int:
+        """How many ranked items an answer needs: k, or the head an exploration draws from."""
+        return max(k, self.args.explore_top or k) if explore else k
+
+    def shuffled(self, items: list[schemas.Item], k: int) -> list[schemas.Item]:
+        """An exploration answer: k items drawn at random from the ranked head, in random
+        order; every item of the head is as likely to be shown, at any position."""
+        return [items[i] for i in self.explore.permutation(len(items))[:k]]
 
     def observe(self, endpoint: str, status: int, started: float) -> None:
         if self.metrics:
@@ -223,6 +230,8 @@ class Frontend:
         if history is None:
             history = self.features.history(body.user_id)
         history = [i for i in history or [] if i in self.rows]
+        explore = self.explores(body.explain)
+        depth = self.depth(body.k, explore)
         fallback = None
         if history:
             started = time.perf_counter()
@@ -232,7 +241,7 @@ class Frontend:
             items, removed = await self.rank(
                 got["item_ids"],
                 got["scores"],
-                body.k,
+                depth,
                 body.explain,
                 history,
                 None,
@@ -246,13 +255,14 @@ class Frontend:
             ids = [i for i in self.features.popular(self.args.retrieve_top) if i in self.rows]
             scores = np.linspace(1.0, 0.0, num=len(ids)).tolist()
             items, removed = await self.rank(
-                ids, scores, body.k, body.explain, rerank=False, rules=body.rules
+                ids, scores, depth, body.explain, rerank=False, rules=body.rules
             )
         who = hash_user(body.user_id) if body.user_id else "explicit history"
         log.info(f"recommend for {who}: {len(items)} items, fallback={fallback}")
-        items, explored = self.exploring(items, body.explain)
+        if explore:
+            items = self.shuffled(items, body.k)
         request_id, versions = new_request_id(), await self.versions()
-        self.served(request_id, body.user_id, None, items, versions, explored)
+        self.served(request_id, body.user_id, None, items, versions, explore)
         return schemas.RankedResponse(
             items=items,
             fallback=fallback,
@@ -260,13 +270,14 @@ class Frontend:
             version=versions,
             stage_one=None if fallback else got["stage_one"],
             request_id=request_id,
-            explored=explored,
+            explored=explore,
         )
 
     async def search(
         self, body: schemas.SearchRequest, timings: dict[str, float] | None = None
     ) -> schemas.RankedResponse:
         f, col = body.filters, self.columns
+        explore = self.explores(body.explain)
         # Filters drop candidates after retrieval: fetch more so that k usually survive.
         n = self.args.retrieve_top * (FILTER_OVERFETCH if f.model_dump(exclude_none=True) else 1)
         started = time.perf_counter()
@@ -288,22 +299,23 @@ class Frontend:
         items, removed = await self.rank(
             ids,
             scores,
-            body.k,
+            self.depth(body.k, explore),
             body.explain,
             context=body.query,
             decision=got["rerank"],
             timings=timings,
         )
-        items, explored = self.exploring(items, body.explain)
+        if explore:
+            items = self.shuffled(items, body.k)
         request_id, versions = new_request_id(), await self.versions()
-        self.served(request_id, body.user_id, body.query, items, versions, explored)
+        self.served(request_id, body.user_id, body.query, items, versions, explore)
         return schemas.RankedResponse(
             items=items,
             removed=removed,
             version=versions,
             stage_one=got["stage_one"],
             request_id=request_id,
-            explored=explored,
+            explored=explore,
         )
 
     def feedback(self, body: schemas.FeedbackRequest) -> schemas.FeedbackResponse:
@@ -426,7 +438,8 @@ async def version(request: Request) -> dict:
         # The served-events log's counts (rows written, dropped, lost; feedback outcomes), or
         # None when impressions_dir is not set.
         "impressions": front.impressions.info() if front.impressions else None,
-        "explore_share": front.args.explore_share,  # answers shown in a random order
+        # Answers shown in a random order, drawn from the ranked list's first explore_top.
+        "explore": {"share": front.args.explore_share, "top": front.args.explore_top},
     }
 
 
