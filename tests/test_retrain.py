@@ -124,42 +124,40 @@ def test_held_out_groups_can_be_judged_on_what_was_shown():
 
 def test_held_out_groups_can_be_judged_on_explored_answers_only():
     """data.explored_only: a held-out positive is judged only when its answer was shown in a
-    random order (`explored`); training groups are built as before."""
+    random order (`explored`), and only such answers give training its shown negatives."""
     catalog = pa.table({"item_id": [f"I{i}" for i in range(500)], "title": ["t"] * 500})
     rows = [_event(i, "click", sec=s, explored=None) for s, i in enumerate(["I0", "I9", "I8"])]
-    for n, (request, flag) in enumerate([("r1", False), ("r2", True), ("r3", None)]):
+    answers = [("r1", False, "test"), ("r2", True, "test"), ("r3", None, "test")]
+    answers += [("r4", True, "train"), ("r5", False, "train")]
+    for n, (request, flag, split) in enumerate(answers):
         shown = [f"I{10 * (n + 1) + p}" for p in range(5)]
-        rows += [
-            _event(i, "impression", request=request, sec=10 + n, pos=p, split="test", explored=flag)
-            for p, i in enumerate(shown)
-        ]
-        rows += [
-            _event(
-                shown[2], "click", request=request, sec=20 + n, pos=2, split="test", explored=flag
-            )
-        ]
+        where = {"request": request, "split": split, "explored": flag}
+        rows += [_event(i, "impression", sec=10 + n, pos=p, **where) for p, i in enumerate(shown)]
+        rows += [_event(shown[2], "click", sec=20 + n, pos=2, **where)]
     events = pa.Table.from_pylist(rows)
 
-    def groups(explored_only: bool) -> list[dict]:
+    def groups(explored_only: bool) -> tuple[list[str], dict[str, list[str]]]:
         cfg = DataConfig(
+            negatives=4,
             eval_candidates=5,
+            shown_negatives=True,
             shown_candidates=True,
             explored_only=explored_only,
             item_template="{title}",
         )
-        return ExampleBuilder(catalog, cfg, 0)(events).to_pylist()
+        built = ExampleBuilder(catalog, cfg, 0)(events).to_pylist()
+        train = {g["item_ids"][0]: g["item_ids"][1:] for g in built if g["split"] == "train"}
+        return [g["item_ids"] for g in built if g["split"] == "test"], train
 
-    every = groups(False)
-    assert [g["item_ids"][0] for g in every if g["split"] == "test"] == ["I12", "I22", "I32"]
-    judged = groups(True)
-    (test,) = [g for g in judged if g["split"] == "test"]
-    assert test["item_ids"][0] == "I22" and set(test["item_ids"][1:]) == {
-        "I20",
-        "I21",
-        "I23",
-        "I24",
-    }
-    assert [g["item_ids"][0] for g in judged if g["split"] == "train"] == ["I9", "I8"]
+    test, train = groups(False)
+    assert [g[0] for g in test] == ["I12", "I22", "I32"]
+    assert set(train["I42"]) == {"I40", "I41", "I43", "I44"}  # shown negatives, both answers
+    assert set(train["I52"]) == {"I50", "I51", "I53", "I54"}
+    test, train = groups(True)
+    assert [g[0] for g in test] == ["I22"] and set(test[0][1:]) == {"I20", "I21", "I23", "I24"}
+    assert list(train) == ["I9", "I8", "I42", "I52"]
+    assert set(train["I42"]) == {"I40", "I41", "I43", "I44"}  # explored: its shown negatives
+    assert not set(train["I52"]) & {"I50", "I51", "I53", "I54"}  # in order: sampled only
 
 
 def test_negatives_can_come_from_the_items_the_events_hold():

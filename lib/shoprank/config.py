@@ -71,10 +71,12 @@ class DataConfig(Section):
     # first, sampled ones after: the judge of a reranker on the kind of list it reorders (a
     # positive that production put before random items is no contest for any model).
     shown_candidates: bool = False
-    # Validation / test groups only for positives of explored answers (the served-events log's
-    # `explored`: shown in a random order, the app's explore_share). Clicks on a list in the
+    # Only explored answers (the served-events log's `explored`: shown in a random order, the
+    # app's explore_share) count as shown lists (shown negatives, shown candidates), and
+    # validation / test groups are built only for their positives. Clicks on a list in the
     # serving model's own order favour that model (shoppers click what is on top); on a random
-    # order they favour no one: the fair judge of a retraining's candidate against production.
+    # order they favour no one: the fair judge of a retraining's candidate against production,
+    # and negatives free of the old ranking's position bias.
     explored_only: bool = False
     # Candidates per validation / test user: 1 positive + (eval_candidates - 1) sampled;
     # 1 keeps only the positive (the full-catalog protocol ranks every item anyway).

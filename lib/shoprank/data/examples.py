@@ -11,8 +11,9 @@ With `data.shown_negatives` the events keep their impressions, and a training gr
 negatives come first from the items shown in the same request (`request_id`, else
 `session_id`) and not engaged with: the click model's own negatives (docs/DESIGN.md), which
 the served-events log provides for every answer. Sampled items fill the rest of the group.
-`data.shown_candidates` builds validation and test groups the same way, and
-`data.explored_only` keeps only those of answers served in a random order (`explored`).
+`data.shown_candidates` builds validation and test groups the same way. With
+`data.explored_only` only answers served in a random order (`explored`) count as shown lists,
+and validation and test keep only their positives.
 """
 
 from __future__ import annotations
@@ -79,7 +80,13 @@ class ExampleBuilder:
         shown: dict[str, list[int]] = {}
         if self.cfg.shown_negatives or self.cfg.shown_candidates:
             impression = pc.equal(events["event"], IMPRESSION)
-            shown = self._shown(events.filter(impression))
+            lists = events.filter(impression)
+            if self.cfg.explored_only:  # only lists shown in a random order teach or judge
+                flag = lists["explored"] if "explored" in lists.column_names else None
+                lists = (
+                    lists.slice(0, 0) if flag is None else lists.filter(pc.fill_null(flag, False))
+                )
+            shown = self._shown(lists)
             events = events.filter(pc.invert(impression))
             if events.num_rows == 0:  # shown, never engaged with: no group
                 return EXAMPLE_SCHEMA.empty_table()
