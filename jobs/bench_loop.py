@@ -14,9 +14,9 @@ Ray: `/looped` follows `production`, `/frozen` the `day0` alias. Each simulated 
 visitor goes to both (paired: same visitor, same random numbers; lib/shoprank/loop/simulate.py),
 then the retraining runs on the looped arm's events (the seed days and what it served).
 Both apps show a share of answers (--explore) as k items drawn at random from the ranked head
-(--explore-top), in a random order, and the nightly gate judges
-candidate and production on those answers' clicks only (data.explored_only): on the others
-the shoppers' position bias favours whichever model ordered the list.
+(--explore-top), in a random order, and the nightly gate judges candidate and production on
+those answers' clicks only (data.explored_only): on the others the shoppers' position bias
+favours whichever model ordered the list.
 Overrides (`section.key=value`) apply to the retraining config (configs/retrain-synthetic.yaml).
 Writes bench.json, bench.md and loop.png to --out; each night's report under --out/runs/.
 """
