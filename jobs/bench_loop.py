@@ -157,7 +157,10 @@ def main() -> None:
             "retrain.window_days": cli.seed_days - 1,
             "train.max_steps": cli.initial_steps,
             "train.lr": 1e-4,
-            "data.explored_only": False,  # the seed days were not served by the app
+            # The day-0 recipe, whatever the nights do: sampled negatives (from the log's
+            # items), judged on the last seed day, which the app did not serve.
+            "data.shown_negatives": False,
+            "data.explored_only": False,
             "data.test_users": 120,
         },
     )
