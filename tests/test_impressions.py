@@ -302,7 +302,7 @@ def test_feedback_route(client):
 def test_exploration_shows_the_head_in_a_random_order_flagged(client):
     """explore_share: such answers show the model's items in a random order (explore_top: k
     of its first explore_top), say so, and every row of them (impressions and feedback) is
-    flagged `explored`; explain=true never explores."""
+    flagged `explored`; explain=true and rules=false never explore."""
     c, root = client
     body = {"user_id": "u8", "k": 5}
     plain = c.post("/recommend", json=body).json()
@@ -313,6 +313,7 @@ def test_exploration_shows_the_head_in_a_random_order_flagged(client):
     try:
         answers = [c.post("/recommend", json=body).json() for _ in range(6)]
         explained = c.post("/recommend", json={**body, "explain": True}).json()
+        unruled = c.post("/recommend", json={**body, "rules": False}).json()
         front.args.explore_top = 8
         deeper = [c.post("/recommend", json=body).json() for _ in range(6)]
         version = c.get("/version").json()["explore"]
@@ -321,7 +322,8 @@ def test_exploration_shows_the_head_in_a_random_order_flagged(client):
     order = [i["item_id"] for i in plain["items"]]
     assert order == head[:5] and version == {"share": 1.0, "top": 8}
     shown = [[i["item_id"] for i in a["items"]] for a in answers]
-    assert all(a["explored"] for a in answers) and not explained["explored"]
+    assert all(a["explored"] for a in answers)
+    assert not explained["explored"] and not unruled["explored"]  # the models' own order
     assert all(sorted(s) == sorted(order) for s in shown)  # the same items...
     assert any(s != order for s in shown)  # ... in another order (all 6 as ranked: 1 in 120^6)
     assert [i["item_id"] for i in explained["items"]] == order

@@ -340,7 +340,8 @@ def test_the_gate_compares_production_measured_on_the_same_data(tmp_path):
 
 def _served_copy(src: Path, dst: Path, day: str) -> None:
     """A shop day rewritten as the app's served-events log writes it: each session an answer
-    with its request_id, the registry versions that made it."""
+    with its request_id, the registry versions that made it, explored (as by an app whose
+    explore_share is 1: what configs/retrain-synthetic.yaml judges on)."""
     table = pq.read_table(src / f"dt={day}" / "part-0.parquet")
     good = pc.and_(pc.is_valid(table["user_id"]), pc.is_valid(table["ts"]))
     table = table.filter(good)
@@ -357,6 +358,7 @@ def _served_copy(src: Path, dst: Path, day: str) -> None:
             "request_id": table["session_id"],
             "retriever_version": pa.array(np.ones(n, dtype=np.int64)),
             "ranker_version": pa.array(np.ones(n, dtype=np.int64)),
+            "explored": pa.array(np.ones(n, dtype=bool)),
         }
     )
     (dst / f"dt={day}").mkdir(parents=True)

@@ -132,11 +132,11 @@ class Frontend:
             ids = [i.item_id for i in items]
             self.impressions.served(request_id, user_id, query, ids, versions, explored=explored)
 
-    def explores(self, explain: bool) -> bool:
-        """Whether this answer explores: with probability `explore_share`, never with
-        explain=true (whose caller wants to see the model's order)."""
+    def explores(self, own_order: bool) -> bool:
+        """Whether this answer explores: with probability `explore_share`, never when the
+        caller asks for the model's own order (explain=true, rules=false: replay, parity)."""
         share = self.args.explore_share
-        return bool(share) and not explain and self.explore.random() < share
+        return bool(share) and not own_order and self.explore.random() < share
 
     def depth(self, k: int, explore: bool) -> int:
         """How many ranked items an answer needs: k, or the head an exploration draws from."""
@@ -230,7 +230,7 @@ class Frontend:
         if history is None:
             history = self.features.history(body.user_id)
         history = [i for i in history or [] if i in self.rows]
-        explore = self.explores(body.explain)
+        explore = self.explores(body.explain or not body.rules)
         depth = self.depth(body.k, explore)
         fallback = None
         if history:

@@ -164,10 +164,11 @@ class AppArgs(_Body):
     # The answers each Ingress replica remembers for /feedback, and for how long.
     feedback_requests: int = Field(10_000, ge=1)
     feedback_ttl_s: float = Field(1_800.0, gt=0)
-    # Exploration: this share of answers (explain=false) shows k items drawn at random from
-    # the ranked list's first `explore_top` (None: its first k), in a random order, flagged
-    # `explored` in the log. Their clicks owe nothing to the serving model's order, so a
-    # retraining can judge candidate and production on them alike (data.explored_only).
+    # Exploration: this share of answers (not explain=true, not rules=false: those ask for the
+    # models' own order) shows k items drawn at random from the ranked list's first
+    # `explore_top` (None: its first k), in a random order, flagged `explored` in the log.
+    # Their clicks owe nothing to the serving model's order, so a retraining can judge
+    # candidate and production on them alike (data.explored_only).
     explore_share: float = Field(0.0, ge=0.0, le=1.0)
     explore_top: int | None = Field(None, ge=1, le=1000)
 
