@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_export, shop_overrides
-from shoprank.config import DataConfig, load_config
+from shoprank.config import DataConfig, RetrainConfig, load_config
 from shoprank.data.examples import ExampleBuilder
 from shoprank.evaluation.drift import drift_report, js_divergence
 from shoprank.loop.retrain import day_partitions, start_weights, trained_through
@@ -320,6 +320,39 @@ def test_a_second_retraining_is_refused_while_one_holds_the_lock(tmp_path, store
         pass
 
 
+def test_the_gate_margin_grows_with_the_days_noise():
+    """retrain.confidence: the paired interval of two models' per-group NDCG@10 on the same
+    groups; a gain of noise alone straddles 0, a real one does not, and more groups narrow it."""
+    from shoprank.evaluation.newest_day import paired_interval
+
+    rng = np.random.default_rng(0)
+
+    def model(n: int, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores putting each group's positive (column 0) at `rank` among 20 candidates."""
+        scores = np.tile(-np.arange(20.0), (n, 1))
+        scores[:, 0] = -rank.astype(float) - 0.5
+        labels = np.zeros((n, 20), np.float32)
+        labels[:, 0] = 1
+        return scores, labels
+
+    first = np.zeros(200, int)
+    second = np.ones(200, int)
+    gain, half = paired_interval(model(200, first), model(200, second), "ndcg@10", 0.95)
+    assert gain == pytest.approx(1 - 1 / np.log2(3)) and half == pytest.approx(0.0)
+    noise_a, noise_b = (model(200, rng.integers(0, 15, 200)) for _ in range(2))
+    gain, half = paired_interval(noise_a, noise_b, "ndcg@10", 0.95)
+    assert abs(gain) < half  # two equally good models: the interval straddles 0
+    wide = paired_interval(
+        model(50, rng.integers(0, 15, 50)), model(50, rng.integers(0, 15, 50)), "ndcg@10", 0.95
+    )[1]
+    assert wide > half
+    with pytest.raises(ValueError, match="per-group metric"):
+        paired_interval(noise_a, noise_b, "auc", 0.95)
+    with pytest.raises(ValueError, match="retrain.confidence=null"):
+        RetrainConfig(metric="auc")
+    assert RetrainConfig(metric="auc", confidence=None).confidence is None
+
+
 def test_the_gate_compares_production_measured_on_the_same_data(tmp_path):
     registry = Registry(str(tmp_path / "reg"))
     registry.register("m", str(fake_export(tmp_path / "a", ndcg=0.9)))  # recorded 0.9
@@ -447,6 +480,7 @@ def test_retrain_job_end_to_end(
     assert promoted["candidate_value"] == v2.metrics["heldout_ndcg@10"] > 0
     assert registry.aliases("ranker")["production"] == 2
     assert "promoted ranker v2 to production: v2 heldout_ndcg@10=" in printed
+    assert "the half-width of the 95% paired interval of +" in printed  # retrain.confidence
     report = Path(v2.metadata["retrain"]["report"]).read_text()
     for section in (
         "## Decision",

@@ -337,6 +337,20 @@ class RetrainConfig(Section):
     # What the gate compares on the newest day's groups (higher or lower is better as
     # train.metric_mode says), with registry.margin.
     metric: Literal["ndcg@10", "recall@10", "auc", "logloss"] = "ndcg@10"
+    # The gate asks for a gain beyond the day's noise: the candidate must beat production by
+    # registry.margin plus the half-width of the paired interval (this level) of their
+    # per-group difference on the held-out groups. A few hundred groups leave +-0.02 NDCG@10
+    # of noise; a fixed margin of 0 promotes it. null: the fixed margin alone.
+    confidence: float | None = Field(0.95, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _paired_metric(self) -> RetrainConfig:
+        if self.confidence is not None and self.metric not in ("ndcg@10", "recall@10"):
+            raise ValueError(
+                f"retrain.confidence={self.confidence} needs a per-group metric (ndcg@10 or "
+                f"recall@10), not retrain.metric={self.metric}; or set retrain.confidence=null"
+            )
+        return self
 
 
 class Config(Section):

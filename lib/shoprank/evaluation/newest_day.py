@@ -11,7 +11,9 @@ Unlike leave-one-out, nothing a model trained on happened after what it is score
 
 from __future__ import annotations
 
+import hashlib
 import time
+from statistics import NormalDist
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +21,8 @@ import pyarrow.compute as pc
 import ray
 
 from shoprank.console import log
+from shoprank.data.tokenize import KEY
+from shoprank.evaluation.metrics import target_ranks
 from shoprank.evaluation.sampled import group_metrics
 from shoprank.evaluation.scorers import BaselineScorer, CrossEncoderScorer, collect_scores
 
@@ -49,6 +53,50 @@ def split_by_day(events: ray.data.Dataset, newest: str, first_train: str) -> ray
     return events.map_batches(label, batch_format="pyarrow")
 
 
+def with_keys(groups: ray.data.Dataset) -> ray.data.Dataset:
+    """A `key` per group from its user and candidates, so that every model's scores can be
+    lined up group by group (Ray Data keeps no row order; identical groups share a key, and
+    their scores too)."""
+
+    def add(batch: pa.Table) -> pa.Table:
+        users, items = batch["user_id"].to_pylist(), batch["item_ids"].to_pylist()
+        keys = [
+            int.from_bytes(
+                hashlib.blake2b("\x1f".join([u, *i]).encode(), digest_size=8).digest(),
+                "big",
+                signed=True,
+            )
+            for u, i in zip(users, items, strict=True)
+        ]
+        return batch.append_column(KEY, pa.array(keys, pa.int64()))
+
+    return groups.map_batches(add, batch_format="pyarrow")
+
+
+PAIRED = ("ndcg@10", "recall@10")  # metrics that are a mean over groups
+
+
+def paired_interval(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], metric: str, level: float
+) -> tuple[float, float]:
+    """(mean, half-width) of model a's per-group `metric` minus model b's on the same groups
+    (rows lined up, as `score_models` returns them), a normal interval at `level`: how far
+    apart two models are on one day's groups, and how much of that is the day's noise."""
+    if metric not in PAIRED:
+        raise ValueError(f"a paired interval needs a per-group metric ({PAIRED}), not {metric}")
+
+    def per_group(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        rank = target_ranks(scores, labels.argmax(axis=1))
+        hit = rank < 10
+        return np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0) if metric == "ndcg@10" else hit
+
+    d = per_group(*a) - per_group(*b)
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else float("nan"), float("inf")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    return float(d.mean()), float(z * d.std(ddof=1) / np.sqrt(len(d)))
+
+
 def score_models(
     groups: ray.data.Dataset,
     models: dict[str, str],
@@ -58,7 +106,8 @@ def score_models(
     in_process_below: int = 0,
 ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Metrics of each exported ranker (name -> folder) and baseline on the same groups, and
-    their raw (scores, labels)."""
+    their raw (scores, labels), rows lined up across models when the groups carry a `key`
+    (`with_keys`)."""
     runs: dict[str, tuple] = {
         name: (CrossEncoderScorer, {"model_dir": folder, "precision": precision})
         for name, folder in models.items()
@@ -68,9 +117,12 @@ def score_models(
     table, raw = {}, {}
     for name, (scorer, kwargs) in runs.items():
         started = time.perf_counter()
-        scores, labels, _ = collect_scores(
+        scores, labels, keys = collect_scores(
             groups, scorer, kwargs, num_cpus, in_process_below=in_process_below
         )
+        if keys is not None:
+            order = np.argsort(keys, kind="stable")
+            scores, labels = scores[order], labels[order]
         raw[name] = (scores, labels)
         table[name] = group_metrics(scores, labels, probabilistic=scorer is CrossEncoderScorer)
         log(

@@ -24,7 +24,9 @@ of jobs/bench_loop.py).
    (evaluation/drift.py); a Markdown report with plots.
 6. The candidate registered (its days, metrics, parent) and promoted through the gate on
    `heldout_<retrain.metric>` with `registry.margin`, production's value measured on the same
-   groups. The Serve app follows the production alias and swaps the new version in by itself.
+   groups; with `retrain.confidence`, the margin grows by the half-width of the paired
+   interval of their per-group difference: a gain must stand out of the day's noise. The
+   Serve app follows the production alias and swaps the new version in by itself.
 
 A failure at any step leaves production as it was (the gate is the only thing that moves it).
 """
@@ -52,7 +54,13 @@ from shoprank.data.load import counts_table, load_validated
 from shoprank.evaluation import report
 from shoprank.evaluation.baselines import fit_baselines, train_pairs
 from shoprank.evaluation.drift import count_events, drift_report
-from shoprank.evaluation.newest_day import COLUMNS, score_models, split_by_day
+from shoprank.evaluation.newest_day import (
+    COLUMNS,
+    paired_interval,
+    score_models,
+    split_by_day,
+    with_keys,
+)
 from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_precision
 from shoprank.models.export_meta import METADATA
 from shoprank.registry import PRODUCTION, Registry, RegistryError, Version
@@ -239,8 +247,8 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
     if cfg.data.max_train_positives:
         train = train.limit(cfg.data.max_train_positives)
     train = train.materialize()
-    test = first_by_user_hash(
-        groups.filter(expr=col("split") == "test"), cfg.data.test_users
+    test = with_keys(
+        first_by_user_hash(groups.filter(expr=col("split") == "test"), cfg.data.test_users)
     ).materialize()
     n_train, n_test = train.count(), test.count()
     if not n_test:
@@ -345,14 +353,23 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
         alias="candidate",
     )
     measured = (prod_n, table["production"][r.metric]) if production else None
+    margin, noise = cfg.registry.margin, ""
+    if production and r.confidence is not None:
+        gain, half = paired_interval(raw["candidate"], raw["production"], r.metric, r.confidence)
+        margin += half
+        noise = (
+            f" (the margin: registry.margin {cfg.registry.margin:g} + {half:.4f}, the half-width "
+            f"of the {r.confidence:.0%} paired interval of {gain:+.4f} over {n_test} groups)"
+        )
+        plan.update(paired_gain=gain, paired_half_width=half)
     decision = registry.promote(
-        name, version.version, metric, cfg.registry.margin, cfg.train.metric_mode, measured
+        name, version.version, metric, margin, cfg.train.metric_mode, measured
     )
     phases.done("registry")
     status = "promoted" if decision.promoted else "kept"
     outcome = Outcome(
         status,
-        decision.reason,
+        decision.reason + noise,
         name,
         version.version if decision.promoted else prod_n,
         version.version,
