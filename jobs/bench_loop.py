@@ -234,9 +234,7 @@ def main() -> None:
         # The night: the looped arm's feature store has the day; retraining may promote.
         looped = arms["looped"]
         outcome = retrain(cfg, out / "runs")
-        judged = outcome.days.get("judged_groups")
-        line = outcome.line() + (f" (judged on {judged} groups)" if judged else "")
-        nights.append({"after_day": j, "line": line, **asdict(outcome)})
+        nights.append({"after_day": j, "line": outcome.line(), **asdict(outcome)})
         log(f"night {j}: {outcome.line()} ({outcome.seconds:.0f} s)")
         if cli.no_gate and outcome.status == "kept" and outcome.candidate:
             registry.set_alias(RANKER, "production", outcome.candidate, force=True)

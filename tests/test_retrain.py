@@ -212,6 +212,10 @@ def test_items_first_seen_on_the_held_out_day_are_no_training_negatives(ray_loca
     assert len(train) == 9 and len([g for g in groups if g["split"] == "test"]) == 3
     for g in groups:
         assert set(g["item_ids"][1:]) <= before, g
+    # data.explored_only on events that cannot say what was explored: refused, not emptied.
+    explored = cfg.model_copy(update={"explored_only": True})
+    with pytest.raises(ValueError, match="no `explored` column.*data.explored_only=false"):
+        example_groups(ray.data.from_arrow(events), catalog, explored, 0)
 
 
 def test_drift_report_has_its_sections(tmp_path):

@@ -316,6 +316,10 @@ class TrackingConfig(Section):
     experiment: str = "shoprank"
 
 
+# Gate metrics that are a mean over the held-out groups (a paired interval needs one).
+PER_GROUP_METRICS = ("ndcg@10", "recall@10")
+
+
 class RetrainConfig(Section):
     """jobs/retrain.py (lib/shoprank/loop/retrain.py): train production further on the day
     partitions newer than its snapshot, judged on the newest day, promoted through the gate."""
@@ -345,7 +349,7 @@ class RetrainConfig(Section):
 
     @model_validator(mode="after")
     def _paired_metric(self) -> RetrainConfig:
-        if self.confidence is not None and self.metric not in ("ndcg@10", "recall@10"):
+        if self.confidence is not None and self.metric not in PER_GROUP_METRICS:
             raise ValueError(
                 f"retrain.confidence={self.confidence} needs a per-group metric (ndcg@10 or "
                 f"recall@10), not retrain.metric={self.metric}; or set retrain.confidence=null"

@@ -214,6 +214,12 @@ def example_groups(
     events: ray.data.Dataset, catalog: pa.Table, cfg: DataConfig, seed: int
 ) -> ray.data.Dataset:
     """Every user's groups, of every split, materialised in the object store."""
+    if cfg.explored_only and "explored" not in events.schema().names:
+        raise ValueError(
+            "data.explored_only=true, but the events have no `explored` column: only the "
+            "serving app's log (impressions_dir, with explore_share above 0) flags answers "
+            "shown in a random order; read it too, or set data.explored_only=false"
+        )
     shown = cfg.shown_negatives or cfg.shown_candidates
     positives = positive_events(events, cfg.task, impressions=shown)
     # A few hash partitions suffice for small logs; big ones get one per ~20k events.

@@ -76,18 +76,24 @@ def target_ranks(
     return ranks
 
 
-def ranking_metrics(ranks: np.ndarray, ks: Iterable[int] = (10, 50)) -> dict[str, float]:
-    """Recall@k and NDCG@k for one relevant item per user, from 0-based ranks."""
+def per_user_ranking(ranks: np.ndarray, ks: Iterable[int] = (10, 50)) -> dict[str, np.ndarray]:
+    """Each user's Recall@k (0 or 1) and NDCG@k for one relevant item, from 0-based ranks:
+    what `ranking_metrics` averages, and what a paired comparison of two models needs."""
     ranks = np.asarray(ranks, dtype=np.int64)
-    if ranks.size == 0:
-        raise ValueError("ranking_metrics needs at least one rank")
     gain = 1.0 / np.log2(ranks + 2.0)
-    out: dict[str, float] = {}
+    out: dict[str, np.ndarray] = {}
     for k in ks:
         hit = ranks < k
-        out[f"recall@{k}"] = float(hit.mean())
-        out[f"ndcg@{k}"] = float(np.where(hit, gain, 0.0).mean())
+        out[f"recall@{k}"] = hit.astype(np.float64)
+        out[f"ndcg@{k}"] = np.where(hit, gain, 0.0)
     return out
+
+
+def ranking_metrics(ranks: np.ndarray, ks: Iterable[int] = (10, 50)) -> dict[str, float]:
+    """Recall@k and NDCG@k for one relevant item per user, from 0-based ranks."""
+    if np.asarray(ranks).size == 0:
+        raise ValueError("ranking_metrics needs at least one rank")
+    return {name: float(v.mean()) for name, v in per_user_ranking(ranks, ks).items()}
 
 
 def grouped_ranks(

@@ -20,9 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from shoprank.config import PER_GROUP_METRICS
 from shoprank.console import log
 from shoprank.data.tokenize import KEY
-from shoprank.evaluation.metrics import target_ranks
+from shoprank.evaluation.metrics import per_user_ranking, target_ranks
 from shoprank.evaluation.sampled import group_metrics
 from shoprank.evaluation.scorers import BaselineScorer, CrossEncoderScorer, collect_scores
 
@@ -73,22 +74,19 @@ def with_keys(groups: ray.data.Dataset) -> ray.data.Dataset:
     return groups.map_batches(add, batch_format="pyarrow")
 
 
-PAIRED = ("ndcg@10", "recall@10")  # metrics that are a mean over groups
-
-
 def paired_interval(
     a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], metric: str, level: float
 ) -> tuple[float, float]:
     """(mean, half-width) of model a's per-group `metric` minus model b's on the same groups
     (rows lined up, as `score_models` returns them), a normal interval at `level`: how far
     apart two models are on one day's groups, and how much of that is the day's noise."""
-    if metric not in PAIRED:
-        raise ValueError(f"a paired interval needs a per-group metric ({PAIRED}), not {metric}")
+    if metric not in PER_GROUP_METRICS:
+        raise ValueError(
+            f"a paired interval needs a per-group metric ({PER_GROUP_METRICS}), not {metric}"
+        )
 
     def per_group(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        rank = target_ranks(scores, labels.argmax(axis=1))
-        hit = rank < 10
-        return np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0) if metric == "ndcg@10" else hit
+        return per_user_ranking(target_ranks(scores, labels.argmax(axis=1)), (10,))[metric]
 
     d = per_group(*a) - per_group(*b)
     if len(d) < 2:

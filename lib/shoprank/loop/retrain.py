@@ -87,6 +87,8 @@ class Outcome:
     drift: dict = field(default_factory=dict)
     report: str | None = None
     seconds: float = 0.0
+    # The groups trained on and judged, and the gate's paired difference (gain, half_width).
+    judged: dict = field(default_factory=dict)
 
     def line(self) -> str:
         """The one line a scheduler's log needs."""
@@ -262,7 +264,7 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
             )
         )
     valid = test.limit(cfg.data.val_users or n_test).materialize()  # (test: users in hash order)
-    plan.update(training_groups=n_train, judged_groups=n_test)
+    judged = {"training_groups": n_train, "groups": n_test}
     log(f"{n_train} training groups ({first}..{train_days[-1]}), {n_test} groups on {newest}")
     phases.done("data and groups")
 
@@ -361,7 +363,7 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
             f" (the margin: registry.margin {cfg.registry.margin:g} + {half:.4f}, the half-width "
             f"of the {r.confidence:.0%} paired interval of {gain:+.4f} over {n_test} groups)"
         )
-        plan.update(paired_gain=gain, paired_half_width=half)
+        judged.update(gain=gain, half_width=half)
     decision = registry.promote(
         name, version.version, metric, margin, cfg.train.metric_mode, measured
     )
@@ -378,6 +380,7 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
         drift.numbers,
         str(run_dir / "report.md"),
         _since(started),
+        judged,
     )
     sections = [
         ("Decision", outcome.line()),
