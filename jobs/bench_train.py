@@ -2,16 +2,18 @@
 PyTorch loop doing the same work, the arms interleaved over rounds (this machine drifts).
 
     python jobs/bench_train.py [--rounds 3] [--steps 12] [--tasks ranker retriever] [--real]
+        [--set key=value ...]
 
 Arms, per task: `plain` (one process, the project's model builder, AdamW, bf16 autocast, no Ray)
 and the real training loop (`train.loop.fit`) at 1 worker x 2 CPUs and 2 x 1 (ZeRO 0 and 2), all
 on the same fixed-shape tokens (every row max_length real tokens: no padding to save). With
 --real, both again on real Amazon tokens: the plain loop on rows padded to max_length, the
-pipeline trimming each batch to its longest row; beside them the data's padding ceiling
-(max_length / mean real length). Each arm warms up, then its steps are timed; each process
-records its setup (threads, LoRA targets, trainable parameters, dropout, attention, optimizer),
-and the bench refuses to compare arms whose setups differ. A bf16 matmul per round gives the
-machine's peak. Writes runs/bench-train/bench_train.{json,md,png}.
+pipeline trimming each batch to its longest row (the retriever's towers also in
+`retriever.length_buckets` passes of similar-length rows); beside them the data's padding
+ceiling (tokens at max_length over real tokens). Each arm warms up, then its steps are
+timed; each process records its setup (threads, LoRA targets, trainable parameters,
+dropout, attention, optimizer), and the bench refuses to compare arms whose setups differ. A
+bf16 matmul per round gives the machine's peak. Writes runs/bench-train/bench_train.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -37,10 +39,16 @@ CONFIGS = {"ranker": "configs/amazon.yaml", "retriever": "configs/amazon-retriev
 
 
 def bench_config(
-    task: str, steps: int, warmup: int, workers: int | None = None, zero: int | None = None
+    task: str,
+    steps: int,
+    warmup: int,
+    workers: int | None = None,
+    zero: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> Config:
     """The task's Amazon config cut to a timed run (no early validation, a step record each),
-    in its own layout unless `workers` and `zero` say another."""
+    in its own layout unless `workers` and `zero` say another; `extra` overrides (--set)
+    last."""
     layout = []
     if workers is not None:
         layout = [f"train.num_workers={workers}", f"train.cpus_per_worker={CPUS // workers}"]
@@ -56,6 +64,7 @@ def bench_config(
             "data.max_train_positives=1500",
             "data.val_users=16",
             "run.storage=runs/bench-train/ray",
+            *extra,
         ],
     )
 
@@ -149,10 +158,12 @@ def first_batches(ds: ray.data.Dataset, n: int, size: int) -> list[dict[str, np.
 
 
 def padding_ceiling(batches: list[dict[str, np.ndarray]], task: str) -> float:
-    """max_length / mean real tokens a row: the most that skipping padding can buy."""
-    key = "attention_mask" if task == "ranker" else "item_attention_mask"
-    mask = np.concatenate([b[key].reshape(-1, b[key].shape[-1]) for b in batches])
-    return float(mask.shape[1] / mask.sum(1).mean())
+    """Tokens run when every row is padded to max_length over the real tokens (both towers
+    of a retriever): the most that skipping padding can buy."""
+    keys = ["attention_mask"] if task == "ranker" else ["ctx_attention_mask", "item_attention_mask"]
+    padded = sum(b[k].size for b in batches for k in keys)
+    real = sum(int(b[k].sum()) for b in batches for k in keys)
+    return padded / real
 
 
 # -- the arms ----------------------------------------------------------------------------------
@@ -277,6 +288,9 @@ def main() -> None:
         help="the pipeline layouts run on fixed-shape tokens (none: skip them and their plain arm)",
     )
     parser.add_argument("--out", default="runs/bench-train")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="config overrides for every arm (key=value)"
+    )
     cli = parser.parse_args()
     out = Path(cli.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -284,14 +298,14 @@ def main() -> None:
 
     arms, inputs = [], {}
     for task in cli.tasks:
-        base = bench_config(task, cli.steps, cli.warmup)
+        base = bench_config(task, cli.steps, cli.warmup, extra=tuple(cli.set))
         groups = (cli.warmup + cli.steps + 2) * base.train.batch_size * 2
         fixed = fixed_datasets(task, base, groups)
         plain_batches = first_batches(fixed["train"], cli.warmup + cli.steps, base.train.batch_size)
         if cli.layouts:
             arms.append((task, "fixed", "plain", base, plain_batches))
         for name, workers, zero in [a for a in FIXED_ARMS if a[0] in cli.layouts]:
-            cfg = bench_config(task, cli.steps, cli.warmup, workers, zero)
+            cfg = bench_config(task, cli.steps, cli.warmup, workers, zero, tuple(cli.set))
             arms.append((task, "fixed", name, cfg, fixed))
         if cli.real:
             real = real_datasets(task, base)

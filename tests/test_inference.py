@@ -64,6 +64,22 @@ def test_ranker_scores_texts_as_it_scores_tokens(exports):
     assert np.ptp(served) > 1e-3  # scores apart: the check above means something
 
 
+def test_ranker_cut_shorter_scores_the_pairs_cut_at_that_length(exports):
+    """ranker_max_length (serving) / eval.ranker_max_length: the pairs are cut as a ranker
+    trained at that length would read them; pairs already that short score the same."""
+    full = Ranker.from_export(exports["ranker"], "fp32")
+    short = Ranker.from_export(exports["ranker"], "fp32", max_length=8)
+    assert (full.max_length, short.max_length) == (read_export(exports["ranker"]).max_length, 8)
+    with torch.no_grad():
+        for r in (full, short):
+            r.model.classifier.weight.mul_(1000.0)
+    long_pair = (["red mug | blue kettle with a long description of its spout"], [TEXTS["b"]])
+    assert abs(full.score(*long_pair)[0] - short.score(*long_pair)[0]) > 1e-3
+    np.testing.assert_allclose(
+        short.score(["tea"], ["mug"]), full.score(["tea"], ["mug"]), atol=1e-4
+    )
+
+
 def test_encoder_embeds_texts_as_it_embeds_tokens(exports):
     encoder = EncoderSpec.from_export(exports["retriever"]).load()
     texts = ["tea", TEXTS["b"], "red mug"]

@@ -124,6 +124,9 @@ class RetrieverConfig(Section):
     learn_temperature: bool = True
     # Contexts (histories) are longer than items; items use model.max_length.
     context_max_length: int = Field(256, ge=8)
+    # Training runs each tower's batch as this many passes of similar-length rows, each trimmed
+    # to its longest (models/encoder.py: encode): the same loss, less padding computed.
+    length_buckets: int = Field(1, ge=1)
 
 
 class IndexConfig(Section):
@@ -244,6 +247,10 @@ class EvalConfig(Section):
     # Runtime fp32 / int8 (CPU); None = bf16 when train.bf16, else fp32. The serving app takes
     # the same choice.
     ranker_precision: Literal["fp32", "bf16", "int8", "onnx", "onnx-int8"] | None = None
+    # The ranker's pair length in tokens; None = the length it was trained at (its export's).
+    # Shorter pairs cost less (serving's ranker_max_length takes the same choice): measure the
+    # quality it costs here before serving it.
+    ranker_max_length: int | None = Field(None, ge=8)
 
 
 class Dimension(Section):

@@ -28,7 +28,7 @@ from shoprank.data.text import render_context, render_items
 from shoprank.data.tokenize import KEY
 from shoprank.evaluation import metrics, report
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
-from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_precision
+from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_settings
 from shoprank.models.export_meta import read_export
 from shoprank.models.retriever import EncoderSpec
 from shoprank.retrieval import rerank
@@ -126,7 +126,7 @@ def two_stage_ranks(
     scores, labels, keys = collect_scores(
         ray.data.from_arrow(table),
         CrossEncoderScorer,
-        {"model_dir": ranker_dir, "precision": ranker_precision(cfg)},
+        ranker_settings(cfg, ranker_dir),
         num_cpus=cfg.eval.num_cpus,
         batch_size=max(1, cfg.train.eval_batch_size // m),
         in_process_below=cfg.eval.score_in_process_below,

@@ -20,7 +20,7 @@ from shoprank.data.text import render_items
 from shoprank.data.tokenize import KEY
 from shoprank.evaluation import metrics, report
 from shoprank.evaluation.baselines import Popularity, TfidfHistory
-from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_precision
+from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_settings
 from shoprank.models.export_meta import read_export
 from shoprank.models.retriever import EncoderSpec
 from shoprank.retrieval.embed import embed_text_list
@@ -55,7 +55,7 @@ def _cross_encoder_scores(
     scores, _, keys = collect_scores(
         ray.data.from_arrow(table),
         CrossEncoderScorer,
-        {"model_dir": model_dir, "precision": ranker_precision(cfg)},
+        ranker_settings(cfg, model_dir),
         num_cpus=cfg.eval.num_cpus,
         batch_size=cfg.train.eval_batch_size,
         in_process_below=cfg.eval.score_in_process_below,

@@ -24,7 +24,7 @@ from shoprank.evaluation.scorers import (
     CrossEncoderScorer,
     ZeroShotScorer,
     collect_scores,
-    ranker_precision,
+    ranker_settings,
 )
 from shoprank.run import Run
 
@@ -59,7 +59,7 @@ def evaluate_groups(
         )
     runs["fine-tuned ranker"] = (
         CrossEncoderScorer,
-        {"model_dir": model_dir, "precision": ranker_precision(cfg)},
+        ranker_settings(cfg, model_dir),
     )
     for name, fitted in baselines.items():
         runs[name] = (BaselineScorer, {"baseline": fitted})

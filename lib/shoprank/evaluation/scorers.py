@@ -31,8 +31,8 @@ class CrossEncoderScorer:
     the cores (a 2-core machine cannot run both at once), and `Ranker.score` sorts the batch's
     pairs by length so that short ones do not pay for long ones' padding."""
 
-    def __init__(self, model_dir: str, precision: str):
-        self.ranker = Ranker.from_export(model_dir, precision)
+    def __init__(self, model_dir: str, precision: str, max_length: int | None = None):
+        self.ranker = Ranker.from_export(model_dir, precision, max_length=max_length)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sizes = {len(items) for items in batch["item_texts"]}
@@ -130,6 +130,15 @@ def _joined(batches) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         if KEY in batch:
             keys.append(np.asarray(batch[KEY]))
     return np.concatenate(scores), np.concatenate(labels), np.concatenate(keys) if keys else None
+
+
+def ranker_settings(cfg: Config, model_dir: str) -> dict:
+    """CrossEncoderScorer's arguments: the ranker at the precision and pair length asked for."""
+    return {
+        "model_dir": model_dir,
+        "precision": ranker_precision(cfg),
+        "max_length": cfg.eval.ranker_max_length,
+    }
 
 
 def ranker_precision(cfg: Config) -> str:

@@ -121,9 +121,30 @@ def trimmed_length(attention_mask: torch.Tensor) -> int:
 
 
 def encode(
-    encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str
+    encoder: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pooling: str,
+    buckets: int = 1,
 ) -> torch.Tensor:
-    """L2-normalised fp32 embeddings of token rows, trimmed first (`trimmed_length`)."""
+    """L2-normalised fp32 embeddings of token rows, trimmed first (`trimmed_length`).
+
+    `buckets` > 1: the rows are sorted by length and run as up to that many passes, each
+    trimmed to its own longest row (neighbours trimmed alike share one pass). The same
+    embeddings as one pass (padding is masked out), without computing the padding that one
+    long row forces on the whole batch.
+    """
+    if buckets > 1 and len(input_ids) > buckets:
+        order = torch.argsort(attention_mask.sum(-1))
+        passes: list[tuple[torch.Tensor, int]] = []
+        for rows in order.tensor_split(buckets):
+            length = trimmed_length(attention_mask[rows])
+            if passes and passes[-1][1] == length:  # as long as the last: one pass for both
+                rows = torch.cat([passes.pop()[0], rows])
+            passes.append((rows, length))
+        if len(passes) > 1:
+            parts = [encode(encoder, input_ids[r], attention_mask[r], pooling) for r, _ in passes]
+            return torch.cat(parts)[torch.argsort(order)]
     length = trimmed_length(attention_mask)
     mask = attention_mask[:, :length].long()
     hidden = encoder(input_ids=input_ids[:, :length].long(), attention_mask=mask)

@@ -168,13 +168,21 @@ class Ranker:
         self.max_length, self.batch_size = max_length, batch_size
 
     @classmethod
-    def from_export(cls, directory: str, precision: str = "fp32", batch_size: int = 64) -> Ranker:
+    def from_export(
+        cls,
+        directory: str,
+        precision: str = "fp32",
+        batch_size: int = 64,
+        max_length: int | None = None,
+    ) -> Ranker:
+        """`max_length`: pairs cut shorter than the export was trained with (cheaper, and its
+        quality measured with eval.ranker_max_length); None = as trained."""
         meta = read_export(directory, kind="ranker")
         model = load_for_inference(directory, precision)
         # int8 and ONNX Runtime run on the CPU only; fp32 and bf16 go to a GPU if given.
         if precision in ("fp32", "bf16") and torch.cuda.is_available():
             model = model.to("cuda")
-        return cls(model, load_tokenizer(directory), meta.max_length, batch_size)
+        return cls(model, load_tokenizer(directory), max_length or meta.max_length, batch_size)
 
     @property
     def device(self) -> torch.device:

@@ -32,18 +32,26 @@ MAX_LOGIT_SCALE = 100.0
 
 
 class BiEncoder(nn.Module):
-    def __init__(self, encoder: nn.Module, pooling: str, temperature: float, learn: bool):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        pooling: str,
+        temperature: float,
+        learn: bool,
+        length_buckets: int = 1,
+    ):
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
+        self.length_buckets = length_buckets
         # Shape [1], not a scalar: DeepSpeed broadcasts parameters as byte views.
         self.log_scale = nn.Parameter(
             torch.tensor([math.log(1.0 / temperature)]), requires_grad=learn
         )
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[N, L] token rows -> [N, d] unit vectors (fp32)."""
-        return encode(self.encoder, input_ids, attention_mask, self.pooling)
+        """[N, L] token rows -> [N, d] unit vectors (fp32), in `length_buckets` passes."""
+        return encode(self.encoder, input_ids, attention_mask, self.pooling, self.length_buckets)
 
     def forward(
         self,
@@ -81,7 +89,7 @@ def build_retriever(cfg: Config) -> BiEncoder:
     if cfg.lora.enabled:
         encoder = apply_lora(encoder, cfg.lora)
     r = cfg.retriever
-    return BiEncoder(encoder, r.pooling, r.temperature, r.learn_temperature)
+    return BiEncoder(encoder, r.pooling, r.temperature, r.learn_temperature, r.length_buckets)
 
 
 def contrastive_loss(

@@ -64,7 +64,12 @@ class Models:
         self.ranker = None
         if args.ranker:
             self.ranker = RankerService(
-                args.registry, args.ranker, args.alias, catalog, args.ranker_precision
+                args.registry,
+                args.ranker,
+                args.alias,
+                catalog,
+                args.ranker_precision,
+                args.ranker_max_length,
             )
             self.ranker.models.follow(args.poll_s)
         self.batch_requests = metrics.Histogram(

@@ -30,7 +30,12 @@ def create(args: AppArgs) -> FastAPI:
     ranker = None
     if args.ranker:
         ranker = RankerService(
-            args.registry, args.ranker, args.alias, catalog, args.ranker_precision
+            args.registry,
+            args.ranker,
+            args.alias,
+            catalog,
+            args.ranker_precision,
+            args.ranker_max_length,
         )
 
     async def score(*request) -> dict:

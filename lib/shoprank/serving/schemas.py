@@ -140,6 +140,9 @@ class AppArgs(_Body):
     # there; else none). A number forces the ranker's order on that many: not what was evaluated.
     rerank_top: int | None = Field(None, ge=1)
     ranker_precision: str = "bf16"  # fp32, bf16 or int8 (models/ranker.py)
+    # The ranker's pair length in tokens; None: as trained (its export's). Shorter is cheaper;
+    # evaluate the same choice first (eval.ranker_max_length) to see what it costs.
+    ranker_max_length: int | None = Field(None, ge=8)
     # The retriever's context tower: bf16 autocast (the fastest on AMX CPUs and GPUs) or fp32,
     # as evaluation embeds with train.bf16.
     retriever_precision: Literal["fp32", "bf16"] = "bf16"

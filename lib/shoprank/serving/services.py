@@ -132,11 +132,17 @@ def describe(stage: StageOne) -> str:
 
 class RankerService:
     def __init__(
-        self, registry: str, name: str, alias: str, catalog: pa.Table, precision: str = "bf16"
+        self,
+        registry: str,
+        name: str,
+        alias: str,
+        catalog: pa.Table,
+        precision: str = "bf16",
+        max_length: int | None = None,
     ):
         def load(folder: str, version) -> tuple[Ranker, dict[str, str], ExportMeta, str]:
             meta = read_export(folder, kind="ranker")
-            ranker = Ranker.from_export(folder, precision)
+            ranker = Ranker.from_export(folder, precision, max_length=max_length)
             return ranker, item_texts(catalog, meta), meta, rerank.weights_digest(folder)
 
         self.models = Following(registry, name, load, alias)
