@@ -99,6 +99,7 @@ async def closed_loop(url: str, path: str, bodies: list[dict], key: str, c: int,
 # Where the CPU goes: this machine's processes by what their command line says they are.
 PROCESS_KINDS = (
     ("Models", "ServeReplica:shoprank:Models"),
+    ("Server", "ServeReplica:shoprank:Server"),
     ("Ingress", "ServeReplica:shoprank:Ingress"),
     ("proxy", "ProxyActor"),
     ("controller", "ServeController"),
@@ -256,13 +257,15 @@ def main() -> None:
                     app_args = {**args.model_dump(), "max_batch_size": size}
                     serve.run(build_app(app_args), name="shoprank", route_prefix="/")
                     wait_healthy(serve_url)
-                    models = serve.get_deployment_handle("Models", app_name="shoprank")
+                    deployment = "Server" if args.layout == "one" else "Models"
+                    models = serve.get_deployment_handle(deployment, app_name="shoprank")
                     threads = models.torch_threads.remote().result()
 
                     def counts(models=models) -> dict:
                         return models.batch_counts.remote().result()
 
-                    setup = f"{name} ({threads} torch threads)"
+                    layout = ", one deployment" if args.layout == "one" else ""
+                    setup = f"{name}{layout} ({threads} torch threads)"
                     got = run_setup(setup, serve_url, bodies, key, cli, counts)
                 rows += [{**row, "round": r} for row in got]
             log(f"round {r + 1}/{cli.rounds} done")

@@ -82,7 +82,7 @@ def offline(ray_local, tmp_path_factory, tiny_shop, tiny_model_dir):
     return tmp, export, targets, expected
 
 
-def _serve(tmp, export, tiny_shop):
+def _serve(tmp, export, tiny_shop, layout: str = "split"):
     from ray import serve
 
     from shoprank.registry import Registry
@@ -103,6 +103,7 @@ def _serve(tmp, export, tiny_shop):
         "api_keys_file": str(tmp / "keys"),
         "retrieve_top": K,
         "retriever_precision": "fp32",
+        "layout": layout,
     }
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -129,14 +130,18 @@ def mismatches(answers: dict, expected: dict, tol: float = 1e-4) -> list[str]:
     return out
 
 
-def test_recommend_serves_what_offline_evaluation_ranked(offline, tiny_shop, tiny_model_dir):
+# Both layouts of the app: the routes in a deployment of their own, and inside the model replica.
+@pytest.mark.parametrize("layout", ["split", "one"])
+def test_recommend_serves_what_offline_evaluation_ranked(
+    offline, tiny_shop, tiny_model_dir, layout
+):
     from ray import serve
 
     from shoprank.evaluation.metrics import ranking_metrics
     from shoprank.evaluation.replay import MISS, replay
 
     tmp, export, targets, expected = offline
-    url = _serve(tmp, export, tiny_shop)
+    url = _serve(tmp, export, tiny_shop, layout)
     try:
         version = httpx.get(url + "/version", headers={"x-api-key": KEY}).json()
         assert version["stage_one"].startswith("blend retriever 1")
@@ -179,12 +184,12 @@ def test_recommend_serves_what_offline_evaluation_ranked(offline, tiny_shop, tin
     from shoprank.registry import Registry
     from shoprank.serving.services import RetrieverService, read_catalog
 
-    skewed = tmp / "skewed"
+    skewed = tmp / f"skewed-{layout}"
     shutil.copytree(export, skewed)
     meta = json.loads((skewed / "shoprank.json").read_text())
     meta["config"]["data"]["item_template"] = "{title}"
     (skewed / "shoprank.json").write_text(json.dumps(meta))
-    registry = Registry(str(tmp / "skew-registry"))
+    registry = Registry(str(tmp / f"skew-registry-{layout}"))
     registry.register("retriever", str(skewed))
     registry.promote("retriever", 1, "val_ndcg@10")
     catalog = read_catalog(str(tiny_shop / "catalog.parquet"))

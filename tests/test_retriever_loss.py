@@ -91,8 +91,9 @@ def test_length_buckets_run_one_pass_when_rows_are_trimmed_alike(tiny_model_dir)
     encoder.register_forward_hook(lambda *_: calls.append(1))
     ids = torch.randint(1000, 2000, (8, 64))
     full = torch.ones_like(ids)
-    encode(encoder, ids, full, "mean", buckets=4)
+    one = encode(encoder, ids, full, "mean", buckets=4)
     assert len(calls) == 1  # every row 64 tokens: nothing to save, one pass
+    assert torch.allclose(one, encode(encoder, ids, full, "mean"), atol=1e-5)  # rows in order
     mixed = full.clone()
     mixed[:4, 20:] = 0  # half the rows trimmed to 32 tokens
     calls.clear()

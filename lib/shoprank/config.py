@@ -124,8 +124,9 @@ class RetrieverConfig(Section):
     learn_temperature: bool = True
     # Contexts (histories) are longer than items; items use model.max_length.
     context_max_length: int = Field(256, ge=8)
-    # Training runs each tower's batch as this many passes of similar-length rows, each trimmed
-    # to its longest (models/encoder.py: encode): the same loss, less padding computed.
+    # Training runs each tower's batch as up to this many passes of similar-length rows, each
+    # trimmed to its longest (models/encoder.py: encode): the same loss, less padding computed,
+    # but smaller passes; on Amazon 4 was no faster than 1 (RESULTS.md, "length buckets").
     length_buckets: int = Field(1, ge=1)
 
 

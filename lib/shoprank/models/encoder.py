@@ -142,10 +142,21 @@ def encode(
             if passes and passes[-1][1] == length:  # as long as the last: one pass for both
                 rows = torch.cat([passes.pop()[0], rows])
             passes.append((rows, length))
-        if len(passes) > 1:
-            parts = [encode(encoder, input_ids[r], attention_mask[r], pooling) for r, _ in passes]
-            return torch.cat(parts)[torch.argsort(order)]
-    length = trimmed_length(attention_mask)
+        if len(passes) == 1:  # every row trimmed alike: one pass, in the given order
+            return _encode(encoder, input_ids, attention_mask, pooling, passes[0][1])
+        parts = [_encode(encoder, input_ids[r], attention_mask[r], pooling, n) for r, n in passes]
+        return torch.cat(parts)[torch.argsort(order)]
+    return _encode(encoder, input_ids, attention_mask, pooling, trimmed_length(attention_mask))
+
+
+def _encode(
+    encoder: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pooling: str,
+    length: int,
+) -> torch.Tensor:
+    """One pass over the first `length` columns."""
     mask = attention_mask[:, :length].long()
     hidden = encoder(input_ids=input_ids[:, :length].long(), attention_mask=mask)
     return F.normalize(pool(hidden.last_hidden_state.float(), mask, pooling), dim=-1)

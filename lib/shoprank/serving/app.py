@@ -11,6 +11,8 @@ Two deployments, each autoscaled on its own (serve/config.yaml):
   the ANN index).
 - `Ingress`: the FastAPI routes of serving/frontend.py (key check, limits, feature store,
   rules) calling `Models` through a deployment handle.
+With `layout: one` the routes run inside the model replica instead (deployment `Server`):
+one process and no handle calls, for machines too small to give the Ingress cores of its own.
 Both models follow the registry: promote a version and each replica loads it beside the old
 one, then swaps; requests in flight finish on the model they started with.
 
@@ -42,15 +44,19 @@ def replica_threads(args: AppArgs) -> int:
     return max(1, math.ceil(cpus))
 
 
-# CPU requests: one replica of each fits a 2-core machine (1.75 + 0.25).
-# Serve lets a replica hold 5 requests at once by default: `Models` must hold a full batch
-# (max_batch_size) or batches never grow past 5; the Ingress only awaits it.
-@serve.deployment(
-    ray_actor_options={"num_cpus": 1.75},
-    max_ongoing_requests=64,
-    user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
-)
-class Models:
+def close_frontend(replica) -> None:
+    """A replica's __del__: Serve calls it when it stops the replica (after the app's own
+    shutdown, which does the same): the served-events log's buffer is written, best effort,
+    counted."""
+    front = getattr(replica, "front", None)
+    if front is not None:
+        front.close()
+
+
+class ModelReplica:
+    """Both models and their batched forward passes: the `Models` deployment, and the model
+    half of the one-deployment `Server`."""
+
     def __init__(self, args: AppArgs):
         import torch
 
@@ -132,6 +138,15 @@ class Models:
         return self.threads
 
 
+# CPU requests: one replica of each fits a 2-core machine (1.75 + 0.25).
+# Serve lets a replica hold 5 requests at once by default: `Models` must hold a full batch
+# (max_batch_size) or batches never grow past 5; the Ingress only awaits it.
+BATCHING = {"max_batch_size": 32, "batch_wait_timeout_s": 0.005}
+Models = serve.deployment(
+    ray_actor_options={"num_cpus": 1.75}, max_ongoing_requests=64, user_config=BATCHING
+)(ModelReplica)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128)
 @serve.ingress(api)
 class Ingress:
@@ -152,12 +167,39 @@ class Ingress:
         self.front = Frontend(args, backends)
         install(self.front)
 
-    def __del__(self):
-        """Serve calls this when it stops the replica (after the app's own shutdown, which
-        does the same): the served-events log's buffer is written, best effort, counted."""
-        front = getattr(self, "front", None)
-        if front is not None:
-            front.close()
+    __del__ = close_frontend
+
+
+class OneReplica(ModelReplica):
+    """layout "one": the routes served inside the model replica, calling the batched methods
+    in-process. On a 2-core machine the Ingress and its handle calls cost about a tenth of a
+    /search's CPU (RESULTS.md, "Both setups up, measured in turn")."""
+
+    def __init__(self, args: AppArgs):
+        super().__init__(args)
+
+        async def versions() -> dict[str, int | None]:
+            return self.versions()
+
+        async def describe() -> dict:
+            got = self.describe()
+            return stage_two_words(got["retriever"], args, got["ranker_weights"])
+
+        backends = Backends(
+            retrieve=self.retrieve,
+            score=self.score if args.ranker else None,
+            versions=versions,
+            describe=describe,
+        )
+        self.front = Frontend(args, backends)
+        install(self.front)
+
+    __del__ = close_frontend
+
+
+Server = serve.deployment(
+    ray_actor_options={"num_cpus": 2.0}, max_ongoing_requests=128, user_config=BATCHING
+)(serve.ingress(api)(OneReplica))
 
 
 def build_app(args: dict) -> serve.Application:
@@ -172,4 +214,6 @@ def build_app(args: dict) -> serve.Application:
             "max_batch_size": parsed.max_batch_size or 32,
             "batch_wait_timeout_s": parsed.batch_wait_timeout_s or 0.005,
         }
+    if parsed.layout == "one":
+        return Server.options(**options).bind(parsed)
     return Ingress.bind(Models.options(**options).bind(parsed), parsed)

@@ -148,6 +148,11 @@ class AppArgs(_Body):
     retriever_precision: Literal["fp32", "bf16"] = "bf16"
     # torch threads per Models replica; None: the CPUs Ray gives the replica, rounded up.
     torch_threads: int | None = Field(None, ge=1)
+    # "split": the routes (Ingress) and the models (Models) in deployments of their own, each
+    # scaled apart; "one": the routes inside the model replica (deployment `Server`, 2 CPUs),
+    # which saves a process and two handle calls a request on a small machine. serve/config.yaml
+    # names the deployments of "split"; for "one" list a `Server` deployment there instead.
+    layout: Literal["split", "one"] = "split"
     # The Models replica's @serve.batch (None: serve/config.yaml's user_config decides);
     # 1 = no batching.
     max_batch_size: int | None = Field(None, ge=1)
