@@ -179,6 +179,7 @@ def test_serve_config_fits_two_cores_and_holds_a_batch():
     assert sum(d.ray_actor_options["num_cpus"] for d in coded) <= 2
     assert app.Models.max_ongoing_requests >= app.Models.user_config["max_batch_size"]
     # layout "one": the routes inside the model replica, which takes the whole machine
+    assert (app.Models.name, app.Ingress.name, app.Server.name) == ("Models", "Ingress", "Server")
     assert app.Server.ray_actor_options["num_cpus"] <= 2
     assert app.Server.max_ongoing_requests >= app.Server.user_config["max_batch_size"]
 

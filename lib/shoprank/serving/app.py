@@ -143,7 +143,10 @@ class ModelReplica:
 # (max_batch_size) or batches never grow past 5; the Ingress only awaits it.
 BATCHING = {"max_batch_size": 32, "batch_wait_timeout_s": 0.005}
 Models = serve.deployment(
-    ray_actor_options={"num_cpus": 1.75}, max_ongoing_requests=64, user_config=BATCHING
+    name="Models",
+    ray_actor_options={"num_cpus": 1.75},
+    max_ongoing_requests=64,
+    user_config=BATCHING,
 )(ModelReplica)
 
 
@@ -198,7 +201,10 @@ class OneReplica(ModelReplica):
 
 
 Server = serve.deployment(
-    ray_actor_options={"num_cpus": 2.0}, max_ongoing_requests=128, user_config=BATCHING
+    name="Server",
+    ray_actor_options={"num_cpus": 2.0},
+    max_ongoing_requests=128,
+    user_config=BATCHING,
 )(serve.ingress(api)(OneReplica))
 
 
