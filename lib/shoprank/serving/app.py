@@ -26,9 +26,9 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
 from shoprank.registry import Registry
+from shoprank.serving import services
 from shoprank.serving.frontend import Backends, Frontend, api, install, stage_two_words
 from shoprank.serving.schemas import AppArgs
-from shoprank.serving.services import RankerService, RetrieverService, read_catalog
 
 
 def replica_threads(args: AppArgs) -> int:
@@ -62,22 +62,9 @@ class ModelReplica:
 
         self.threads = replica_threads(args)
         torch.set_num_threads(self.threads)
-        catalog = read_catalog(args.catalog)
-        self.retriever = RetrieverService(
-            args.registry, args.retriever, args.alias, catalog, args.retriever_precision
-        )
-        self.retriever.models.follow(args.poll_s)
-        self.ranker = None
-        if args.ranker:
-            self.ranker = RankerService(
-                args.registry,
-                args.ranker,
-                args.alias,
-                catalog,
-                args.ranker_precision,
-                args.ranker_max_length,
-            )
-            self.ranker.models.follow(args.poll_s)
+        self.retriever, self.ranker = services.from_args(args)
+        for service in filter(None, (self.retriever, self.ranker)):
+            service.models.follow(args.poll_s)
         self.batch_requests = metrics.Histogram(
             "shoprank_ranker_batch_requests",
             description="Requests gathered into one ranker forward pass (@serve.batch).",

@@ -12,9 +12,9 @@ import json
 
 from fastapi import FastAPI
 
+from shoprank.serving import services
 from shoprank.serving.frontend import Backends, Frontend, api, install, stage_two_words
 from shoprank.serving.schemas import AppArgs
-from shoprank.serving.services import RankerService, RetrieverService, read_catalog
 
 
 def create(args: AppArgs) -> FastAPI:
@@ -23,20 +23,7 @@ def create(args: AppArgs) -> FastAPI:
     import torch
 
     torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
-    catalog = read_catalog(args.catalog)
-    retriever = RetrieverService(
-        args.registry, args.retriever, args.alias, catalog, args.retriever_precision
-    )
-    ranker = None
-    if args.ranker:
-        ranker = RankerService(
-            args.registry,
-            args.ranker,
-            args.alias,
-            catalog,
-            args.ranker_precision,
-            args.ranker_max_length,
-        )
+    retriever, ranker = services.from_args(args)
 
     async def score(*request) -> dict:
         return (await asyncio.to_thread(ranker.score_many, [request]))[0]

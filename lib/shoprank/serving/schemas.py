@@ -150,8 +150,9 @@ class AppArgs(_Body):
     torch_threads: int | None = Field(None, ge=1)
     # "split": the routes (Ingress) and the models (Models) in deployments of their own, each
     # scaled apart; "one": the routes inside the model replica (deployment `Server`, 2 CPUs),
-    # which saves a process and two handle calls a request on a small machine. serve/config.yaml
-    # names the deployments of "split"; for "one" list a `Server` deployment there instead.
+    # which saves a process and two handle calls a request. Measured on 2 cores: "one" serves
+    # more at concurrency 16, "split" answers a lone /recommend faster (RESULTS.md, "Both
+    # setups up"). serve/config.yaml names the deployments of "split"; for "one" list `Server`.
     layout: Literal["split", "one"] = "split"
     # The Models replica's @serve.batch (None: serve/config.yaml's user_config decides);
     # 1 = no batching.

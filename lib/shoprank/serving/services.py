@@ -21,6 +21,7 @@ from shoprank.models.ranker import Ranker
 from shoprank.retrieval import rerank
 from shoprank.retrieval.stage_one import StageOne
 from shoprank.serving.follow import Following, RetrieverModel
+from shoprank.serving.schemas import AppArgs
 
 
 def read_catalog(path: str) -> pa.Table:
@@ -36,6 +37,26 @@ def item_texts(catalog: pa.Table, meta: ExportMeta) -> dict[str, str]:
     """Item id -> text, rendered with the template the model was trained with."""
     ids = catalog["item_id"].to_pylist()
     return dict(zip(ids, render_items(catalog, meta.data.item_template), strict=True))
+
+
+def from_args(args: AppArgs) -> tuple[RetrieverService, RankerService | None]:
+    """The app's two services as its args (`schemas.AppArgs`) ask: the Serve replica's and the
+    plain baseline's alike."""
+    catalog = read_catalog(args.catalog)
+    retriever = RetrieverService(
+        args.registry, args.retriever, args.alias, catalog, args.retriever_precision
+    )
+    ranker = None
+    if args.ranker:
+        ranker = RankerService(
+            args.registry,
+            args.ranker,
+            args.alias,
+            catalog,
+            args.ranker_precision,
+            args.ranker_max_length,
+        )
+    return retriever, ranker
 
 
 class RetrieverService:
