@@ -44,7 +44,7 @@ def replica_threads(args: AppArgs) -> int:
     return max(1, math.ceil(cpus))
 
 
-def close_frontend(replica) -> None:
+def close_frontend(replica: object) -> None:
     """A replica's __del__: Serve calls it when it stops the replica (after the app's own
     shutdown, which does the same): the served-events log's buffer is written, best effort,
     counted."""
@@ -204,8 +204,8 @@ def build_app(args: dict) -> serve.Application:
     options = {}
     if parsed.max_batch_size is not None or parsed.batch_wait_timeout_s is not None:
         options["user_config"] = {
-            "max_batch_size": parsed.max_batch_size or 32,
-            "batch_wait_timeout_s": parsed.batch_wait_timeout_s or 0.005,
+            "max_batch_size": parsed.max_batch_size or BATCHING["max_batch_size"],
+            "batch_wait_timeout_s": parsed.batch_wait_timeout_s or BATCHING["batch_wait_timeout_s"],
         }
     if parsed.layout == "one":
         return Server.options(**options).bind(parsed)
