@@ -251,7 +251,7 @@ def main() -> None:
             for name, size in (("serve, batching", 32), ("serve, no batching", 1), (None, None)):
                 if size is None:
                     wait_healthy(plain_url)
-                    setup = f"plain FastAPI + torch ({plain_threads} torch threads)"
+                    setup = f"plain FastAPI + torch ({plain_threads} torch threads, BLAS 1)"
                     got = run_setup(setup, plain_url, bodies, key, cli)
                 else:
                     app_args = {**args.model_dump(), "max_batch_size": size}
@@ -259,13 +259,15 @@ def main() -> None:
                     wait_healthy(serve_url)
                     deployment = "Server" if args.layout == "one" else "Models"
                     models = serve.get_deployment_handle(deployment, app_name="shoprank")
-                    threads = models.torch_threads.remote().result()
+                    threads = models.threads_in_use.remote().result()
 
                     def counts(models=models) -> dict:
                         return models.batch_counts.remote().result()
 
                     layout = ", one deployment" if args.layout == "one" else ""
-                    setup = f"{name}{layout} ({threads} torch threads)"
+                    setup = (
+                        f"{name}{layout} ({threads['torch']} torch threads, BLAS {threads['blas']})"
+                    )
                     got = run_setup(setup, serve_url, bodies, key, cli, counts)
                 rows += [{**row, "round": r} for row in got]
             log(f"round {r + 1}/{cli.rounds} done")

@@ -143,6 +143,11 @@ def test_recommend_serves_what_offline_evaluation_ranked(
     tmp, export, targets, expected = offline
     url = _serve(tmp, export, tiny_shop, layout)
     try:
+        # numpy's BLAS on one thread: its spinning threads slowed torch's passes 2x
+        replica = serve.get_deployment_handle(
+            "Server" if layout == "one" else "Models", app_name="parity"
+        )
+        assert replica.threads_in_use.remote().result()["blas"] == 1
         version = httpx.get(url + "/version", headers={"x-api-key": KEY}).json()
         assert version["stage_one"].startswith("blend retriever 1")
         assert version["stage_one"].endswith("reordered by the fusion model")

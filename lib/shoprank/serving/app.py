@@ -58,10 +58,8 @@ class ModelReplica:
     half of the one-deployment `Server`."""
 
     def __init__(self, args: AppArgs):
-        import torch
-
         self.threads = replica_threads(args)
-        torch.set_num_threads(self.threads)
+        services.use_threads(self.threads)
         self.retriever, self.ranker = services.from_args(args)
         for service in filter(None, (self.retriever, self.ranker)):
             service.models.follow(args.poll_s)
@@ -121,8 +119,14 @@ class ModelReplica:
         """Ranker forward passes and the requests they held, since the replica started."""
         return dict(self.passes)
 
-    def torch_threads(self) -> int:
-        return self.threads
+    async def threads_in_use(self) -> dict[str, int]:
+        """torch's threads and the BLAS libraries' in this replica, read on the event loop the
+        batches run on (an OpenMP BLAS counts per thread; the bench states both)."""
+        import torch
+        from threadpoolctl import threadpool_info
+
+        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        return {"torch": torch.get_num_threads(), "blas": max(blas, default=0)}
 
 
 # CPU requests: one replica of each fits a 2-core machine (1.75 + 0.25).

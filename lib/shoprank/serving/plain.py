@@ -20,9 +20,7 @@ from shoprank.serving.schemas import AppArgs
 def create(args: AppArgs) -> FastAPI:
     import os
 
-    import torch
-
-    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
+    services.use_threads(args.torch_threads or os.cpu_count() or 1)
     retriever, ranker = services.from_args(args)
 
     async def score(*request) -> dict:

@@ -24,6 +24,18 @@ from shoprank.serving.follow import Following, RetrieverModel
 from shoprank.serving.schemas import AppArgs
 
 
+def use_threads(threads: int) -> None:
+    """torch gets `threads`, numpy's BLAS one. A request alternates short numpy work (the blend,
+    the fusion, the rules) with torch passes, and OpenBLAS's threads spin a while after each
+    call, taking the cores from torch's: on 2 cores a lone rerank of 20 pairs took 160 ms
+    instead of 85 with BLAS on 2 threads (RESULTS.md, "BLAS threads")."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(1, user_api="blas")
+
+
 def read_catalog(path: str) -> pa.Table:
     """The catalog validated as training validated it: the rows a model can know, once each."""
     fs, inner = resolve(path)
