@@ -3,7 +3,7 @@ concurrencies, Ray Serve with the ranker's batching on and off, against the same
 models in one plain FastAPI + torch process.
 
     python jobs/bench_serve.py [--config serve/config.yaml] [--duration 20] [--rounds 3]
-        [--concurrency 1 4 16 64] [--out runs/bench-serve] [key=value ...]
+        [--concurrency 1 4 16 64] [--layouts split one] [--out runs/bench-serve] [key=value ...]
 
 Both run at once and are measured in turn, every setup once a round, so that the machine's
 drift hits them alike; the report gives medians over rounds and Serve's ratios to the plain
@@ -204,6 +204,9 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="every setup measured once a round (drift)"
     )
+    parser.add_argument(
+        "--layouts", nargs="+", choices=["split", "one"], help="Serve layouts (default: the app's)"
+    )
     parser.add_argument("--out", default="runs/bench-serve")
     parser.add_argument("overrides", nargs="*", help="app arg key=value")
     cli = parser.parse_intermixed_args()
@@ -248,25 +251,30 @@ def main() -> None:
     rows: list[dict] = []
     try:
         for r in range(cli.rounds):
-            for name, size in (("serve, batching", 32), ("serve, no batching", 1), (None, None)):
+            arms = [
+                (layout, name, size)
+                for layout in cli.layouts or [args.layout]
+                for name, size in (("serve, batching", 32), ("serve, no batching", 1))
+            ]
+            for layout, name, size in [*arms, (None, None, None)]:
                 if size is None:
                     wait_healthy(plain_url)
                     setup = f"plain FastAPI + torch ({plain_threads} torch threads, BLAS 1)"
                     got = run_setup(setup, plain_url, bodies, key, cli)
                 else:
-                    app_args = {**args.model_dump(), "max_batch_size": size}
+                    app_args = {**args.model_dump(), "max_batch_size": size, "layout": layout}
                     serve.run(build_app(app_args), name="shoprank", route_prefix="/")
                     wait_healthy(serve_url)
-                    deployment = "Server" if args.layout == "one" else "Models"
+                    deployment = "Server" if layout == "one" else "Models"
                     models = serve.get_deployment_handle(deployment, app_name="shoprank")
                     threads = models.threads_in_use.remote().result()
 
                     def counts(models=models) -> dict:
                         return models.batch_counts.remote().result()
 
-                    layout = ", one deployment" if args.layout == "one" else ""
+                    where = ", one deployment" if layout == "one" else ""
                     setup = (
-                        f"{name}{layout} ({threads['torch']} torch threads, BLAS {threads['blas']})"
+                        f"{name}{where} ({threads['torch']} torch threads, BLAS {threads['blas']})"
                     )
                     got = run_setup(setup, serve_url, bodies, key, cli, counts)
                 rows += [{**row, "round": r} for row in got]
@@ -278,7 +286,7 @@ def main() -> None:
 
     # 3. Report: the median of each figure over rounds, and Serve over plain per round.
     setups = list(dict.fromkeys(r["setup"] for r in rows))
-    matched = [{"serve": s, **x} for s in setups[:2] for x in ratios(rows, s, setups[-1])]
+    matched = [{"serve": s, **x} for s in setups[:-1] for x in ratios(rows, s, setups[-1])]
     (out / "bench.json").write_text(
         json.dumps(
             {

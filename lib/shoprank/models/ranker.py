@@ -163,7 +163,13 @@ class Ranker:
     pair encoding (`data.tokenize.pair_tokens`), the same weights at the same precision.
     """
 
-    def __init__(self, model: nn.Module, tokenizer=None, max_length: int = 128, batch_size=64):
+    # Pairs a forward pass: on 2 CPU cores in bf16, passes of 64 pairs of 128 tokens ran at
+    # two thirds the pairs/s of passes of 16-32 (RESULTS.md, "BLAS threads").
+    BATCH_SIZE = 32
+
+    def __init__(
+        self, model: nn.Module, tokenizer=None, max_length: int = 128, batch_size: int = BATCH_SIZE
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.max_length, self.batch_size = max_length, batch_size
 
@@ -172,7 +178,7 @@ class Ranker:
         cls,
         directory: str,
         precision: str = "fp32",
-        batch_size: int = 64,
+        batch_size: int = BATCH_SIZE,
         max_length: int | None = None,
     ) -> Ranker:
         """`max_length`: pairs cut shorter than the export was trained with (cheaper, and its
