@@ -206,11 +206,9 @@ def build_app(args: dict) -> serve.Application:
     for name in filter(None, (parsed.retriever, parsed.ranker)):
         registry.get(name, parsed.alias)  # fail here, with the registry's message
     options = {}
-    if parsed.max_batch_size is not None or parsed.batch_wait_timeout_s is not None:
-        options["user_config"] = {
-            "max_batch_size": parsed.max_batch_size or BATCHING["max_batch_size"],
-            "batch_wait_timeout_s": parsed.batch_wait_timeout_s or BATCHING["batch_wait_timeout_s"],
-        }
+    given = {k: getattr(parsed, k) for k in BATCHING if getattr(parsed, k) is not None}
+    if given:  # (a wait of 0 is a choice, not a default)
+        options["user_config"] = BATCHING | given
     if parsed.layout == "one":
         return Server.options(**options).bind(parsed)
     return Ingress.bind(Models.options(**options).bind(parsed), parsed)
