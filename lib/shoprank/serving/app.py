@@ -21,6 +21,10 @@ one, then swaps; requests in flight finish on the model they started with.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
@@ -59,8 +63,12 @@ class ModelReplica:
 
     def __init__(self, args: AppArgs):
         self.threads = replica_threads(args)
-        services.use_threads(self.threads)
-        self.retriever, self.ranker = services.from_args(args)
+        # Every torch call of the replica runs on this one thread, which also loads the models:
+        # one pass at a time, with all the threads, while the event loop goes on with other
+        # requests' HTTP, features and rules. (A pass on another thread than the one that
+        # first ran torch was 15-25% slower: RESULTS.md, "BLAS threads".)
+        self.torch_thread = ThreadPoolExecutor(1, thread_name_prefix="torch")
+        self.retriever, self.ranker = self.torch_thread.submit(self.load, args).result()
         for service in filter(None, (self.retriever, self.ranker)):
             service.models.follow(args.poll_s)
         self.batch_requests = metrics.Histogram(
@@ -75,6 +83,13 @@ class ModelReplica:
         )
         self.passes = {"batches": 0, "requests": 0}  # the same, for jobs/bench_serve.py
 
+    def load(self, args: AppArgs) -> tuple:
+        services.use_threads(self.threads)
+        return services.from_args(args)
+
+    async def on_torch_thread(self, fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.torch_thread, fn, *args)
+
     def reconfigure(self, config: dict) -> None:
         """user_config: max_batch_size (1 = no batching) and batch_wait_timeout_s, for both."""
         size = int(config.get("max_batch_size", 32))
@@ -83,22 +98,22 @@ class ModelReplica:
             method.set_max_batch_size(size)
             method.set_batch_wait_timeout_s(wait)
 
-    # The batch methods are async and call torch directly on the replica's event loop: one
-    # forward pass at a time, each with all the threads (threads from two concurrent passes
-    # would fight over the same cores); requests arriving meanwhile form the next batch.
+    # The batch methods hand their pass to the torch thread: one forward pass at a time, each
+    # with all the threads (two concurrent passes would fight over the same cores); requests
+    # arriving meanwhile form the next batch.
     async def retrieve(self, history, query, extra, n) -> dict:
         return await self.retrieve_batch((history, query, extra, n))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def retrieve_batch(self, requests: list[tuple]) -> list[dict]:
-        return self.retriever.retrieve_many(requests)
+        return await self.on_torch_thread(self.retriever.retrieve_many, requests)
 
     async def score(self, history, context, extra, item_ids) -> dict:
         return await self.score_batch((history, context, extra, item_ids))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def score_batch(self, requests: list[tuple]) -> list[dict]:
-        out = self.ranker.score_many(requests)
+        out = await self.on_torch_thread(self.ranker.score_many, requests)
         self.batch_requests.observe(len(requests))
         self.batch_pairs.observe(sum(len(r[3]) for r in requests))
         self.passes["batches"] += 1
@@ -120,13 +135,9 @@ class ModelReplica:
         return dict(self.passes)
 
     async def threads_in_use(self) -> dict[str, int]:
-        """torch's threads and the BLAS libraries' in this replica, read on the event loop the
-        batches run on (an OpenMP BLAS counts per thread; the bench states both)."""
-        import torch
-        from threadpoolctl import threadpool_info
-
-        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
-        return {"torch": torch.get_num_threads(), "blas": max(blas, default=0)}
+        """torch's threads and the BLAS libraries', read on the torch thread (an OpenMP BLAS
+        counts per thread); the bench states both."""
+        return await self.on_torch_thread(services.threads_in_use)
 
 
 # CPU requests: one replica of each fits a 2-core machine (1.75 + 0.25).

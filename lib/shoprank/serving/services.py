@@ -36,6 +36,15 @@ def use_threads(threads: int) -> None:
     threadpool_limits(1, user_api="blas")
 
 
+def threads_in_use() -> dict[str, int]:
+    """This thread's view: torch's threads and the most any BLAS library would use."""
+    import torch
+    from threadpoolctl import threadpool_info
+
+    blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    return {"torch": torch.get_num_threads(), "blas": max(blas, default=0)}
+
+
 def read_catalog(path: str) -> pa.Table:
     """The catalog validated as training validated it: the rows a model can know, once each."""
     fs, inner = resolve(path)
