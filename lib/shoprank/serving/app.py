@@ -31,6 +31,7 @@ from ray.util import metrics
 
 from shoprank.registry import Registry
 from shoprank.serving import services
+from shoprank.serving.coalesce import Coalescer
 from shoprank.serving.frontend import Backends, Frontend, api, install, stage_two_words
 from shoprank.serving.schemas import AppArgs
 
@@ -73,7 +74,7 @@ class ModelReplica:
             service.models.follow(args.poll_s)
         self.batch_requests = metrics.Histogram(
             "shoprank_ranker_batch_requests",
-            description="Requests gathered into one ranker forward pass (@serve.batch).",
+            description="Requests gathered into one ranker forward pass.",
             boundaries=[1, 2, 4, 8, 16, 32, 64],
         )
         self.batch_pairs = metrics.Histogram(
@@ -82,6 +83,12 @@ class ModelReplica:
             boundaries=[1, 10, 50, 100, 200, 500, 1000, 2000, 5000],
         )
         self.passes = {"batches": 0, "requests": 0}  # the same, for jobs/bench_serve.py
+        self.retrieve_batch = Coalescer(self.retriever.retrieve_many, self.torch_thread)
+        if self.ranker is not None:
+            self.score_batch = Coalescer(
+                self.ranker.score_many, self.torch_thread, observe=self.count
+            )
+        self.reconfigure(BATCHING)
 
     def load(self, args: AppArgs) -> tuple:
         services.use_threads(self.threads)
@@ -92,33 +99,26 @@ class ModelReplica:
 
     def reconfigure(self, config: dict) -> None:
         """user_config: max_batch_size (1 = no batching) and batch_wait_timeout_s, for both."""
-        size = int(config.get("max_batch_size", 32))
-        wait = float(config.get("batch_wait_timeout_s", 0.005))
-        for method in (self.retrieve_batch, self.score_batch):
-            method.set_max_batch_size(size)
-            method.set_batch_wait_timeout_s(wait)
+        size = int(config.get("max_batch_size", BATCHING["max_batch_size"]))
+        wait = float(config.get("batch_wait_timeout_s", BATCHING["batch_wait_timeout_s"]))
+        for batcher in (self.retrieve_batch, getattr(self, "score_batch", None)):
+            if batcher is not None:
+                batcher.configure(size, wait)
 
-    # The batch methods hand their pass to the torch thread: one forward pass at a time, each
-    # with all the threads (two concurrent passes would fight over the same cores); requests
-    # arriving meanwhile form the next batch.
+    # Retrieval and rerank passes run on the torch thread, one at a time, each with all the
+    # threads (two concurrent passes would fight over the same cores); requests arriving
+    # meanwhile form the next pass (serving/coalesce.py).
     async def retrieve(self, history, query, extra, n) -> dict:
         return await self.retrieve_batch((history, query, extra, n))
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def retrieve_batch(self, requests: list[tuple]) -> list[dict]:
-        return await self.on_torch_thread(self.retriever.retrieve_many, requests)
 
     async def score(self, history, context, extra, item_ids) -> dict:
         return await self.score_batch((history, context, extra, item_ids))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def score_batch(self, requests: list[tuple]) -> list[dict]:
-        out = await self.on_torch_thread(self.ranker.score_many, requests)
+    def count(self, requests: list[tuple]) -> None:
         self.batch_requests.observe(len(requests))
         self.batch_pairs.observe(sum(len(r[3]) for r in requests))
         self.passes["batches"] += 1
         self.passes["requests"] += len(requests)
-        return out
 
     def describe(self) -> dict:
         weights = self.ranker.weights() if self.ranker else None
@@ -143,7 +143,8 @@ class ModelReplica:
 # CPU requests: one replica of each fits a 2-core machine (1.75 + 0.25).
 # Serve lets a replica hold 5 requests at once by default: `Models` must hold a full batch
 # (max_batch_size) or batches never grow past 5; the Ingress only awaits it.
-BATCHING = {"max_batch_size": 32, "batch_wait_timeout_s": 0.005}
+# No wait by default: a pass starts at once and batches form while the previous pass runs.
+BATCHING = {"max_batch_size": 32, "batch_wait_timeout_s": 0.0}
 Models = serve.deployment(
     name="Models",
     ray_actor_options={"num_cpus": 1.75},
