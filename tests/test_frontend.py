@@ -165,16 +165,18 @@ def test_serve_config_fits_two_cores_and_holds_a_batch():
 
     for path in ("serve/config.yaml", "serve/synthetic.yaml"):
         spec = yaml.safe_load(Path(path).read_text())["applications"][0]
+        args = AppArgs.model_validate(spec["args"])
         deployments = {d["name"]: d for d in spec["deployments"]}
-        assert set(deployments) == {"Models", "Ingress"}
+        # the deployments listed are the ones the layout builds
+        assert set(deployments) == ({"Server"} if args.layout == "one" else {"Models", "Ingress"})
         need = sum(
             d["autoscaling_config"]["min_replicas"] * d["ray_actor_options"]["num_cpus"]
             for d in deployments.values()
         )
         assert need <= 2
-        models = deployments["Models"]
+        models = deployments["Server" if args.layout == "one" else "Models"]
         assert models["max_ongoing_requests"] >= models["user_config"]["max_batch_size"]
-        assert AppArgs.model_validate(spec["args"]).torch_threads is None
+        assert args.torch_threads is None
     coded = [app.Models, app.Ingress]
     assert sum(d.ray_actor_options["num_cpus"] for d in coded) <= 2
     assert app.Models.max_ongoing_requests >= app.Models.user_config["max_batch_size"]

@@ -5,10 +5,11 @@ Two deployments, each autoscaled on its own (serve/config.yaml):
   every CPU the replica holds. A request's retrieval and rerank run one after the other, each
   on all the replica's cores (measured on 2 cores: the ranker's 20 pairs take about half the time
   on 2 threads that they take on 1, and separate replicas with a share of the cores each left
-  one idle while the other worked). `@serve.batch` gathers concurrent requests: their contexts
-  into one pass of the context tower, their (context, item) pairs into one ranker pass (sizes
-  and wait from its user_config). Stage one is the export's own (its blend, exact; `/search`:
-  the ANN index).
+  one idle while the other worked). Every pass runs on the replica's one torch thread, and
+  requests that queue during a pass go into the next one together (serving/coalesce.py):
+  their contexts into one pass of the context tower, their (context, item) pairs into one
+  ranker pass (size and wait from its user_config). Stage one is the export's own (its blend,
+  exact; `/search`: the ANN index).
 - `Ingress`: the FastAPI routes of serving/frontend.py (key check, limits, feature store,
   rules) calling `Models` through a deployment handle.
 With `layout: one` the routes run inside the model replica instead (deployment `Server`):

@@ -154,7 +154,7 @@ class AppArgs(_Body):
     # more at concurrency 16, "split" answers a lone /recommend faster (RESULTS.md, "Both
     # setups up"). serve/config.yaml names the deployments of "split"; for "one" list `Server`.
     layout: Literal["split", "one"] = "split"
-    # The Models replica's @serve.batch (None: serve/config.yaml's user_config decides);
+    # The model replica's batching (None: serve/config.yaml's user_config decides);
     # 1 = no batching.
     max_batch_size: int | None = Field(None, ge=1)
     batch_wait_timeout_s: float | None = Field(None, ge=0)
