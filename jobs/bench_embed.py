@@ -90,7 +90,14 @@ def main() -> None:
         log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in arms.items()))
 
     plain = arms["plain-padded"]
-    sub = getattr(cfg.index, "embed_sub_batch", "none (texts tokenized in a pool of their own)")
+    sub = next(
+        (
+            f"{getattr(cfg.index, k)} {k}"
+            for k in ("embed_pass_tokens", "embed_sub_batch")
+            if hasattr(cfg.index, k)
+        ),
+        "none (texts tokenized in a pool of their own)",
+    )
     below = getattr(cfg.index, "embed_in_process_below", 0)
     lines = [
         f"{len(texts)} items, {cpus} CPUs an arm (torch threads: "

@@ -146,6 +146,7 @@ class Encoder:
         self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
         self.max_length = {"context": context_max_length, "item": item_max_length}
         self.bf16, self.batch_size = bf16, batch_size
+        self.pass_tokens: int | None = None  # set: rows a pass = pass_tokens // max_length
 
     @property
     def device(self) -> torch.device:
@@ -161,8 +162,11 @@ class Encoder:
         """[N, d] unit vectors, in the given order; batches of similar length."""
         order = np.argsort([len(t) for t in texts])
         out: np.ndarray | None = None
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
+        step = self.batch_size
+        if self.pass_tokens is not None:
+            step = max(1, self.pass_tokens // (self.max_length[kind] or 512))
+        for start in range(0, len(order), step):
+            rows = order[start : start + step]
             tok = text_tokens(
                 self.tokenizer, [texts[r] for r in rows], self.max_length[kind], False
             )

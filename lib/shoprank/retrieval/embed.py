@@ -31,9 +31,9 @@ from shoprank.retrieval import index as ann
 class TextEmbedder:
     """Ray Data actor: the text column `column` -> `embedding`, the other columns kept."""
 
-    def __init__(self, spec: EncoderSpec, column: str, kind: str, bf16: bool, batch_size: int):
+    def __init__(self, spec: EncoderSpec, column: str, kind: str, bf16: bool, pass_tokens: int):
         self.encoder = spec.load(bf16)
-        self.encoder.batch_size = batch_size
+        self.encoder.pass_tokens = pass_tokens
         self.column, self.kind = column, kind
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -58,7 +58,7 @@ def embed(
             "column": column,
             "kind": kind,
             "bf16": cfg.train.bf16,
-            "batch_size": cfg.index.embed_sub_batch,
+            "pass_tokens": cfg.index.embed_pass_tokens,
         },
         batch_size=cfg.index.embed_batch_size,
         batch_format="numpy",
@@ -79,7 +79,7 @@ def embed_text_list(texts: list[str], spec: EncoderSpec, kind: str, cfg: Config)
     Ray Data batch inference (index.embed_in_process_below)."""
     if len(texts) <= cfg.index.embed_in_process_below:
         encoder = spec.load(cfg.train.bf16)
-        encoder.batch_size = cfg.index.embed_sub_batch
+        encoder.pass_tokens = cfg.index.embed_pass_tokens
         return encoder.embed(texts, kind)
     order, embs = [], []
     for batch in embed(text_rows(texts), spec, "text", kind, cfg).iter_batches(

@@ -1,6 +1,6 @@
 """The Ray Serve application: retrieve -> rerank -> business rules behind an authenticated API.
 
-Two deployments, each autoscaled on its own (serve/config.yaml):
+Two layouts. `split`: two deployments, each autoscaled on its own:
 - `Models`: the registry's production retriever and cross-encoder in one replica, torch given
   every CPU the replica holds. A request's retrieval and rerank run one after the other, each
   on all the replica's cores (measured on 2 cores: the ranker's 20 pairs take about half the time
@@ -12,8 +12,9 @@ Two deployments, each autoscaled on its own (serve/config.yaml):
   exact; `/search`: the ANN index).
 - `Ingress`: the FastAPI routes of serving/frontend.py (key check, limits, feature store,
   rules) calling `Models` through a deployment handle.
-With `layout: one` the routes run inside the model replica instead (deployment `Server`):
-one process and no handle calls, for machines too small to give the Ingress cores of its own.
+`one` (what serve/config.yaml runs): the routes inside the model replica (deployment
+`Server`): one process and no handle calls, for machines too small to give the Ingress cores
+of its own (on 2 cores it served more than the split layout and the plain process).
 Both models follow the registry: promote a version and each replica loads it beside the old
 one, then swaps; requests in flight finish on the model they started with.
 
