@@ -151,8 +151,8 @@ class AppArgs(_Body):
     # "split": the routes (Ingress) and the models (Models) in deployments of their own, each
     # scaled apart; "one": the routes inside the model replica (deployment `Server`, 2 CPUs),
     # which saves a process and two handle calls a request. Measured on 2 cores: "one" serves
-    # more at concurrency 16, "split" answers a lone /recommend faster (RESULTS.md, "Both
-    # setups up"). serve/config.yaml names the deployments of "split"; for "one" list `Server`.
+    # more and answers a lone /recommend faster (RESULTS.md, "BLAS threads"); serve/config.yaml
+    # uses it and lists `Server`; for "split" list `Models` and `Ingress`.
     layout: Literal["split", "one"] = "split"
     # The model replica's batching (None: serve/config.yaml's user_config decides);
     # 1 = no batching.
