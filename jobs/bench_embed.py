@@ -43,7 +43,7 @@ def plain_arm(spec: EncoderSpec, texts: list[str], sub_batch: int | None) -> dic
     encoder = spec.load(bf16=True)
     threads = torch.get_num_threads()
     if sub_batch is not None:
-        encoder.batch_size = sub_batch
+        encoder.pass_tokens = sub_batch * spec.item_max_length
         out = encoder.embed(texts, "item")
     else:  # the plain peer: bf16 weights, fixed-size batches padded to max_length
         model = encoder.model.to(torch.bfloat16)
@@ -90,14 +90,7 @@ def main() -> None:
         log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in arms.items()))
 
     plain = arms["plain-padded"]
-    sub = next(
-        (
-            f"{getattr(cfg.index, k)} {k}"
-            for k in ("embed_pass_tokens", "embed_sub_batch")
-            if hasattr(cfg.index, k)
-        ),
-        "none (texts tokenized in a pool of their own)",
-    )
+    sub = f"{cfg.index.embed_pass_tokens} tokens a pass"
     below = getattr(cfg.index, "embed_in_process_below", 0)
     lines = [
         f"{len(texts)} items, {cpus} CPUs an arm (torch threads: "

@@ -8,8 +8,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
 from shoprank.serving.coalesce import Coalescer
 
 
@@ -51,7 +49,8 @@ def test_requests_queued_during_a_pass_form_the_next_one():
     observed = []
 
     async def go():
-        batcher = Coalescer(model, ThreadPoolExecutor(1), max_size=8, observe=observed.append)
+        # an executor of 4 threads: only the batcher keeps passes from overlapping
+        batcher = Coalescer(model, ThreadPoolExecutor(4), max_size=8, observe=observed.append)
         first = asyncio.ensure_future(batcher(0))
         await asyncio.sleep(0.01)  # its pass is running
         return await asyncio.gather(first, *(batcher(i) for i in range(1, 20)))
@@ -110,12 +109,11 @@ def test_a_cancelled_request_leaves_its_pass_and_the_rest_answered():
     assert model.sizes == [1, 1]  # the cancelled request never reached the model
 
 
-@pytest.mark.parametrize("wait_s", [0.03])
-def test_a_wait_gathers_requests_that_arrive_soon_after(wait_s):
+def test_a_wait_gathers_requests_that_arrive_soon_after():
     model = SlowModel(0.0)
 
     async def go():
-        batcher = Coalescer(model, ThreadPoolExecutor(1), wait_s=wait_s)
+        batcher = Coalescer(model, ThreadPoolExecutor(1), wait_s=0.03)
         first = asyncio.ensure_future(batcher(1))
         await asyncio.sleep(0.005)
         return await asyncio.gather(first, batcher(2))

@@ -141,12 +141,13 @@ class Encoder:
         context_max_length: int | None = None,  # None: embeds tokens only (training's view)
         item_max_length: int | None = None,
         bf16: bool = False,
-        batch_size: int = 64,
+        pass_tokens: int = 4096,
     ):
         self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
         self.max_length = {"context": context_max_length, "item": item_max_length}
-        self.bf16, self.batch_size = bf16, batch_size
-        self.pass_tokens: int | None = None  # set: rows a pass = pass_tokens // max_length
+        # Rows a pass = pass_tokens // max_length: 64 items of 64 tokens, 32 contexts of 128
+        # (index.embed_pass_tokens; bigger and smaller passes were slower on 2 cores).
+        self.bf16, self.pass_tokens = bf16, pass_tokens
 
     @property
     def device(self) -> torch.device:
@@ -162,9 +163,7 @@ class Encoder:
         """[N, d] unit vectors, in the given order; batches of similar length."""
         order = np.argsort([len(t) for t in texts])
         out: np.ndarray | None = None
-        step = self.batch_size
-        if self.pass_tokens is not None:
-            step = max(1, self.pass_tokens // (self.max_length[kind] or 512))
+        step = max(1, self.pass_tokens // (self.max_length[kind] or 512))
         for start in range(0, len(order), step):
             rows = order[start : start + step]
             tok = text_tokens(
