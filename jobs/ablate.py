@@ -5,7 +5,8 @@
 
 For the fine-tuned retriever and for the zero-shot encoder, the system jobs/blend.py ships (blend
 weights searched on the valid users, the fusion model fitted on them) scored on the test users;
-for the fine-tuned retriever also without each signal in turn; with --ranker, the fine-tuned
+for the fine-tuned retriever also without each signal in turn and with a fusion without its
+candidate-to-history features (eval.fusion_pairs); with --ranker, the fine-tuned
 system's top eval.rerank_top reranked by the cross-encoder at the eval.rerank_mix chosen on
 valid. Writes <run>/ablation/ablation.md with a plot, and ablation.json.
 """
@@ -64,6 +65,13 @@ def main() -> None:
             label = f"{name} encoder" + (f", without {dropped}" if dropped else "")
             keep = [s for s in signals if s != dropped]
             systems[label] = ablation.fit_system(cfg, splits["valid"], splits["test"], keep)
+            log(f"{label}: test {systems[label].test}")
+        if name == "fine-tuned" and cfg.eval.fusion_top and cfg.eval.fusion_pairs:
+            label = f"{name} encoder, fusion without candidate-to-history features"
+            weights = systems[f"{name} encoder"].weights  # same signals: same search
+            systems[label] = ablation.fit_system(
+                cfg, splits["valid"], splits["test"], signals, weights, pairs=False
+            )
             log(f"{label}: test {systems[label].test}")
         if name == "fine-tuned":
             fine = splits

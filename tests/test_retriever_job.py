@@ -103,6 +103,7 @@ def test_retriever_train_embed_and_two_stage_evaluate(
     # The fusion model was fitted on the same valid users, its rounds chosen by cross-fitting.
     fused = json.loads((export / "fusion.json").read_text())
     assert fused["rounds"] in (50, 100, 200) and "history_position" in fused["features"]
+    assert {"last_similarity", "best_similarity", "covisit_last"} <= set(fused["features"])
 
     # An unchanged catalog and model are not embedded again; new index parameters only
     # rebuild the index from the stored embeddings.

@@ -241,6 +241,9 @@ class EvalConfig(Section):
     fusion_top: int = Field(100, ge=0)
     fusion_rounds: list[int] = Field([50, 100, 200], min_length=1)
     fusion_folds: int = Field(2, ge=2)
+    # Candidate-to-history features for the fusion (retrieval/fusion.py, PAIR_FEATURES): the
+    # encoder's similarity to the newest history items, co-visitation with the newest one.
+    fusion_pairs: bool = True
     # How many of them the ranker rescores (None = all N): the cost of stage two on a CPU.
     rerank_top: int | None = None
     # Stage two's order: (1 - mix) z(stage one) + mix z(ranker), one report row per mix

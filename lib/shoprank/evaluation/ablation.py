@@ -16,7 +16,7 @@ import numpy as np
 from shoprank.evaluation import metrics
 from shoprank.retrieval import blend
 from shoprank.retrieval.embed import Contexts
-from shoprank.retrieval.fusion import Fusion
+from shoprank.retrieval.fusion import Fusion, Pairs
 from shoprank.retrieval.fusion import fit_for as fit_fusion
 
 
@@ -27,6 +27,7 @@ class Signals:
     contexts: Contexts
     signals: dict[str, np.ndarray]
     rows: list[list[int]]  # each user's history as catalog rows, newest first
+    pairs: Pairs | None = None  # the fusion's candidate-to-history inputs
 
 
 def split_signals(
@@ -36,7 +37,8 @@ def split_signals(
     row = {item: j for j, item in enumerate(ids)}
     histories = [[i for i in h if i in row] for h in contexts.history_ids]
     signals = blend.signals(contexts.embedding, histories, items, ids, baselines, decay)
-    return Signals(contexts, signals, [[row[i] for i in h] for h in histories])
+    rows = [[row[i] for i in h] for h in histories]
+    return Signals(contexts, signals, rows, blend.pairs(items, baselines))
 
 
 @dataclass
@@ -48,14 +50,25 @@ class System:
     notes: dict = field(default_factory=dict)
 
 
-def fit_system(cfg, valid: Signals, test: Signals, keep: list[str]) -> System:
-    """Blend weights and fusion over the signals in `keep`, chosen on valid, scored on test."""
+def fit_system(
+    cfg,
+    valid: Signals,
+    test: Signals,
+    keep: list[str],
+    weights: dict[str, float] | None = None,
+    pairs: bool = True,
+) -> System:
+    """Blend weights and fusion over the signals in `keep`, chosen on valid, scored on test.
+
+    `weights` reuses a search already made over the same signals; `pairs=False` fits the
+    fusion without its candidate-to-history features."""
     v = {k: valid.signals[k] for k in keep}
     t = {k: test.signals[k] for k in keep}
     target_v, target_t = valid.contexts.target, test.contexts.target
-    weights, _ = blend.search_weights(
-        v, target_v, cfg.eval.blend_trials, cfg.train.metric, cfg.run.seed
-    )
+    if weights is None:
+        weights, _ = blend.search_weights(
+            v, target_v, cfg.eval.blend_trials, cfg.train.metric, cfg.run.seed
+        )
     blended_v, blended_t = blend.blend(v, weights), blend.blend(t, weights)
     ks = cfg.eval.ks
     system = System(
@@ -66,12 +79,17 @@ def fit_system(cfg, valid: Signals, test: Signals, keep: list[str]) -> System:
     )
     if not cfg.eval.fusion_top:
         return system
-    model, details = fit_fusion(cfg, v, blended_v, valid.rows, target_v)
-    fused_t = model.scores(t, blended_t, test.rows)
+    pairs_v, pairs_t = (valid.pairs, test.pairs) if pairs else (None, None)
+    model, details = fit_fusion(cfg, v, blended_v, valid.rows, target_v, pairs_v)
+    fused_t = model.scores(t, blended_t, test.rows, pairs_t)
     system.fusion = model
     system.valid["fused"] = details["cross_fitted"][f"fusion, {details['rounds']} rounds"]
     system.test["fused"] = metrics.ranking_metrics(metrics.target_ranks(fused_t, target_t), ks)
-    system.notes = {"rounds": details["rounds"], "feature_gain": details["feature_gain"]}
+    system.notes = {
+        "rounds": details["rounds"],
+        "feature_gain": details["feature_gain"],
+        "pairs": pairs,
+    }
     return system
 
 
@@ -81,4 +99,5 @@ def final_scores(system: System, split: Signals) -> np.ndarray:
     blended = blend.blend(s, system.weights)
     if system.fusion is None:
         return blended
-    return system.fusion.scores(s, blended, split.rows)
+    pairs = split.pairs if system.notes.get("pairs", True) else None
+    return system.fusion.scores(s, blended, split.rows, pairs)

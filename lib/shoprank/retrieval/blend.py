@@ -23,7 +23,7 @@ import optuna
 from shoprank.console import log
 from shoprank.evaluation import metrics
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory, history_weights
-from shoprank.retrieval.fusion import Fusion
+from shoprank.retrieval.fusion import Fusion, Pairs
 from shoprank.retrieval.fusion import fit_for as fusion_fit
 
 SIGNALS = ("retriever", "history", "covisit", "tfidf", "popularity")
@@ -74,6 +74,13 @@ def signals(
         elif isinstance(fitted, Popularity):
             out["popularity"] = np.log1p(fitted.score_catalog(len(histories)))
     return {name: standardize(s) for name, s in out.items()}
+
+
+def pairs(items: np.ndarray, baselines: dict) -> Pairs:
+    """The fusion's candidate-to-history inputs: these item vectors and the fitted
+    co-visitation counts, when the baselines have them."""
+    covisit = [b for b in baselines.values() if isinstance(b, CoVisitation)]
+    return Pairs(items, covisit[0].counts() if covisit else None)
 
 
 def blend(signals: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
@@ -162,6 +169,7 @@ def fit(run, retriever_dir: str) -> dict:
     from shoprank.evaluation.report import print_table
     from shoprank.models.retriever import EncoderSpec
     from shoprank.retrieval.embed import embed_contexts, ensure_index
+    from shoprank.retrieval.index import INDEX_DIR, read_embeddings
 
     cfg, catalog, valid, baselines = run.cfg, run.data.catalog, run.examples["valid"], run.baselines
     ensure_index(retriever_dir, catalog, cfg)
@@ -191,12 +199,21 @@ def fit(run, retriever_dir: str) -> dict:
     print_table(details["valid"], [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")])
     Fusion.remove(retriever_dir)
     if cfg.eval.fusion_top:
-        details["fusion"] = fit_fusion(cfg, signals, weights, contexts, ids, retriever_dir)
+        items = read_embeddings(Path(retriever_dir) / INDEX_DIR)[1]
+        details["fusion"] = fit_fusion(
+            cfg, signals, weights, contexts, ids, retriever_dir, pairs(items, baselines)
+        )
     return {"weights": weights, **details}
 
 
 def fit_fusion(
-    cfg, signals: dict[str, np.ndarray], weights: dict[str, float], contexts, ids: list[str], out
+    cfg,
+    signals: dict[str, np.ndarray],
+    weights: dict[str, float],
+    contexts,
+    ids: list[str],
+    out,
+    candidate_pairs: Pairs | None = None,
 ) -> dict:
     """Fit the fusion model on the users the weights were chosen on and store it beside the
     retriever (retrieval/fusion.py); prints its cross-fitted valid table."""
@@ -209,7 +226,7 @@ def fit_fusion(
     if not retrieved:
         log(f"fusion skipped: no valid user's item is in the blend's top {cfg.eval.fusion_top}")
         return {"skipped": "no held-out item among the candidates"}
-    model, details = fusion_fit(cfg, signals, blended, rows, contexts.target)
+    model, details = fusion_fit(cfg, signals, blended, rows, contexts.target, candidate_pairs)
     users = len(contexts.target)
     details["chosen_on"] = (
         f"valid, {users} users ({retrieved:.1%} with their item in the blend's top "

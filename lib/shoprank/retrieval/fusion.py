@@ -23,6 +23,7 @@ from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
+import scipy.sparse as sp
 
 from shoprank.evaluation import metrics
 
@@ -33,11 +34,74 @@ ABSENT = 1000.0
 # Signals whose order within the candidates is a feature too (ranks carry what z-scores of
 # skewed signals blur).
 _RANKED = ("retriever", "history", "covisit", "tfidf")
+# Candidate-to-history features (`Pairs`): the per-user signals sum over the whole history,
+# these look at single items of it. Each belongs to the signal it refines and goes with it.
+PAIR_FEATURES = {
+    "last_similarity": "history",  # the encoder's cosine to the newest history item
+    "best_similarity": "history",  # its highest cosine to one of the newest SIMILAR_TO items
+    "covisit_last": "covisit",  # co-visitation count with the newest history item
+}
+SIMILAR_TO = 5
+_USERS_PER_CHUNK = 512
 
 
-def feature_names(signal_names: Sequence[str]) -> list[str]:
+@dataclass
+class Pairs:
+    """What the candidate-to-history features are computed from: the encoder's unit-length
+    item vectors (catalog rows, as its index holds them) and the co-visitation counts."""
+
+    items: np.ndarray
+    covisit: sp.csr_matrix | None = None
+
+
+def pair_names(signal_names: Sequence[str], pairs: Pairs | None) -> list[str]:
+    if pairs is None:
+        return []
+    have = set(signal_names) - ({"covisit"} if pairs.covisit is None else set())
+    return [name for name, source in PAIR_FEATURES.items() if source in have]
+
+
+def feature_names(signal_names: Sequence[str], pairs: Pairs | None = None) -> list[str]:
     ranked = [f"{s}_rank" for s in _RANKED if s in signal_names]
-    return [*signal_names, *ranked, "blend", "blend_rank", "history_position", "history_length"]
+    return [
+        *signal_names,
+        *ranked,
+        "blend",
+        "blend_rank",
+        "history_position",
+        "history_length",
+        *pair_names(signal_names, pairs),
+    ]
+
+
+def pair_columns(
+    cand: np.ndarray, history_rows: Sequence[Sequence[int]], pairs: Pairs, names: list[str]
+) -> list[np.ndarray]:
+    """The `names` features of each candidate [U, N]; NaN where the user has no history."""
+    users, n = cand.shape
+    out = {name: np.full((users, n), np.nan, dtype=np.float32) for name in names}
+    newest = np.full((users, SIMILAR_TO), -1)
+    for u, rows in enumerate(history_rows):
+        head = list(rows[:SIMILAR_TO])
+        newest[u, : len(head)] = head
+    for lo in range(0, users, _USERS_PER_CHUNK):
+        hi = min(lo + _USERS_PER_CHUNK, users)
+        c, last = cand[lo:hi], newest[lo:hi, 0]
+        has = last >= 0
+        if "last_similarity" in out or "best_similarity" in out:
+            vectors = pairs.items[c]  # [chunk, N, D]
+            sims = np.einsum("und,ukd->unk", vectors, pairs.items[np.maximum(newest[lo:hi], 0)])
+            # An empty slot, or the candidate itself, is no evidence.
+            void = (newest[lo:hi, None, :] < 0) | (newest[lo:hi, None, :] == c[:, :, None])
+            if "last_similarity" in out:
+                out["last_similarity"][lo:hi][has] = sims[has, :, 0]
+            if "best_similarity" in out:
+                best = np.where(void, -np.inf, sims).max(axis=2)
+                out["best_similarity"][lo:hi] = np.where(np.isfinite(best), best, np.nan)
+        if "covisit_last" in out and has.any():
+            counts = pairs.covisit[last[has]].toarray()
+            out["covisit_last"][lo:hi][has] = np.take_along_axis(counts, c[has], axis=1)
+    return [out[name] for name in names]
 
 
 def features(
@@ -45,11 +109,13 @@ def features(
     blended: np.ndarray,
     history_rows: Sequence[Sequence[int]],
     top: int,
+    pairs: Pairs | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(candidates [U, N] best first by the blend, features [U, N, F], feature names).
 
     `signals` are the standardised [U, items] scores of `blend.signals`, `blended` their blend,
-    `history_rows` each user's catalog rows, newest first."""
+    `history_rows` each user's catalog rows, newest first; `pairs` adds the
+    candidate-to-history features of the signals present."""
     cand = metrics.top_n(blended, top)
     users, n = cand.shape
     names = sorted(signals)
@@ -70,8 +136,10 @@ def features(
     cols.append(position)
     lengths = np.array([len(h) for h in history_rows], dtype=np.float32)
     cols.append(np.broadcast_to(lengths[:, None], (users, n)))
+    if pairs is not None:
+        cols.extend(pair_columns(cand, history_rows, pairs, pair_names(names, pairs)))
     x = np.stack([np.asarray(c, dtype=np.float32) for c in cols], axis=2)
-    return cand, x, feature_names(names)
+    return cand, x, feature_names(names, pairs)
 
 
 @dataclass
@@ -85,10 +153,13 @@ class Fusion:
         signals: dict[str, np.ndarray],
         blended: np.ndarray,
         history_rows: Sequence[Sequence[int]],
+        pairs: Pairs | None = None,
     ) -> np.ndarray:
         """[U, items] scores: the blend's top N in the model's order, above the rest of the
-        catalog in the blend's order."""
-        cand, x, names = features(signals, blended, history_rows, self.top)
+        catalog in the blend's order. `pairs` is needed when the model was fitted with it."""
+        if not set(self.features) & set(PAIR_FEATURES):
+            pairs = None  # fitted without them (eval.fusion_pairs=false, or an older export)
+        cand, x, names = features(signals, blended, history_rows, self.top, pairs)
         if names != self.features:
             raise ValueError(
                 f"the fusion model was fitted on features {self.features}, but these signals "
@@ -171,12 +242,13 @@ def fit(
     metric: str = "ndcg@10",
     leaves: int = 15,
     learning_rate: float = 0.05,
+    pairs: Pairs | None = None,
 ) -> tuple[Fusion, dict]:
     """Choose the rounds by `folds`-fold cross-fitting on these users, then fit on all of them.
 
     Returns the model and what to record: the cross-fitted metrics of every round count and
     of the blend over the same users."""
-    cand, x, names = features(signals, blended, history_rows, top)
+    cand, x, names = features(signals, blended, history_rows, top, pairs)
     y = cand == np.asarray(target)[:, None]
     blend_ranks = metrics.target_ranks(blended, target)
     params = _params(leaves, learning_rate, threads, seed)
@@ -204,9 +276,15 @@ def fit(
 
 
 def fit_for(
-    cfg, signals: dict[str, np.ndarray], blended: np.ndarray, history_rows, target: np.ndarray
+    cfg,
+    signals: dict[str, np.ndarray],
+    blended: np.ndarray,
+    history_rows,
+    target: np.ndarray,
+    pairs: Pairs | None = None,
 ) -> tuple[Fusion, dict]:
-    """`fit` with the eval section's choices (fusion_top, fusion_rounds, fusion_folds)."""
+    """`fit` with the eval section's choices (fusion_top, fusion_rounds, fusion_folds,
+    fusion_pairs)."""
     return fit(
         signals,
         blended,
@@ -219,4 +297,5 @@ def fit_for(
         seed=cfg.run.seed,
         ks=cfg.eval.ks,
         metric=cfg.train.metric,
+        pairs=pairs if cfg.eval.fusion_pairs else None,
     )

@@ -1,8 +1,10 @@
-"""Hard negatives for training: items a previous retriever ranks high that the user did not buy.
+"""Hard negatives for training: items stage one ranks high that the user did not buy.
 
 A ranker trained only on random negatives learns to tell a microscope from a glove; stage two
 must tell apart the items stage one already found similar, so its training groups get some of
-those (Ray Data: embed the training contexts, then an actor samples from the index's results).
+those (Ray Data: embed the training contexts, then an actor samples from stage one's results).
+Stage one is the retriever export's own (`StageOne`: its blend and fusion when it has them,
+else the retriever alone), so the ranker trains on the distribution it will rerank.
 """
 
 from __future__ import annotations
@@ -17,37 +19,49 @@ import ray
 from shoprank.config import Config
 from shoprank.data.text import render_items
 from shoprank.data.tokenize import list_column
+from shoprank.evaluation.metrics import top_n
 from shoprank.models.retriever import EncoderSpec
 from shoprank.retrieval import index as ann
 from shoprank.retrieval.embed import embed, index_fingerprint
+from shoprank.retrieval.stage_one import StageOne
 
 
 class HardNegativeSampler:
-    """Ray Data actor: add `n` hard negatives to each training group from the index's results.
+    """Ray Data actor: add `n` hard negatives to each training group from stage one's results.
 
-    Negatives are drawn from ranks [lo, hi) of the previous retriever's results, skipping the
-    positive and the user's history: the very top is left out because, in a shop, the items
-    ranked just above the one bought are often ones the user would have liked as well.
+    Negatives are drawn from ranks [lo, hi) of the retriever export's stage one, skipping the
+    positive and the user's history: leaving out the very top (lo > 0) keeps items the user
+    might well have liked as much as the one bought out of the negatives.
     """
 
-    def __init__(self, index_dir: str, texts: list[str], n: int, ranks: tuple[int, int], seed: int):
-        self.index = ann.ItemIndex.load(index_dir)
-        self.rows = {item: i for i, item in enumerate(self.index.item_ids)}
+    def __init__(
+        self,
+        retriever_dir: str,
+        catalog: pa.Table,
+        texts: list[str],
+        n: int,
+        ranks: tuple[int, int],
+        seed: int,
+    ):
+        self.stage = StageOne.from_export(retriever_dir, catalog)
+        self.item_ids = self.stage.item_ids
+        self.rows = {item: i for i, item in enumerate(self.item_ids)}
         self.texts, self.n, self.ranks, self.seed = texts, n, ranks, seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         lo, hi = self.ranks
-        _, found = self.index.search(batch["embedding"], hi)
+        histories = [list(h) for h in batch["history_ids"]]
+        found = top_n(self.stage.scores(batch["embedding"], histories), hi)
         ids, texts, labels = [], [], []
         for i, row in enumerate(found):
             group = [*batch["history_ids"][i], *batch["item_ids"][i]]
             skip = {self.rows[x] for x in group if x in self.rows}
-            pool = [int(r) for r in row[lo:] if r >= 0 and int(r) not in skip]
+            pool = [int(r) for r in row[lo:] if int(r) not in skip]
             if len(pool) < self.n:  # a tiny catalog: fall back to any other item
                 pool = [r for r in range(len(self.texts)) if r not in skip]
             rng = np.random.default_rng([self.seed, zlib.crc32(str(batch["context"][i]).encode())])
             picked = rng.choice(pool, size=self.n, replace=False).tolist()
-            ids.append([*batch["item_ids"][i], *(self.index.item_ids[r] for r in picked)])
+            ids.append([*batch["item_ids"][i], *(self.item_ids[r] for r in picked)])
             texts.append([*batch["item_texts"][i], *(self.texts[r] for r in picked)])
             labels.append([*batch["labels"][i], *([0.0] * self.n)])
         return {
@@ -90,7 +104,8 @@ def mine_hard_negatives(
     return contexts.map_batches(
         HardNegativeSampler,
         fn_constructor_kwargs={
-            "index_dir": str(index_dir),
+            "retriever_dir": str(source),
+            "catalog": catalog,
             "texts": render_items(catalog, cfg.data.item_template),
             "n": cfg.data.hard_negatives,
             "ranks": tuple(cfg.data.hard_negative_ranks),

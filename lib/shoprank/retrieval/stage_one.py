@@ -147,7 +147,8 @@ class StageOne:
         out = {"blend": blend.blend(signals, self.weights)}
         if self.fusion is not None:
             rows = [[self._row[i] for i in h] for h in histories]
-            out["fused"] = self.fusion.scores(signals, out["blend"], rows)
+            pairs = blend.pairs(self.items, self.baselines)
+            out["fused"] = self.fusion.scores(signals, out["blend"], rows, pairs)
         return out
 
 
