@@ -80,3 +80,16 @@ def test_differences_name_what_a_run_changed():
     assert changed["train.lr"] == 5e-5 and changed["data.history_len"] == 3
     assert "train.zero_stage" not in changed  # the default, not a change
     assert differences(Config()) == {}
+
+
+def test_a_local_model_folder_is_made_absolute(tmp_path, monkeypatch) -> None:
+    """Ray Train workers do not run in the driver's directory: a relative export path must
+    reach them absolute, while hub ids and the bundled alias pass unchanged."""
+    from shoprank.config import Config
+
+    (tmp_path / "runs" / "ranker" / "export").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = Config.model_validate({"model": {"name": "runs/ranker/export"}})
+    assert cfg.model.name == str(tmp_path / "runs" / "ranker" / "export")
+    for name in ("minilm", "sentence-transformers/all-MiniLM-L6-v2"):
+        assert Config.model_validate({"model": {"name": name}}).model.name == name

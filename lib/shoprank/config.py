@@ -105,6 +105,14 @@ class ModelConfig(Section):
     attn_implementation: str | None = "eager"
     dropout: float | None = 0.0
 
+    @field_validator("name")
+    @classmethod
+    def _absolute_when_local(cls, name: str) -> str:
+        """A local folder (e.g. an export to start from) made absolute: Ray Train workers run
+        in their own directory, where a relative path would be read as a hub id."""
+        path = Path(name)
+        return str(path.resolve()) if not path.is_absolute() and path.is_dir() else name
+
 
 class LoraConfig(Section):
     enabled: bool = True
