@@ -3,10 +3,11 @@
     python jobs/ablate.py --config configs/amazon-retriever.yaml --retriever DIR [--ranker DIR]
         [data.val_users=null data.test_users=null] [eval.blend_trials=30]
 
-For the fine-tuned retriever and for the zero-shot encoder, the system jobs/blend.py ships (blend
-weights searched on the valid users, the fusion model fitted on them) scored on the test users;
-for the fine-tuned retriever also without each signal in turn and with a fusion without its
-candidate-to-history features (eval.fusion_pairs); with --ranker, the fine-tuned
+For the fine-tuned retriever and for the zero-shot encoder, the procedure jobs/blend.py runs
+(blend weights searched on the valid users, the fusion model fitted on them) scored on the test
+users, with every signal and without each in turn, and the set with the best valid figure marked
+(eval.signal_selection: what jobs/blend.py ships); for the fine-tuned retriever also a fusion
+without its candidate-to-history features (eval.fusion_pairs); with --ranker, the shipped fine-tuned
 system's top eval.rerank_top reranked by the cross-encoder at the eval.rerank_mix chosen on
 valid. Writes <run>/ablation/ablation.md with a plot, and ablation.json.
 """
@@ -50,6 +51,7 @@ def main() -> None:
     # 2. Each system fitted on valid, scored on test.
     systems: dict[str, ablation.System] = {}
     fine: dict[str, ablation.Signals] = {}
+    shipped = {name: f"{name} encoder" for name in encoders}
     for name, (spec, items) in encoders.items():
         if items is None:
             items, _ = embed_catalog(catalog, spec, cfg)
@@ -60,12 +62,18 @@ def main() -> None:
                 contexts, items, ids, baselines, cfg.eval.history_decay
             )
         signals = list(splits["valid"].signals)
-        variants = [None, *signals] if name == "fine-tuned" else [None]
+        selecting = cfg.eval.signal_selection and len(signals) > 2
+        variants = [None, *signals] if name == "fine-tuned" or selecting else [None]
         for dropped in variants:
             label = f"{name} encoder" + (f", without {dropped}" if dropped else "")
             keep = [s for s in signals if s != dropped]
             systems[label] = ablation.fit_system(cfg, splits["valid"], splits["test"], keep)
             log(f"{label}: test {systems[label].test}")
+        if selecting:  # what jobs/blend.py ships: the signal set with the best valid figure
+            tried = [f"{name} encoder" + (f", without {d}" if d else "") for d in variants]
+            best = max(tried, key=lambda label: ablation.valid_value(systems[label], cfg))
+            shipped[name] = best
+            log(f"{name} encoder: {best!r} chosen on valid")
         if name == "fine-tuned" and cfg.eval.fusion_top and cfg.eval.fusion_pairs:
             label = f"{name} encoder, fusion without candidate-to-history features"
             weights = systems[f"{name} encoder"].weights  # same signals: same search
@@ -78,9 +86,14 @@ def main() -> None:
 
     # 3. The ranker on the fine-tuned system: mix chosen on valid, applied to test.
     rows = {f"{label}: {stage}": m for label, s in systems.items() for stage, m in s.test.items()}
+    for name, label in shipped.items():
+        stage = "fused" if "fused" in systems[label].test else "blend"
+        rows[f"{name} encoder, signals chosen on valid ({label}): {stage}"] = systems[label].test[
+            stage
+        ]
     chosen = None
     if args.ranker:
-        full = systems["fine-tuned encoder"]
+        full = systems[shipped["fine-tuned"]]
         reranked = {}
         for split, data in fine.items():
             scores = ablation.final_scores(full, data)

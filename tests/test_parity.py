@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -33,6 +34,7 @@ def offline(ray_local, tmp_path_factory, tiny_shop, tiny_model_dir):
     from shoprank.models.retriever import EncoderSpec
     from shoprank.retrieval import blend
     from shoprank.retrieval.embed import embed_contexts
+    from shoprank.retrieval.index import INDEX_DIR, read_embeddings
     from shoprank.retrieval.stage_one import for_evaluation, save_signals
     from shoprank.run import Run
 
@@ -61,7 +63,11 @@ def offline(ray_local, tmp_path_factory, tiny_shop, tiny_model_dir):
     # A fusion model on top, so that the parity covers the whole stage one (fitted on these
     # users for want of others: parity is about serving what was evaluated, not quality).
     signals = blend.signals_for(cfg, catalog, contexts, run.baselines, str(export))
-    found = blend.fit_fusion(cfg, signals, WEIGHTS, contexts, ids, export)
+    items = read_embeddings(Path(export) / INDEX_DIR)[1]
+    found = blend.fit_fusion(
+        cfg, signals, WEIGHTS, contexts, ids, export, blend.pairs(items, run.baselines)
+    )
+    assert "best_similarity" in found["feature_gain"]  # the candidate-to-history features too
     assert "rounds" in found, found
     stage = for_evaluation(export, catalog, run.baselines, cfg.eval.history_decay)
     assert stage.fusion is not None

@@ -96,14 +96,29 @@ def test_retriever_train_embed_and_two_stage_evaluate(
     # The blend weights were chosen on valid right after training and stored in the export;
     # the search starts from the retriever alone, so it never ends below it.
     found = json.loads((export / "blend.json").read_text())
-    assert found["weights"]["retriever"] == 1.0 and len(found["trials"]) == 8
-    assert set(found["weights"]) == {"retriever", "history", "covisit", "tfidf", "popularity"}
-    assert found["valid"]["blend"]["ndcg@10"] >= found["valid"]["retriever"]["ndcg@10"]
+    assert len(found["trials"]) == 8
+    # Every signal set tried (all five, then without each in turn); the best on valid kept.
+    sets = found["signal_sets"]
+    assert len(sets) == 6 and set(sets[0]["signals"]) == {
+        "retriever",
+        "history",
+        "covisit",
+        "tfidf",
+        "popularity",
+    }
+    kept = max(sets, key=lambda t: t["value"])
+    assert set(found["weights"]) == set(kept["signals"])
+    if "retriever" in found["weights"]:  # the search's anchor: it starts from it alone
+        assert found["valid"]["blend"]["ndcg@10"] >= found["valid"]["retriever"]["ndcg@10"]
     assert "Blended stage one" in md and "Fused stage one" in md
     # The fusion model was fitted on the same valid users, its rounds chosen by cross-fitting.
     fused = json.loads((export / "fusion.json").read_text())
     assert fused["rounds"] in (50, 100, 200) and "history_position" in fused["features"]
-    assert {"last_similarity", "best_similarity", "covisit_last"} <= set(fused["features"])
+    # Its candidate-to-history features come with the signals they refine.
+    pair_features = {"last_similarity": "history", "best_similarity": "history"}
+    pair_features["covisit_last"] = "covisit"
+    expected = {f for f, source in pair_features.items() if source in found["weights"]}
+    assert expected and expected == set(fused["features"]) & set(pair_features)
 
     # An unchanged catalog and model are not embedded again; new index parameters only
     # rebuild the index from the stored embeddings.
@@ -177,4 +192,12 @@ def test_retriever_train_embed_and_two_stage_evaluate(
     } <= set(rows)
     assert f"fine-tuned encoder: fused + ranker (mix {found['ranker_mix']:g})" in rows
     assert "retriever" not in found["weights"]["fine-tuned encoder, without retriever"]
+    # The fusion without its candidate-to-history features: same blend, no pair features.
+    shipped = [r for r in rows if r.startswith("fine-tuned encoder, signals chosen on valid")]
+    assert len(shipped) == 1
+    bare = "fine-tuned encoder, fusion without candidate-to-history features"
+    assert f"{bare}: fused" in rows
+    assert found["weights"][bare] == found["weights"]["fine-tuned encoder"]
+    assert "best_similarity" not in found["fusion"][bare]["feature_gain"]
+    assert "best_similarity" in found["fusion"]["fine-tuned encoder"]["feature_gain"]
     assert (out / "ablation" / "ablation.png").read_bytes()[:4] == b"\x89PNG"

@@ -252,6 +252,9 @@ class EvalConfig(Section):
     # Candidate-to-history features for the fusion (retrieval/fusion.py, PAIR_FEATURES): the
     # encoder's similarity to the newest history items, co-visitation with the newest one.
     fusion_pairs: bool = True
+    # Also fit the blend (and fusion) without each signal in turn and keep the signal set with
+    # the best valid figure: one signal can add more noise than information (RESULTS.md).
+    signal_selection: bool = True
     # How many of them the ranker rescores (None = all N): the cost of stage two on a CPU.
     rerank_top: int | None = None
     # Stage two's order: (1 - mix) z(stage one) + mix z(ranker), one report row per mix

@@ -93,6 +93,12 @@ def fit_system(
     return system
 
 
+def valid_value(system: System, cfg) -> float:
+    """The system's valid figure of `train.metric`: the fusion's cross-fitted one when it has
+    a fusion, else the blend's (on the users its weights were chosen on)."""
+    return system.valid.get("fused", system.valid["blend"])[cfg.train.metric]
+
+
 def final_scores(system: System, split: Signals) -> np.ndarray:
     """The system's stage-one scores [users, items] for a split's users."""
     s = {k: split.signals[k] for k in system.weights}

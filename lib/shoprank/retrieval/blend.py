@@ -165,11 +165,14 @@ def signals_for(
 
 def fit(run, retriever_dir: str) -> dict:
     """Search the blend weights on the valid users (every one unless `data.val_users` caps
-    them) and store them beside the retriever; prints the valid table."""
+    them), fit the fusion on them, and store both beside the retriever; prints the valid
+    tables. With `eval.signal_selection` the blend without each signal in turn is tried too,
+    and the signal set with the best valid figure (the fusion's cross-fitted one) is kept."""
     from shoprank.evaluation.report import print_table
     from shoprank.models.retriever import EncoderSpec
     from shoprank.retrieval.embed import embed_contexts, ensure_index
     from shoprank.retrieval.index import INDEX_DIR, read_embeddings
+    from shoprank.retrieval.stage_one import save_signals
 
     cfg, catalog, valid, baselines = run.cfg, run.data.catalog, run.examples["valid"], run.baselines
     ensure_index(retriever_dir, catalog, cfg)
@@ -180,30 +183,83 @@ def fit(run, retriever_dir: str) -> dict:
         name: metrics.ranking_metrics(metrics.target_ranks(s, contexts.target), cfg.eval.ks)
         for name, s in signals.items()
     }
-    weights, trials = search_weights(
-        signals, contexts.target, cfg.eval.blend_trials, cfg.train.metric, cfg.run.seed
-    )
-    best = metrics.target_ranks(blend(signals, weights), contexts.target)
+    candidate_pairs = pairs(read_embeddings(Path(retriever_dir) / INDEX_DIR)[1], baselines)
+    sets = [list(signals)]
+    if cfg.eval.signal_selection and len(signals) > 2:
+        sets += [[n for n in signals if n != dropped] for dropped in signals]
+    tried = [_fit_set(cfg, signals, keep, contexts, ids, candidate_pairs) for keep in sets]
+    chosen = max(tried, key=lambda t: t["value"])  # the first (every signal) wins ties
+    if len(tried) > 1:
+        log(f"signal sets tried on valid ({cfg.train.metric}, fusion cross-fitted):")
+        for t in tried:
+            mark = "  <- kept" if t is chosen else ""
+            log(f"  {', '.join(t['signals'])}: {t['value']:.4f}{mark}")
+    weights = chosen["weights"]
+    best = metrics.target_ranks(blend({k: signals[k] for k in weights}, weights), contexts.target)
     details = {
         "chosen_on": f"valid, {len(contexts.target)} users, {cfg.eval.blend_trials} Optuna trials",
         "metric": cfg.train.metric,
         "valid": {"blend": metrics.ranking_metrics(best, cfg.eval.ks), **alone},
-        "trials": trials,
+        "trials": chosen["trials"],
+        "signal_sets": [{k: t[k] for k in ("signals", "value")} for t in tried],
     }
     save(retriever_dir, weights, details)
-    from shoprank.retrieval.stage_one import save_signals
-
     fitted_on = f"the training groups of {cfg.data.events} (run {cfg.run.name})"
     save_signals(retriever_dir, baselines, cfg.eval.history_decay, fitted_on)
     log(f"blend weights (chosen on {details['chosen_on']}): {weights}")
     print_table(details["valid"], [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")])
     Fusion.remove(retriever_dir)
-    if cfg.eval.fusion_top:
-        items = read_embeddings(Path(retriever_dir) / INDEX_DIR)[1]
-        details["fusion"] = fit_fusion(
-            cfg, signals, weights, contexts, ids, retriever_dir, pairs(items, baselines)
-        )
+    if chosen["fusion"] is not None:
+        model, fused = chosen["fusion"]
+        model.save(retriever_dir, fused)
+        log(f"fusion: {fused['rounds']} rounds, chosen on {fused['chosen_on']}:")
+        columns = [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")]
+        print_table(fused["cross_fitted"], columns)
+        details["fusion"] = fused
+    elif "skipped" in chosen:
+        details["fusion"] = {"skipped": chosen["skipped"]}
     return {"weights": weights, **details}
+
+
+def _fit_set(cfg, signals, keep: list[str], contexts, ids: list[str], candidate_pairs) -> dict:
+    """Blend weights and fusion over the signals in `keep`, and their valid figure."""
+    sub = {k: signals[k] for k in keep}
+    weights, trials = search_weights(
+        sub, contexts.target, cfg.eval.blend_trials, cfg.train.metric, cfg.run.seed
+    )
+    k = int(cfg.train.metric.split("@")[1])
+    ranks = metrics.target_ranks(blend(sub, weights), contexts.target)
+    out = {
+        "signals": keep,
+        "weights": weights,
+        "trials": trials,
+        "fusion": None,
+        "value": metrics.ranking_metrics(ranks, [k])[cfg.train.metric],
+    }
+    if not cfg.eval.fusion_top:
+        return out
+    model, details = _fusion(cfg, sub, weights, contexts, ids, candidate_pairs)
+    if model is None:
+        return out | details
+    fused = details["cross_fitted"][f"fusion, {details['rounds']} rounds"][cfg.train.metric]
+    return out | {"fusion": (model, details), "value": fused}
+
+
+def _fusion(cfg, signals, weights, contexts, ids, candidate_pairs) -> tuple[Fusion | None, dict]:
+    """The fusion model over the blend of `signals`, fitted on these users, and its record."""
+    row = {item: j for j, item in enumerate(ids)}
+    rows = [[row[i] for i in h if i in row] for h in contexts.history_ids]
+    blended = blend(signals, weights)
+    retrieved = np.mean(metrics.target_ranks(blended, contexts.target) < cfg.eval.fusion_top)
+    if not retrieved:
+        log(f"fusion skipped: no valid user's item is in the blend's top {cfg.eval.fusion_top}")
+        return None, {"skipped": "no held-out item among the candidates"}
+    model, details = fusion_fit(cfg, signals, blended, rows, contexts.target, candidate_pairs)
+    details["chosen_on"] = (
+        f"valid, {len(contexts.target)} users ({retrieved:.1%} with their item in the blend's "
+        f"top {cfg.eval.fusion_top}), {cfg.eval.fusion_folds}-fold cross-fitted"
+    )
+    return model, details
 
 
 def fit_fusion(
@@ -215,25 +271,9 @@ def fit_fusion(
     out,
     candidate_pairs: Pairs | None = None,
 ) -> dict:
-    """Fit the fusion model on the users the weights were chosen on and store it beside the
-    retriever (retrieval/fusion.py); prints its cross-fitted valid table."""
-    from shoprank.evaluation.report import print_table
-
-    row = {item: j for j, item in enumerate(ids)}
-    rows = [[row[i] for i in h if i in row] for h in contexts.history_ids]
-    blended = blend(signals, weights)
-    retrieved = np.mean(metrics.target_ranks(blended, contexts.target) < cfg.eval.fusion_top)
-    if not retrieved:
-        log(f"fusion skipped: no valid user's item is in the blend's top {cfg.eval.fusion_top}")
-        return {"skipped": "no held-out item among the candidates"}
-    model, details = fusion_fit(cfg, signals, blended, rows, contexts.target, candidate_pairs)
-    users = len(contexts.target)
-    details["chosen_on"] = (
-        f"valid, {users} users ({retrieved:.1%} with their item in the blend's top "
-        f"{cfg.eval.fusion_top}), {cfg.eval.fusion_folds}-fold cross-fitted"
-    )
-    model.save(out, details)
-    log(f"fusion: {details['rounds']} rounds, chosen on {details['chosen_on']}:")
-    columns = [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")]
-    print_table(details["cross_fitted"], columns)
+    """Fit the fusion model for these blend weights on these users and store it beside the
+    retriever (retrieval/fusion.py); returns its record."""
+    model, details = _fusion(cfg, signals, weights, contexts, ids, candidate_pairs)
+    if model is not None:
+        model.save(out, details)
     return details

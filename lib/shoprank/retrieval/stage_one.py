@@ -144,6 +144,8 @@ class StageOne:
         signals = blend.signals(
             contexts, histories, self.items, self.item_ids, self.baselines, self.decay
         )
+        # A signal the blend was chosen without is no input of the fusion either.
+        signals = {k: v for k, v in signals.items() if k in self.weights}
         out = {"blend": blend.blend(signals, self.weights)}
         if self.fusion is not None:
             rows = [[self._row[i] for i in h] for h in histories]
