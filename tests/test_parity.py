@@ -71,6 +71,12 @@ def offline(ray_local, tmp_path_factory, tiny_shop, tiny_model_dir):
     assert "rounds" in found, found
     stage = for_evaluation(export, catalog, run.baselines, cfg.eval.history_decay)
     assert stage.fusion is not None
+    # Other blend weights (eval.blend_weights): the fusion, fitted on the stored blend, is not
+    # used, and only the signals those weights name are built.
+    other = for_evaluation(
+        export, catalog, run.baselines, cfg.eval.history_decay, {"retriever": 1.0, "tfidf": 1.0}
+    )
+    assert other.fusion is None and set(other.baselines) == {"tfidf"}
     scores = stage.scores(contexts.embedding, contexts.history_ids)
     assert not np.allclose(
         scores, stage.stage_scores(contexts.embedding, contexts.history_ids)["blend"]

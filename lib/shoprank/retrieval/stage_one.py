@@ -82,15 +82,19 @@ class StageOne:
         self.fusion = fusion
         # Built once: scores() runs on the request path.
         self._row = {item: j for j, item in enumerate(item_ids)}
+        self._pairs = blend.pairs(items, baselines)
 
     @property
     def blended(self) -> bool:
         return bool(self.weights)
 
     @classmethod
-    def from_export(cls, retriever_dir: str | Path, catalog: pa.Table) -> StageOne:
+    def from_export(
+        cls, retriever_dir: str | Path, catalog: pa.Table, weights: dict | None = None
+    ) -> StageOne:
         """The stage one of an export, for `catalog`: every item its index holds must be in the
-        catalog (items added since are served once the catalog is embedded again)."""
+        catalog (items added since are served once the catalog is embedded again). `weights`
+        replace its blend's, and then its fusion (fitted on that blend) is not used."""
         meta = read_export(retriever_dir, kind="retriever")
         ids, items = read_embeddings(Path(retriever_dir) / INDEX_DIR)
         served = {item: r for r, item in enumerate(catalog["item_id"].to_pylist())}
@@ -101,7 +105,8 @@ class StageOne:
                 f"the catalog given here lacks (e.g. {missing[0]!r}): embed this catalog with "
                 f"jobs/embed.py --model {retriever_dir}"
             )
-        weights = blend.load(retriever_dir)
+        fusion = None if weights else Fusion.load(retriever_dir)
+        weights = dict(weights) if weights else blend.load(retriever_dir)
         if not weights:
             return cls(ids, items, None, {}, 0.0)
         folder = Path(retriever_dir) / SIGNALS_DIR
@@ -114,17 +119,20 @@ class StageOne:
         if info.get("item_ids_sha256", catalog_digest(ids)) != catalog_digest(ids):
             raise StageOneError(f"{folder} was fitted on another catalog than {INDEX_DIR}/")
         decay = info["decay"]
-        texts = render_items(catalog.take([served[i] for i in ids]), meta.data.item_template)
-        baselines: dict = {"tfidf": TfidfHistory(decay).fit(ids, texts)}
-        if (folder / "popularity.npy").exists():
+        # Only the signals the blend was chosen with are computed, at start-up and per request.
+        baselines: dict = {}
+        if "tfidf" in weights:
+            texts = render_items(catalog.take([served[i] for i in ids]), meta.data.item_template)
+            baselines["tfidf"] = TfidfHistory(decay).fit(ids, texts)
+        if "popularity" in weights and (folder / "popularity.npy").exists():
             baselines["popularity"] = Popularity.from_counts(
                 ids, np.load(folder / "popularity.npy")
             )
-        if (folder / "covisit.npz").exists():
+        if "covisit" in weights and (folder / "covisit.npz").exists():
             baselines["co-visitation"] = CoVisitation.from_counts(
                 ids, sp.load_npz(folder / "covisit.npz"), info["covisit_window"], decay
             )
-        return cls(ids, items, weights, baselines, decay, Fusion.load(retriever_dir))
+        return cls(ids, items, weights, baselines, decay, fusion)
 
     def scores(self, contexts: np.ndarray, histories: Sequence[Sequence[str]]) -> np.ndarray:
         """[users, items] scores; `contexts` are the retriever's context vectors, `histories`
@@ -149,8 +157,7 @@ class StageOne:
         out = {"blend": blend.blend(signals, self.weights)}
         if self.fusion is not None:
             rows = [[self._row[i] for i in h] for h in histories]
-            pairs = blend.pairs(self.items, self.baselines)
-            out["fused"] = self.fusion.scores(signals, out["blend"], rows, pairs)
+            out["fused"] = self.fusion.scores(signals, out["blend"], rows, self._pairs)
         return out
 
 
@@ -161,13 +168,9 @@ def for_evaluation(
     the Serve app serves), `weights` (eval.blend_weights) overriding its blend. An export from
     before signals were saved gets the run's baselines, fitted the same way."""
     if (Path(retriever_dir) / SIGNALS_DIR / "signals.json").exists():
-        stage = StageOne.from_export(retriever_dir, catalog)
-    else:
-        ids, items = read_embeddings(Path(retriever_dir) / INDEX_DIR)
-        if ids != catalog["item_id"].to_pylist():
-            raise StageOneError(f"{retriever_dir}/{INDEX_DIR} does not cover this catalog")
-        stage = StageOne(ids, items, blend.load(retriever_dir), baselines, decay)
-    if weights:
-        stage.weights = dict(weights)
-        stage.fusion = None  # fitted on the stored blend: other weights give it other inputs
-    return stage
+        return StageOne.from_export(retriever_dir, catalog, weights)
+    ids, items = read_embeddings(Path(retriever_dir) / INDEX_DIR)
+    if ids != catalog["item_id"].to_pylist():
+        raise StageOneError(f"{retriever_dir}/{INDEX_DIR} does not cover this catalog")
+    chosen = dict(weights) if weights else blend.load(retriever_dir)
+    return StageOne(ids, items, chosen, baselines, decay)
