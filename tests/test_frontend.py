@@ -40,11 +40,15 @@ def test_feature_store_newest_first_positive_only_and_refresh(tmp_path):
     known = pa.array(["a", "b", "c", "d", "z"])
     store = ParquetFeatureStore(str(events), known, max_history=2, refresh_s=None)
     assert store.history("u1") == ["d", "b"]  # newest first, impressions ignored, capped at 2
+    funnel = [("u4", "a", 1, "click"), ("u4", "b", 2, "click"), ("u4", "a", 3, "add_to_cart")]
+    _events(events, funnel + [("u4", "a", 4, "purchase")])
+    store.refresh()
+    assert store.history("u4") == ["b", "a"]  # a's cart and purchase: a once, at its click
     assert store.history("nobody") is None
     assert store.popular(1) == ["a"]  # bought twice
     _events(events, [("u3", "z", 1, "purchase")])
     store.refresh()
-    assert store.history("u3") == ["z"] and store.history("u1") is None
+    assert store.history("u3") == ["z"] and store.history("u4") is None
     assert store.info()["users"] == 1
 
 

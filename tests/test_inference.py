@@ -26,6 +26,11 @@ def test_render_context_drops_unknown_items_before_taking_the_newest():
     assert render_context(["x", "a", "b", "c"], TEXTS, data) == "red mug | " + TEXTS["b"]
     assert render_context(["a"], TEXTS, data, extra="mobile") == "red mug | mobile"
     assert render_context([], TEXTS, data) == ""
+    # A purchase and a cart after a click (newest first: a, a, c, a): a is read once, where it
+    # first came, as training examples hold it; repeat_positives="all" reads every repeat.
+    assert render_context(["a", "a", "c", "a"], TEXTS, data) == "tea | red mug"
+    every = DataConfig(history_len=2, repeat_positives="all")
+    assert render_context(["a", "a", "c", "a"], TEXTS, every) == "red mug | red mug"
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,29 @@ def test_shown_not_clicked_items_become_negatives():
     assert above[0] == "I1" and not set(above[1:]) & {"I0", "I2", "I3", "I4", "I5", "I7"}
 
 
+def test_a_funnel_after_a_click_is_one_positive_unless_asked_otherwise():
+    """Click, cart and purchase of one item: with repeat_positives="first" (the default) the
+    item is one positive and one history entry; "all" predicts the cart from the click."""
+    catalog = pa.table({"item_id": [f"I{i}" for i in range(50)], "title": ["t"] * 50})
+    rows = [_event("I0", "click", sec=1), _event("I1", "click", sec=2)]
+    rows += [_event("I1", "add_to_cart", sec=3), _event("I1", "purchase", sec=4)]
+    rows += [_event("I2", "click", sec=5)]
+    events = pa.Table.from_pylist(rows)
+
+    def groups(repeats: str) -> list[tuple[str, list[str]]]:
+        cfg = DataConfig(negatives=2, repeat_positives=repeats, item_template="{title}")
+        built = ExampleBuilder(catalog, cfg, seed=0)(events).to_pylist()
+        return [(g["item_ids"][0], g["history_ids"]) for g in built]
+
+    assert groups("first") == [("I1", ["I0"]), ("I2", ["I1", "I0"])]
+    assert groups("all") == [
+        ("I1", ["I0"]),
+        ("I1", ["I1", "I0"]),
+        ("I1", ["I1", "I1", "I0"]),
+        ("I2", ["I1", "I1", "I1", "I0"]),
+    ]
+
+
 def test_held_out_groups_can_be_judged_on_what_was_shown():
     """data.shown_candidates: a held-out positive among the other items of its answer first,
     sampled items after; training groups keep data.shown_negatives' rule."""
@@ -327,7 +350,7 @@ def test_a_second_retraining_is_refused_while_one_holds_the_lock(tmp_path, store
 def test_the_gate_margin_grows_with_the_days_noise():
     """retrain.confidence: the paired interval of two models' per-group NDCG@10 on the same
     groups; a gain of noise alone straddles 0, a real one does not, and more groups narrow it."""
-    from shoprank.evaluation.newest_day import paired_interval
+    from shoprank.evaluation.metrics import paired_interval
 
     rng = np.random.default_rng(0)
 

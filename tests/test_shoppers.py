@@ -89,3 +89,26 @@ def test_new_items_arrive_and_a_trend_grows():
     # The shop's own items are judged as before the line arrived.
     old = np.arange(50)
     assert np.allclose(grown.relevance(early, old), shoppers.relevance(early, old))
+
+
+def test_a_visit_after_one_shops_for_its_complements():
+    """Complementary shopping: the visit after a tent's often wants a sleeping bag or a
+    headlamp, in the live sessions and in the generated history alike (consecutive browsing
+    visits of a user turn to the previous focus's complements far above chance)."""
+    shoppers = shop_model(seed=6, **SHOP)
+    names = [lf.path.split(" > ")[-1] for lf in shoppers.leaves]
+    tent = names.index("Tents")
+    wanted = {names.index("Sleeping Bags"), names.index("Headlamps")}
+    rng = np.random.default_rng(0)
+    after = [shoppers.start_session(rng, u % 150, DAY_S, after=tent).focus for u in range(600)]
+    first = [shoppers.start_session(rng, u % 150, DAY_S).focus for u in range(600)]
+    share = np.mean([f in wanted for f in after])
+    assert share > synthetic.COMPLEMENT_SHARE * 0.8 and np.mean([f in wanted for f in first]) < 0.1
+
+    rng = np.random.default_rng(1)
+    _, sessions = synthetic._simulate(rng, shoppers.items, shoppers.leaves, 150, 5)
+    focus = sessions["focus"]
+    same_user = sessions["user"][1:] == sessions["user"][:-1]
+    turned = (shoppers.complements[focus[:-1]] == focus[1:, None]).any(axis=1)[same_user]
+    by_chance = (shoppers.complements[focus[:-1]] == np.roll(focus, 7)[1:, None]).any(axis=1)
+    assert turned.mean() > 0.3 and by_chance[same_user].mean() < 0.15

@@ -90,6 +90,9 @@ class ExampleBuilder:
             events = events.filter(pc.invert(impression))
             if events.num_rows == 0:  # shown, never engaged with: no group
                 return EXAMPLE_SCHEMA.empty_table()
+        if self.cfg.repeat_positives == "first":  # each item once, at its first engagement
+            firsts = first_engagements(events["item_id"].to_pylist())
+            events = events.filter(pa.array(firsts))
         user = events["user_id"][0].as_py()
         seq = [self.index[i] for i in events["item_id"].to_pylist()]
         if "split" in events.column_names:
@@ -162,6 +165,16 @@ class ExampleBuilder:
             rng, len(self.item_ids), np.concatenate([exclude, picked]), n - len(picked), self.pool
         )
         return np.concatenate([picked, rest])
+
+
+def first_engagements(items: list[str]) -> list[bool]:
+    """True where an item (in time order) appears for the first time."""
+    seen: set[str] = set()
+    firsts = []
+    for item in items:
+        firsts.append(item not in seen)
+        seen.add(item)
+    return firsts
 
 
 def request_keys(events: pa.Table) -> list[str | None]:

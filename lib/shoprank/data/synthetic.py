@@ -4,7 +4,9 @@ The data is built to be learnable from text: items have titles made of brand, ad
 product noun and attribute; users prefer a few leaf categories, two brands and a price level,
 and drift to a new category over the days; each session focuses on one category, so the next
 item a user engages with is better predicted by the text of their previous items than by
-popularity. About 20% of sessions are searches whose clicks match the query text. Search
+popularity. A visit after another often shops for the previous focus's complements (a tent,
+then a sleeping bag; a blender, then a water bottle): what the items' words do not say and only
+the logs can teach. About 20% of sessions are searches whose clicks match the query text. Search
 judgments are graded by the same attribute matching (3 exact, 2 same noun, 1 same
 subcategory, 0 unrelated).
 
@@ -136,6 +138,44 @@ Office > Desk > Desk Organizers | Desk Organizer | desk organizer | 22
 Office > Desk > Office Chairs | Office Chair | office chair | 160
     Ergonomic, Mesh, High-Back, Reclining, Lumbar-Support | 250lb, 300lb, 400lb
 """
+
+# What shoppers buy next after a leaf: its complements, mostly across subcategories and
+# departments, so that the text of what was bought does not name them (a tent's sleeping bag
+# shares "Camping"; a blender's water bottle shares nothing). Learned from the logs or not at all.
+_COMPLEMENTS = """
+Water Bottles: Yoga Mats, Hiking Backpacks | Travel Mugs: Coffee Makers
+Frying Pans: Chef Knives | Saucepans: Knife Sets | Dutch Ovens: Chef Knives
+Blenders: Water Bottles | Coffee Makers: Travel Mugs | Electric Kettles: Travel Mugs
+Toasters: Frying Pans | Chef Knives: Frying Pans | Knife Sets: Saucepans
+Headphones: Power Banks | Earbuds: Chargers | Bluetooth Speakers: Power Banks
+Keyboards: Desk Lamps | Mice: Desk Organizers | USB Hubs: Chargers | Webcams: Desk Lamps
+Phone Cases: Chargers | Chargers: Earbuds | Power Banks: Headlamps
+Yoga Mats: Water Bottles | Dumbbells: Water Bottles | Resistance Bands: Yoga Mats
+Tents: Sleeping Bags, Headlamps | Sleeping Bags: Headlamps | Headlamps: Power Banks
+Hiking Backpacks: Water Bottles | Bike Helmets: Bike Lights | Bike Lights: Power Banks
+Pillows: Sheet Sets | Sheet Sets: Duvet Covers | Duvet Covers: Pillows
+Desk Lamps: Office Chairs | LED Strip Lights: USB Hubs | Storage Bins: Shoe Racks
+Shoe Racks: Storage Bins | Moisturizers: Sunscreens | Sunscreens: Water Bottles
+Face Serums: Moisturizers | Shampoos: Hair Dryers | Hair Dryers: Shampoos
+Dog Beds: Dog Toys | Dog Leashes: Dog Toys | Dog Toys: Dog Beds
+Cat Litter: Cat Trees | Cat Trees: Cat Litter | Gel Pens: Notebooks | Notebooks: Gel Pens
+Desk Organizers: Gel Pens | Office Chairs: Desk Lamps
+"""
+# A visit after one focused on a leaf shops for one of its complements this often.
+COMPLEMENT_SHARE = 0.35
+
+
+def _complements(leaves: list[_Leaf]) -> np.ndarray:
+    """[leaves, 2] the complement leaves of each leaf (a single one repeated)."""
+    index = {lf.path.split(" > ")[-1]: i for i, lf in enumerate(leaves)}
+    table = np.arange(len(leaves))[:, None].repeat(2, axis=1)
+    for entry in _COMPLEMENTS.replace("\n", " | ").split("|"):
+        if entry.strip():
+            leaf, others = entry.split(":")
+            picks = [index[o.strip()] for o in others.split(",")]
+            table[index[leaf.strip()]] = (picks * 2)[:2]
+    return table
+
 
 # Specialist brands per department (each carries a few leaves of its department).
 _BRANDS = {
@@ -452,8 +492,9 @@ class Shoppers:
     that takes over from the third around the user's `drift_t` (a sigmoid ramp, most of it
     within three days), two favourite brands, a preferred price level (log ratio to the leaf's
     median) and an activity level. A session focuses on one leaf drawn from the interests at
-    its time (8% explore the whole shop); a search session's query is built from an item of
-    that leaf.
+    its time (8% explore the whole shop), or after a previous visit, COMPLEMENT_SHARE of the
+    time, on a complement of that visit's leaf (`follow`); a search session's query is built
+    from an item of that leaf.
     Shown an item at a position, the user clicks with probability sigmoid(utility) x (1 +
     position)^-0.5 (x 0.4 when out of stock), the utility adding up leaf match, the current
     interests, favourite brand, price fit and quality (search: the query match instead of the
@@ -476,6 +517,7 @@ class Shoppers:
     trends: list[Trend] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.complements = _complements(self.leaves)
         self.pop = np.exp(0.8 * self.items["quality"])
         self.by_leaf = _Sampler(self.items["leaf"], self.pop, len(self.leaves))
         self.p_leaf = self.items["leaf_pop"] / self.items["leaf_pop"].sum()
@@ -550,6 +592,13 @@ class Shoppers:
         n_leaves = len(self.leaves)
         focus = np.where(explore, rng.choice(n_leaves, size=len(user), p=self.p_leaf), focus)
         return focus, ramp, focus_w
+
+    def follow(self, rng: np.random.Generator, focus: np.ndarray, after: np.ndarray):
+        """Complementary shopping: a visit after one focused on leaf `after` (-1: the user's
+        first) turns to one of that leaf's complements, COMPLEMENT_SHARE of the time."""
+        turn = (after >= 0) & (rng.random(len(focus)) < COMPLEMENT_SHARE)
+        pick = self.complements[np.maximum(after, 0), rng.integers(0, 2, len(focus))]
+        return np.where(turn, pick, focus)
 
     def queries(self, rng: np.random.Generator, focus: np.ndarray):
         """A search per session: a target item of the focus leaf and a query built from it,
@@ -631,10 +680,17 @@ class Shoppers:
     # -- one session at a time (the live simulation) -----------------------------------------
 
     def start_session(
-        self, rng: np.random.Generator, user: int, t: float, search: bool = False
+        self,
+        rng: np.random.Generator,
+        user: int,
+        t: float,
+        search: bool = False,
+        after: int | None = None,
     ) -> Session:
-        """A visit by `user` at time t, drawn as the batch generator draws sessions."""
+        """A visit by `user` at time t, drawn as the batch generator draws sessions; `after`
+        is the focus of the user's previous visit (None: the first)."""
         focus, ramp, _ = self.focus(rng, np.array([user]), np.array([t], dtype=np.float64))
+        focus = self.follow(rng, focus, np.array([-1 if after is None else after]))
         query = None
         if search:
             target, qtype, qvalue = self.queries(rng, focus)
@@ -695,6 +751,11 @@ def _simulate(rng: np.random.Generator, items: dict, leaves: list[_Leaf], n_user
     order = np.lexsort((start, user))
     user, start = user[order], start[order]
     focus, ramp, focus_w = shoppers.focus(rng, user, start)
+    # Each user's visits in turn: the k-th follows the (k-1)-th's focus with its complements.
+    nth = np.arange(n_s) - np.searchsorted(user, user)
+    for k in range(1, int(nth.max()) + 1 if n_s else 0):
+        idx = np.flatnonzero(nth == k)
+        focus[idx] = shoppers.follow(rng, focus[idx], focus[idx - 1])
     is_search = rng.random(n_s) < 0.2
     device = rng.choice(3, size=n_s, p=[0.55, 0.35, 0.10])
 
@@ -773,6 +834,7 @@ def _simulate(rng: np.random.Generator, items: dict, leaves: list[_Leaf], n_user
         "qvalue": qvalue,
         "qleaf": items["leaf"][target],
         "device": device,
+        "focus": focus,
     }
     return rows, sessions
 

@@ -51,9 +51,14 @@ def render_context(
 
     Ids without a text (items the catalog lacks) are dropped first, then the newest
     `history_len` are kept: training never saw an unknown item, so a history that holds one
-    must read like the same history without it. `extra` context words (device, page...) go
+    must read like the same history without it. With `data.repeat_positives="first"` an item
+    repeated in the history (a cart after its click) is read once, where it first came, as the
+    training examples hold it. `extra` context words (device, page...) go
     last, after the separator.
     """
-    known = [texts[i] for i in history_ids if i in texts][: data.history_len]
+    known = [i for i in history_ids if i in texts]
+    if data.repeat_positives == "first":  # as training read it: each item once, at its first
+        known = list(dict.fromkeys(known[::-1]))[::-1]
+    known = [texts[i] for i in known[: data.history_len]]
     text = data.history_separator.join(known)
     return f"{text}{data.history_separator}{extra}" if extra else text

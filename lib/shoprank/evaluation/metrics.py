@@ -9,10 +9,13 @@ counted AGAINST the model (a constant scorer must not look good).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from statistics import NormalDist
 
 import numpy as np
 from scipy.special import expit
 from sklearn.metrics import log_loss, roc_auc_score
+
+from shoprank.config import PER_GROUP_METRICS
 
 # Probabilities are clipped to [EPS, 1 - EPS] before the log loss, so that one confident
 # mistake yields a large but finite loss instead of inf.
@@ -238,3 +241,24 @@ def top_n(scores: np.ndarray, n: int) -> np.ndarray:
     part = np.argpartition(-scores, n - 1, axis=1)[:, :n]
     order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
     return np.take_along_axis(part, order, axis=1)
+
+
+def paired_interval(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], metric: str, level: float
+) -> tuple[float, float]:
+    """(mean, half-width) of model a's per-group `metric` minus model b's on the same groups
+    (rows lined up, as `score_models` returns them), a normal interval at `level`: how far
+    apart two models are on one day's groups, and how much of that is the day's noise."""
+    if metric not in PER_GROUP_METRICS:
+        raise ValueError(
+            f"a paired interval needs a per-group metric ({PER_GROUP_METRICS}), not {metric}"
+        )
+
+    def per_group(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return per_user_ranking(target_ranks(scores, labels.argmax(axis=1)), (10,))[metric]
+
+    d = per_group(*a) - per_group(*b)
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else float("nan"), float("inf")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    return float(d.mean()), float(z * d.std(ddof=1) / np.sqrt(len(d)))

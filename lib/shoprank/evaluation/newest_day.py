@@ -11,19 +11,14 @@ Unlike leave-one-out, nothing a model trained on happened after what it is score
 
 from __future__ import annotations
 
-import hashlib
 import time
-from statistics import NormalDist
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from shoprank.config import PER_GROUP_METRICS
 from shoprank.console import log
-from shoprank.data.tokenize import KEY
-from shoprank.evaluation.metrics import per_user_ranking, target_ranks
 from shoprank.evaluation.sampled import group_metrics
 from shoprank.evaluation.scorers import BaselineScorer, CrossEncoderScorer, collect_scores
 
@@ -52,47 +47,6 @@ def split_by_day(events: ray.data.Dataset, newest: str, first_train: str) -> ray
         return batch.append_column("split", split.cast(pa.string()))
 
     return events.map_batches(label, batch_format="pyarrow")
-
-
-def with_keys(groups: ray.data.Dataset) -> ray.data.Dataset:
-    """A `key` per group from its user and candidates, so that every model's scores can be
-    lined up group by group (Ray Data keeps no row order; identical groups share a key, and
-    their scores too)."""
-
-    def add(batch: pa.Table) -> pa.Table:
-        users, items = batch["user_id"].to_pylist(), batch["item_ids"].to_pylist()
-        keys = [
-            int.from_bytes(
-                hashlib.blake2b("\x1f".join([u, *i]).encode(), digest_size=8).digest(),
-                "big",
-                signed=True,
-            )
-            for u, i in zip(users, items, strict=True)
-        ]
-        return batch.append_column(KEY, pa.array(keys, pa.int64()))
-
-    return groups.map_batches(add, batch_format="pyarrow")
-
-
-def paired_interval(
-    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], metric: str, level: float
-) -> tuple[float, float]:
-    """(mean, half-width) of model a's per-group `metric` minus model b's on the same groups
-    (rows lined up, as `score_models` returns them), a normal interval at `level`: how far
-    apart two models are on one day's groups, and how much of that is the day's noise."""
-    if metric not in PER_GROUP_METRICS:
-        raise ValueError(
-            f"a paired interval needs a per-group metric ({PER_GROUP_METRICS}), not {metric}"
-        )
-
-    def per_group(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        return per_user_ranking(target_ranks(scores, labels.argmax(axis=1)), (10,))[metric]
-
-    d = per_group(*a) - per_group(*b)
-    if len(d) < 2:
-        return float(d.mean()) if len(d) else float("nan"), float("inf")
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    return float(d.mean()), float(z * d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def score_models(

@@ -7,6 +7,7 @@ come from the one metrics module (ties count against the model).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -18,7 +19,9 @@ from shoprank.config import Config
 from shoprank.console import log
 from shoprank.data.load import counts_table
 from shoprank.data.text import render_items
+from shoprank.data.tokenize import KEY
 from shoprank.evaluation import metrics, report
+from shoprank.evaluation.metrics import paired_interval
 from shoprank.evaluation.scorers import (
     BaselineScorer,
     CrossEncoderScorer,
@@ -30,6 +33,7 @@ from shoprank.run import Run
 
 COLUMNS = ["auc", "ndcg@10", "recall@10", "logloss"]
 PRIMARY = "ndcg@10"
+TUNED = "fine-tuned ranker"
 
 
 def group_metrics(scores: np.ndarray, labels: np.ndarray, probabilistic: bool) -> dict[str, float]:
@@ -39,6 +43,26 @@ def group_metrics(scores: np.ndarray, labels: np.ndarray, probabilistic: bool) -
     if not probabilistic:
         out["logloss"] = float("nan")
     return out
+
+
+def with_keys(groups: ray.data.Dataset) -> ray.data.Dataset:
+    """A `key` per group from its user and candidates, so that every model's scores can be
+    lined up group by group (Ray Data keeps no row order; identical groups share a key, and
+    their scores too)."""
+
+    def add(batch: pa.Table) -> pa.Table:
+        users, items = batch["user_id"].to_pylist(), batch["item_ids"].to_pylist()
+        keys = [
+            int.from_bytes(
+                hashlib.blake2b("\x1f".join([u, *i]).encode(), digest_size=8).digest(),
+                "big",
+                signed=True,
+            )
+            for u, i in zip(users, items, strict=True)
+        ]
+        return batch.append_column(KEY, pa.array(keys, pa.int64()))
+
+    return groups.map_batches(add, batch_format="pyarrow")
 
 
 def evaluate_groups(
@@ -57,7 +81,7 @@ def evaluate_groups(
                 "bf16": bf16,
             },
         )
-    runs["fine-tuned ranker"] = (
+    runs[TUNED] = (
         CrossEncoderScorer,
         ranker_settings(cfg, model_dir),
     )
@@ -68,17 +92,43 @@ def evaluate_groups(
     for name, (scorer, kwargs) in runs.items():
         started = time.perf_counter()
         log(f"scoring {n} {cfg.eval.split} groups of {cfg.data.eval_candidates} with {name}")
-        scores, labels, _ = collect_scores(
+        scores, labels, keys = collect_scores(
             groups,
             scorer,
             kwargs,
             num_cpus=cfg.eval.num_cpus,
             in_process_below=cfg.eval.score_in_process_below,
         )
+        if keys is not None:  # every model's rows in one order: paired comparisons
+            order = np.argsort(keys, kind="stable")
+            scores, labels = scores[order], labels[order]
         raw[name] = (scores, labels)
         table[name] = group_metrics(scores, labels, probabilistic=scorer is CrossEncoderScorer)
         log(f"{name}: {table[name][PRIMARY]:.4f} {PRIMARY} ({time.perf_counter() - started:.0f} s)")
     return table, raw
+
+
+def lead(
+    table: dict[str, dict[str, float]], raw: dict, level: float = 0.95
+) -> tuple[str, float, float] | None:
+    """(strongest other model, the fine-tuned ranker's mean per-user NDCG@10 over it, the
+    paired interval's half-width): whether fine-tuning leads by more than the sample's noise."""
+    others = [name for name in raw if name != TUNED]
+    if TUNED not in raw or not others:
+        return None
+    best = max(others, key=lambda name: table[name][PRIMARY])
+    return best, *paired_interval(raw[TUNED], raw[best], PRIMARY, level)
+
+
+def lead_text(found: tuple[str, float, float] | None, n_users: int) -> str:
+    if found is None:
+        return "–"
+    best, gain, half = found
+    verdict = "leads" if gain > half else "trails" if gain < -half else "is level (in the noise)"
+    return (
+        f"The fine-tuned ranker {verdict}: {gain:+.4f} {PRIMARY} over {best}, the strongest "
+        f"other model, ±{half:.4f} (95% paired interval over the same {n_users} users)."
+    )
 
 
 def evaluate(run: Run, model_dir: str) -> tuple[dict[str, dict[str, float]], str]:
@@ -86,9 +136,10 @@ def evaluate(run: Run, model_dir: str) -> tuple[dict[str, dict[str, float]], str
     cfg, split = run.cfg, run.cfg.eval.split
     groups = run.examples[split]
     table, raw = evaluate_groups(
-        cfg, groups.materialize(), run.data.catalog, model_dir, run.baselines
+        cfg, with_keys(groups).materialize(), run.data.catalog, model_dir, run.baselines
     )
     n_groups = len(next(iter(raw.values()))[0])
+    fine_tuning = lead_text(lead(table, raw), n_groups)
     protocol = (
         f"{n_groups} {split} users, each ranked over 1 held-out positive + "
         f"{cfg.data.eval_candidates - 1} sampled candidates; ties count against the model. "
@@ -98,7 +149,7 @@ def evaluate(run: Run, model_dir: str) -> tuple[dict[str, dict[str, float]], str
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(table, indent=2))
     images = {"Metrics by model": report.bar_chart(table, COLUMNS[:3], out / "metrics.png")}
-    tuned = raw.get("fine-tuned ranker")
+    tuned = raw.get(TUNED)
     if tuned is not None:
         scores, labels = tuned
         images["Fine-tuned scores: positives vs sampled negatives"] = report.score_histogram(
@@ -110,10 +161,12 @@ def evaluate(run: Run, model_dir: str) -> tuple[dict[str, dict[str, float]], str
         )
     sections = [
         ("Results", report.metrics_table(table, COLUMNS)),
+        ("What fine-tuning buys", fine_tuning),
         ("Protocol", protocol),
         ("Data quality", counts_table(run.data.counts)),
         ("Training time", report.training_time(run.timing, run.steps) or "–"),
     ]
     path = report.write_report(out, f"shoprank ranker: {cfg.run.name} ({split})", sections, images)
     report.print_table(table, COLUMNS)
+    log(fine_tuning)
     return table, str(path)

@@ -54,13 +54,9 @@ from shoprank.data.load import counts_table, load_validated
 from shoprank.evaluation import report
 from shoprank.evaluation.baselines import fit_baselines, train_pairs
 from shoprank.evaluation.drift import count_events, drift_report
-from shoprank.evaluation.newest_day import (
-    COLUMNS,
-    paired_interval,
-    score_models,
-    split_by_day,
-    with_keys,
-)
+from shoprank.evaluation.metrics import paired_interval
+from shoprank.evaluation.newest_day import COLUMNS, score_models, split_by_day
+from shoprank.evaluation.sampled import with_keys
 from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_precision
 from shoprank.models.export_meta import METADATA
 from shoprank.registry import PRODUCTION, Registry, RegistryError, Version

@@ -141,6 +141,9 @@ class SimulatedShop:
         self.ids = list(self.shoppers.items["id"])
         self.row = {item: i for i, item in enumerate(self.ids)}
         self.all_items = np.arange(len(self.ids))
+        # Each shopper's previous visit's focus, per arm: the next visit may shop for its
+        # complements (Shoppers.follow); the draws are the same whatever the arm showed.
+        self.last_focus: dict[tuple[str, int], int] = {}
 
     def visitors(self, day: int) -> np.ndarray:
         """The shoppers who come on `day` (the same ones whatever the arm)."""
@@ -160,7 +163,9 @@ class SimulatedShop:
         rng = np.random.default_rng([self.seed, day, 1, user])  # the same draws in every arm
         t = day * DAY_S + rng.uniform(8.0, 22.0) * 3600.0
         search = bool(rng.random() < self.search_share)
-        session = self.shoppers.start_session(rng, user, t, search=search)
+        after = self.last_focus.get((arm.name, user))
+        session = self.shoppers.start_session(rng, user, t, search=search, after=after)
+        self.last_focus[(arm.name, user)] = session.focus
         headers = {"x-api-key": self.key}
         uid = f"U{user:05d}"
         if search:

@@ -64,14 +64,15 @@ class ParquetFeatureStore:
         if bad.num_rows:
             log(f"feature store {redact(self.path)}: {bad.num_rows} events left out {quarantined}")
         table = table.filter(pc.is_in(table["event"], pa.array(sorted(POSITIVE_EVENTS))))
-        table = table.sort_by([("user_id", "ascending"), ("ts", "descending")])
+        table = table.sort_by([("user_id", "ascending"), ("ts", "ascending")])
         users = table["user_id"].to_pylist()
         items = table["item_id"].to_pylist()
-        histories: dict[str, list[str]] = {}
+        # Each item once, where the user first engaged with it (a cart after its click adds
+        # nothing), then newest first: the histories training examples hold.
+        firsts: dict[str, dict[str, None]] = {}
         for user, item in zip(users, items, strict=True):
-            seen = histories.setdefault(user, [])
-            if len(seen) < self.max_history:
-                seen.append(item)
+            firsts.setdefault(user, {}).setdefault(item, None)
+        histories = {u: list(seen)[::-1][: self.max_history] for u, seen in firsts.items()}
         popular = [item for item, _ in Counter(items).most_common()]
         # One assignment each: readers see the old maps or the new ones, never a mix.
         self._histories, self._popular = histories, popular
