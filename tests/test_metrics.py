@@ -242,3 +242,27 @@ def test_top_n_best_first_and_consistent_with_ranks() -> None:
     ranks = metrics.target_ranks(scores, top[:, 3])
     assert (ranks == 3).all()
     assert metrics.top_n(scores, 99).shape == (20, 30)
+
+
+def test_the_report_says_whether_fine_tuning_leads_beyond_the_noise() -> None:
+    """`sampled.lead`: the fine-tuned ranker against the strongest other model on the same
+    users, with a paired interval; a lead inside the interval is called level, not a win."""
+    from shoprank.evaluation.sampled import TUNED, group_metrics, lead, lead_text
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((300, 20), dtype=np.float32)
+    labels[:, 0] = 1.0
+
+    def model(hit_rate: float) -> tuple[np.ndarray, np.ndarray]:
+        scores = rng.random((300, 20)).astype(np.float32)
+        scores[:, 0] += np.where(rng.random(300) < hit_rate, 2.0, 0.0)
+        return scores, labels
+
+    raw = {TUNED: model(0.8), "tfidf": model(0.5), "popularity": model(0.1)}
+    table = {name: group_metrics(*r, probabilistic=False) for name, r in raw.items()}
+    best, gain, half = lead(table, raw)
+    assert best == "tfidf" and gain > half > 0
+    assert lead_text((best, gain, half), 300).startswith("The fine-tuned ranker leads")
+    assert "is level" in lead_text(("tfidf", 0.01, 0.02), 300)
+    assert "trails" in lead_text(("tfidf", -0.05, 0.02), 300)
+    assert lead(table, {TUNED: raw[TUNED]}) is None and lead_text(None, 0) == "–"

@@ -195,7 +195,7 @@ def test_recommend_serves_what_offline_evaluation_ranked(
 
     # The check catches a skew: the same export served with an item template other than the
     # trained one (its contexts and TF-IDF read other words) answers differently for most
-    # users. (A history-length skew, 3 items instead of 10, changed only 4 of 107 answers when
+    # users. (A history-length skew, 3 items instead of 10, once changed only 4 of 107 answers when
     # tried: most of the tiny shop's test histories are that short.) The service the Retriever
     # deployment wraps, called in-process: no second app to start.
     from shoprank.registry import Registry

@@ -45,7 +45,8 @@ class DataConfig(Section):
     # Python format string over catalog columns; missing fields render as empty.
     item_template: str = "{title}. {category}. {brand}."
     # Most recent items in a context, newest first.
-    history_len: int = Field(10, ge=1)
+    # (5 on the built-in shop: a longer history is cut by model.max_length anyway.)
+    history_len: int = Field(5, ge=1)
     history_separator: str = " | "
     # A user's later engagements with an item they already engaged with (the cart and the
     # purchase after its click, a re-purchase): "first" keeps only the first, so each positive
@@ -59,7 +60,10 @@ class DataConfig(Section):
     # Training negatives taken first from the items shown in the same request (request_id, else
     # session_id) and not engaged with: the click model's negatives (impressions, such as the
     # serving app's event log writes); sampled items fill the rest.
-    shown_negatives: bool = False
+    # On by default: the shop's impressions teach the tastes that decide between items of one
+    # kind (brand, price, quality), which random negatives do not (RESULTS.md, "The built-in
+    # default run"); data without impressions gets sampled negatives only.
+    shown_negatives: bool = True
     # At most this share of a training group's negatives from the shown items; sampled ones
     # fill the rest, so the model keeps learning what is plainly irrelevant too.
     shown_share: float = Field(1.0, ge=0.0, le=1.0)
@@ -96,9 +100,9 @@ class DataConfig(Section):
     # The defaults keep the built-in run short on a 2-core laptop; real runs raise them.
     # None = every user (what the full-catalog protocol reports).
     val_users: int | None = Field(64, ge=1)
-    test_users: int | None = Field(200, ge=1)
+    test_users: int | None = Field(500, ge=1)
     # Cap on training groups (None = all).
-    max_train_positives: int | None = 2000
+    max_train_positives: int | None = 5000
 
 
 class ModelConfig(Section):
@@ -106,7 +110,7 @@ class ModelConfig(Section):
     kind: Literal["ranker", "retriever"] = "ranker"
     # A Hugging Face model id or path; "minilm" is the bundled all-MiniLM-L6-v2.
     name: str = "minilm"
-    max_length: int = Field(128, ge=8)
+    max_length: int = Field(96, ge=8)
     # "eager" attention and no dropout make bf16 autocast pay off on CPU (docs/DESIGN.md).
     attn_implementation: str | None = "eager"
     dropout: float | None = 0.0
@@ -179,7 +183,9 @@ class TrainConfig(Section):
     max_steps: int | None = None  # optimizer steps, across epochs
     # Validate and checkpoint every N optimizer steps (None = once per epoch).
     eval_every_steps: int | None = None
-    loss: Literal["bce", "listwise"] = "bce"
+    # listwise: a softmax over each group (the positive against its negatives), what NDCG@10
+    # rewards; bce scores each pair as a click probability (better AUC and logloss).
+    loss: Literal["bce", "listwise"] = "listwise"
     metric: str = "ndcg@10"
     metric_mode: Literal["max", "min"] = "max"
     keep_checkpoints: int = Field(2, ge=1)
