@@ -245,9 +245,9 @@ def test_top_n_best_first_and_consistent_with_ranks() -> None:
 
 
 def test_the_report_says_whether_fine_tuning_leads_beyond_the_noise() -> None:
-    """`sampled.lead`: the fine-tuned ranker against the strongest other model on the same
-    users, with a paired interval; a lead inside the interval is called level, not a win."""
-    from shoprank.evaluation.sampled import TUNED, group_metrics, lead, lead_text
+    """`sampled.leads`: the fine-tuned ranker against its zero-shot self and the strongest
+    other model on the same users, with a paired interval; a lead inside it is called level."""
+    from shoprank.evaluation.sampled import TUNED, group_metrics, leads, leads_text
 
     rng = np.random.default_rng(0)
     labels = np.zeros((300, 20), dtype=np.float32)
@@ -258,11 +258,17 @@ def test_the_report_says_whether_fine_tuning_leads_beyond_the_noise() -> None:
         scores[:, 0] += np.where(rng.random(300) < hit_rate, 2.0, 0.0)
         return scores, labels
 
-    raw = {TUNED: model(0.8), "tfidf": model(0.5), "popularity": model(0.1)}
+    raw = {TUNED: model(0.8), "zero-shot m": model(0.3), "tfidf": model(0.5), "pop": model(0.1)}
     table = {name: group_metrics(*r, probabilistic=False) for name, r in raw.items()}
-    best, gain, half = lead(table, raw)
-    assert best == "tfidf" and gain > half > 0
-    assert lead_text((best, gain, half), 300).startswith("The fine-tuned ranker leads")
-    assert "is level" in lead_text(("tfidf", 0.01, 0.02), 300)
-    assert "trails" in lead_text(("tfidf", -0.05, 0.02), 300)
-    assert lead(table, {TUNED: raw[TUNED]}) is None and lead_text(None, 0) == "–"
+    found = leads(table, raw)
+    assert [name for name, _, _ in found] == ["zero-shot m", "tfidf"]
+    assert all(gain > half > 0 for _, gain, half in found)
+    assert found[0][1] > found[1][1]  # further ahead of the weaker zero-shot model
+    text = leads_text(found, "tfidf", 300).splitlines()
+    assert text[0].startswith("The fine-tuned ranker leads zero-shot m:")
+    assert text[1].startswith("The fine-tuned ranker leads tfidf, the strongest other model")
+    assert "is level with tfidf" in leads_text([("tfidf", 0.01, 0.02)], "tfidf", 300)
+    assert "trails tfidf" in leads_text([("tfidf", -0.05, 0.02)], "tfidf", 300)
+    # The zero-shot model is the strongest other: one comparison, named once.
+    assert len(leads(table, {TUNED: raw[TUNED], "zero-shot m": raw["zero-shot m"]})) == 1
+    assert leads(table, {TUNED: raw[TUNED]}) == [] and leads_text([], None, 0) == "–"

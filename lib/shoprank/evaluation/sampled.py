@@ -108,27 +108,34 @@ def evaluate_groups(
     return table, raw
 
 
-def lead(
+def leads(
     table: dict[str, dict[str, float]], raw: dict, level: float = 0.95
-) -> tuple[str, float, float] | None:
-    """(strongest other model, the fine-tuned ranker's mean per-user NDCG@10 over it, the
-    paired interval's half-width): whether fine-tuning leads by more than the sample's noise."""
+) -> list[tuple[str, float, float]]:
+    """The fine-tuned ranker against its own zero-shot self and against the strongest other
+    model, on the same users: (other, mean per-user NDCG@10 difference, paired interval
+    half-width) each, so the report says whether fine-tuning leads by more than the noise."""
     others = [name for name in raw if name != TUNED]
     if TUNED not in raw or not others:
-        return None
+        return []
+    against = [name for name in others if name.startswith("zero-shot")]
     best = max(others, key=lambda name: table[name][PRIMARY])
-    return best, *paired_interval(raw[TUNED], raw[best], PRIMARY, level)
+    against += [] if best in against else [best]
+    return [(name, *paired_interval(raw[TUNED], raw[name], PRIMARY, level)) for name in against]
 
 
-def lead_text(found: tuple[str, float, float] | None, n_users: int) -> str:
-    if found is None:
+def leads_text(found: list[tuple[str, float, float]], best: str | None, n_users: int) -> str:
+    """One sentence per comparison; `best` names the strongest other model."""
+    if not found:
         return "–"
-    best, gain, half = found
-    verdict = "leads" if gain > half else "trails" if gain < -half else "is level (in the noise)"
-    return (
-        f"The fine-tuned ranker {verdict}: {gain:+.4f} {PRIMARY} over {best}, the strongest "
-        f"other model, ±{half:.4f} (95% paired interval over the same {n_users} users)."
-    )
+    lines = []
+    for other, gain, half in found:
+        verdict = "leads" if gain > half else "trails" if gain < -half else "is level with"
+        role = ", the strongest other model" if other == best else ""
+        lines.append(
+            f"The fine-tuned ranker {verdict} {other}{role}: {gain:+.4f} {PRIMARY} "
+            f"±{half:.4f} (95% paired interval over the same {n_users} users)."
+        )
+    return "\n".join(lines)
 
 
 def evaluate(run: Run, model_dir: str) -> tuple[dict[str, dict[str, float]], str]:
@@ -139,7 +146,8 @@ def evaluate(run: Run, model_dir: str) -> tuple[dict[str, dict[str, float]], str
         cfg, with_keys(groups).materialize(), run.data.catalog, model_dir, run.baselines
     )
     n_groups = len(next(iter(raw.values()))[0])
-    fine_tuning = lead_text(lead(table, raw), n_groups)
+    best = max((n for n in table if n != TUNED), key=lambda n: table[n][PRIMARY], default=None)
+    fine_tuning = leads_text(leads(table, raw), best, n_groups)
     protocol = (
         f"{n_groups} {split} users, each ranked over 1 held-out positive + "
         f"{cfg.data.eval_candidates - 1} sampled candidates; ties count against the model. "
@@ -168,5 +176,6 @@ def evaluate(run: Run, model_dir: str) -> tuple[dict[str, dict[str, float]], str
     ]
     path = report.write_report(out, f"shoprank ranker: {cfg.run.name} ({split})", sections, images)
     report.print_table(table, COLUMNS)
-    log(fine_tuning)
+    for line in fine_tuning.splitlines():
+        log(line)
     return table, str(path)
