@@ -112,3 +112,15 @@ def test_a_visit_after_one_shops_for_its_complements():
     turned = (shoppers.complements[focus[:-1]] == focus[1:, None]).any(axis=1)[same_user]
     by_chance = (shoppers.complements[focus[:-1]] == np.roll(focus, 7)[1:, None]).any(axis=1)
     assert turned.mean() > 0.3 and by_chance[same_user].mean() < 0.15
+
+
+def test_held_out_kinds_says_what_test_positives_are(tmp_path):
+    """`held_out_kinds` on a generated shop: the funnel's repeats are counted with every
+    positive kept, and the kinds of first engagements add up to every user."""
+    synthetic.generate_shop(tmp_path, seed=1, **SHOP)
+    kinds = synthetic.held_out_kinds(tmp_path)
+    shares = [v for k, v in kinds.items() if k not in ("users", "repeat (all positives kept)")]
+    assert kinds["users"] > 50 and abs(sum(shares) - 1.0) < 0.01
+    assert kinds["repeat (all positives kept)"] > 0.2  # carts and purchases after clicks
+    assert kinds["leaf in history"] > 0.4
+    assert kinds["complement of newest"] + kinds["complement of older"] > 0.02

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 # The category tree, one leaf per two lines:
@@ -1146,3 +1147,60 @@ def add_line(
 def catalog_table(shoppers: Shoppers) -> pa.Table:
     """The shoppers' catalog in the contract (no planted bad rows)."""
     return _catalog_table(np.random.default_rng(0), shoppers.items, shoppers.leaves, 0.0)[0]
+
+
+def held_out_kinds(shop_dir: str | Path, history_len: int = 10) -> dict[str, float]:
+    """What each user's last browsing positive (the test item of leave-one-out) is, on a
+    generated shop: shares of users whose item repeats one of their earlier positives (a cart
+    after its click), and, with repeats dropped as `data.repeat_positives: first` drops them,
+    whose leaf is in the newest `history_len` items' leaves, a complement of the newest one's,
+    of an older one's, or none of these. Why text matching does well here, in numbers."""
+    catalog = pq.read_table(Path(shop_dir) / "catalog.parquet", columns=["item_id", "category"])
+    leaves, _ = _leaves()
+    leaf_of_path = {lf.path: i for i, lf in enumerate(leaves)}
+    leaf = dict(zip(catalog["item_id"].to_pylist(), catalog["category"].to_pylist(), strict=True))
+    from shoprank.data.validate import check_events, split_quarantine  # planted bad rows out
+
+    events = pads.dataset(Path(shop_dir) / "events", partitioning="hive").to_table()
+    events, _ = split_quarantine(check_events(events, catalog["item_id"]))
+    keep = pc.and_(
+        pc.is_in(events["event"], pa.array(["click", "add_to_cart", "purchase"])),
+        pc.is_null(events["query"]),
+    )
+    events = events.filter(pc.fill_null(keep, False)).sort_by(
+        [("user_id", "ascending"), ("ts", "ascending")]
+    )
+    complements = _complements(leaves)
+    users, items = events["user_id"].to_pylist(), events["item_id"].to_pylist()
+    by_user: dict[str, list[str]] = {}
+    for user, item in zip(users, items, strict=True):
+        if user and item in leaf:
+            by_user.setdefault(user, []).append(item)
+    counts = dict.fromkeys(
+        ["repeat", "leaf in history", "complement of newest", "complement of older", "other"], 0
+    )
+    n = 0
+    for seq in by_user.values():
+        if len(seq) >= 3:
+            counts["repeat"] += seq[-1] in seq[:-1]
+        seq = list(dict.fromkeys(seq))  # first engagements
+        if len(seq) < 3:
+            continue
+        n += 1
+        hist = [leaf_of_path[leaf[i]] for i in seq[:-1][::-1][:history_len]]
+        target = leaf_of_path[leaf[seq[-1]]]
+        if target in hist:
+            counts["leaf in history"] += 1
+        elif target in complements[hist[0]]:
+            counts["complement of newest"] += 1
+        elif any(target in complements[h] for h in hist[1:]):
+            counts["complement of older"] += 1
+        else:
+            counts["other"] += 1
+    users_all = sum(len(s) >= 3 for s in by_user.values())
+    shares = {k: round(v / max(n, 1), 3) for k, v in counts.items() if k != "repeat"}
+    return {
+        "users": n,
+        "repeat (all positives kept)": round(counts["repeat"] / max(users_all, 1), 3),
+        **shares,
+    }
