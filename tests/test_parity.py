@@ -179,7 +179,7 @@ def test_recommend_serves_what_offline_evaluation_ranked(
     finally:
         serve.delete("parity")
         serve.shutdown()
-    assert len(expected) > 100  # every test user of the tiny shop
+    assert len(expected) > 80  # every test user of the tiny shop (88: first engagements only)
     assert mismatches(answers, expected) == []
     offline_ranks = np.array(
         [expected[u][1].index(targets[u]) if targets[u] in expected[u][1] else MISS for u in users]
