@@ -32,6 +32,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from shoprank.data.contract import POSITIVE_EVENTS
+from shoprank.data.validate import check_events, split_quarantine
+
 # The category tree, one leaf per two lines:
 #   department > subcategory > leaf | title noun | short query noun | median price ($)
 #       adjectives | attributes
@@ -1159,12 +1162,10 @@ def held_out_kinds(shop_dir: str | Path, history_len: int = 10) -> dict[str, flo
     leaves, _ = _leaves()
     leaf_of_path = {lf.path: i for i, lf in enumerate(leaves)}
     leaf = dict(zip(catalog["item_id"].to_pylist(), catalog["category"].to_pylist(), strict=True))
-    from shoprank.data.validate import check_events, split_quarantine  # planted bad rows out
-
     events = pads.dataset(Path(shop_dir) / "events", partitioning="hive").to_table()
-    events, _ = split_quarantine(check_events(events, catalog["item_id"]))
+    events, _ = split_quarantine(check_events(events, catalog["item_id"]))  # planted rows out
     keep = pc.and_(
-        pc.is_in(events["event"], pa.array(["click", "add_to_cart", "purchase"])),
+        pc.is_in(events["event"], pa.array(POSITIVE_EVENTS)),
         pc.is_null(events["query"]),
     )
     events = events.filter(pc.fill_null(keep, False)).sort_by(
