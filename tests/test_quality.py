@@ -35,7 +35,8 @@ def test_minilm_fine_tuned_beats_zero_shot(ray_local, tmp_path, tiny_shop):
             # gain is within the run-to-run noise of Ray Data's streaming order.
             "lora.enabled=false",
             "train.lr=1e-4",
-            "train.epochs=2",
+            "train.loss=bce",  # AUC is asserted too: listwise ranks the top, not every pair
+            "train.epochs=3",  # the tiny shop's first engagements only: fewer positives
             "train.early_stopping_patience=null",
             "data.val_users=60",
             "data.eval_candidates=20",

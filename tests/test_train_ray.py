@@ -38,6 +38,7 @@ def _config(tmp_path, shop, model_dir, stage, name, max_steps):
             "train.num_workers=2",
             "train.batch_size=8",
             "train.lr=3e-3",
+            "train.loss=bce",  # the loss checks below start from ln 2
             "train.epochs=50",
             f"train.max_steps={max_steps}",
             "train.eval_every_steps=4",
