@@ -35,8 +35,14 @@ def test_minilm_fine_tuned_beats_zero_shot(ray_local, tmp_path, tiny_shop):
             # gain is within the run-to-run noise of Ray Data's streaming order.
             "lora.enabled=false",
             "train.lr=1e-4",
-            "train.loss=bce",  # AUC is asserted too: listwise ranks the top, not every pair
-            "train.epochs=3",  # the tiny shop's first engagements only: fewer positives
+            # The settings this test was sized with (the defaults before 2026-12-03): on the
+            # tiny shop, shown negatives and first engagements only left too few positives for
+            # full fine-tuning to beat zero-shot (0.55 vs 0.64 NDCG@10 with BCE).
+            "train.loss=bce",
+            "train.epochs=2",
+            "data.shown_negatives=false",
+            "data.repeat_positives=all",
+            "data.history_len=10",
             "train.early_stopping_patience=null",
             "data.val_users=60",
             "data.eval_candidates=20",
