@@ -264,11 +264,11 @@ def test_the_report_says_whether_fine_tuning_leads_beyond_the_noise() -> None:
     assert [name for name, _, _ in found] == ["zero-shot m", "tfidf"]
     assert all(gain > half > 0 for _, gain, half in found)
     assert found[0][1] > found[1][1]  # further ahead of the weaker zero-shot model
-    text = leads_text(found, "tfidf", 300).splitlines()
+    text = leads_text(found, 300).splitlines()
     assert text[0].startswith("The fine-tuned ranker leads zero-shot m:")
     assert text[1].startswith("The fine-tuned ranker leads tfidf, the strongest other model")
-    assert "is level with tfidf" in leads_text([("tfidf", 0.01, 0.02)], "tfidf", 300)
-    assert "trails tfidf" in leads_text([("tfidf", -0.05, 0.02)], "tfidf", 300)
+    assert "is level with tfidf, the strongest" in leads_text([("tfidf", 0.01, 0.02)], 300)
+    assert "trails tfidf" in leads_text([("tfidf", -0.05, 0.02)], 300)
     # The zero-shot model is the strongest other: one comparison, named once.
     assert len(leads(table, {TUNED: raw[TUNED], "zero-shot m": raw["zero-shot m"]})) == 1
-    assert leads(table, {TUNED: raw[TUNED]}) == [] and leads_text([], None, 0) == "–"
+    assert leads(table, {TUNED: raw[TUNED]}) == [] and leads_text([], 0) == "–"

@@ -1184,7 +1184,7 @@ def held_out_kinds(shop_dir: str | Path, history_len: int = 10) -> dict[str, flo
     for seq in by_user.values():
         if len(seq) >= 3:
             counts["repeat"] += seq[-1] in seq[:-1]
-        seq = list(dict.fromkeys(seq))  # first engagements
+        seq = list(dict.fromkeys(seq))  # first engagements (examples.first_engagements)
         if len(seq) < 3:
             continue
         n += 1

@@ -117,20 +117,21 @@ def leads(
     others = [name for name in raw if name != TUNED]
     if TUNED not in raw or not others:
         return []
-    against = [name for name in others if name.startswith("zero-shot")]
     best = max(others, key=lambda name: table[name][PRIMARY])
-    against += [] if best in against else [best]
-    return [(name, *paired_interval(raw[TUNED], raw[name], PRIMARY, level)) for name in against]
+    against = [name for name in others if name.startswith("zero-shot") and name != best]
+    return [
+        (name, *paired_interval(raw[TUNED], raw[name], PRIMARY, level)) for name in [*against, best]
+    ]
 
 
-def leads_text(found: list[tuple[str, float, float]], best: str | None, n_users: int) -> str:
-    """One sentence per comparison; `best` names the strongest other model."""
+def leads_text(found: list[tuple[str, float, float]], n_users: int) -> str:
+    """One sentence per comparison of `leads`, whose last is the strongest other model."""
     if not found:
         return "–"
     lines = []
-    for other, gain, half in found:
+    for i, (other, gain, half) in enumerate(found):
         verdict = "leads" if gain > half else "trails" if gain < -half else "is level with"
-        role = ", the strongest other model" if other == best else ""
+        role = ", the strongest other model" if i == len(found) - 1 else ""
         lines.append(
             f"The fine-tuned ranker {verdict} {other}{role}: {gain:+.4f} {PRIMARY} "
             f"±{half:.4f} (95% paired interval over the same {n_users} users)."
@@ -146,8 +147,7 @@ def evaluate(run: Run, model_dir: str) -> tuple[dict[str, dict[str, float]], str
         cfg, with_keys(groups).materialize(), run.data.catalog, model_dir, run.baselines
     )
     n_groups = len(next(iter(raw.values()))[0])
-    best = max((n for n in table if n != TUNED), key=lambda n: table[n][PRIMARY], default=None)
-    fine_tuning = leads_text(leads(table, raw), best, n_groups)
+    fine_tuning = leads_text(leads(table, raw), n_groups)
     protocol = (
         f"{n_groups} {split} users, each ranked over 1 held-out positive + "
         f"{cfg.data.eval_candidates - 1} sampled candidates; ties count against the model. "
