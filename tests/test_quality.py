@@ -39,7 +39,7 @@ def test_minilm_fine_tuned_beats_zero_shot(ray_local, tmp_path, tiny_shop):
             # tiny shop, shown negatives and first engagements only left too few positives for
             # full fine-tuning to beat zero-shot (0.55 vs 0.64 NDCG@10 with BCE).
             "train.loss=bce",
-            "train.epochs=3",
+            "train.epochs=5",  # 3 passed alone but not inside the suite (0.7636 vs 0.7688)
             "data.shown_negatives=false",
             "data.repeat_positives=all",
             "data.history_len=10",
