@@ -29,6 +29,7 @@ from ray.data.expressions import col
 from shoprank.config import DataConfig
 from shoprank.data.contract import POSITIVE_EVENTS, SPLITS
 from shoprank.data.sampling import sample_negatives, user_rng
+from shoprank.data.tasks import as_tasks
 from shoprank.data.text import render_context, render_items
 
 IMPRESSION = "impression"
@@ -54,7 +55,7 @@ def leave_one_out(n: int) -> list[str]:
 
 
 class ExampleBuilder:
-    """Builds one user's groups; a class so the catalog lookup is built once per Ray actor."""
+    """Builds one user's groups; a class so the catalog lookup is built once per worker."""
 
     def __init__(
         self, catalog: pa.Table, cfg: DataConfig, seed: int, pool: list[str] | None = None
@@ -244,12 +245,8 @@ def example_groups(
         if "split" in events.schema().names:
             known = events.filter(expr=col("split") != "test")
         pool = known.unique("item_id")
-    return grouped.map_groups(
-        ExampleBuilder,
-        fn_constructor_kwargs={"catalog": catalog, "cfg": cfg, "seed": seed, "pool": pool},
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1),
-    ).materialize()
+    builder = as_tasks(ExampleBuilder, {"catalog": catalog, "cfg": cfg, "seed": seed, "pool": pool})
+    return grouped.map_groups(**builder, batch_format="pyarrow").materialize()
 
 
 def first_by_user_hash(groups: ray.data.Dataset, n: int | None) -> ray.data.Dataset:

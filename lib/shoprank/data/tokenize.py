@@ -1,4 +1,5 @@
-"""Tokenization inside Ray Data: example groups in, fixed-shape token tensors out.
+"""Tokenization inside Ray Data (tasks, see `data.tasks`): example groups in, fixed-shape token
+tensors out.
 
 The ranker reads (context, item) pairs; the retriever reads contexts and items separately
 (`TowerTokenizer`), and the catalog alone when it is embedded (`ItemTokenizer`).
@@ -7,8 +8,8 @@ The ranker reads (context, item) pairs; the retriever reads contexts and items s
 from __future__ import annotations
 
 import numpy as np
-import ray
 
+from shoprank.data.tasks import as_tasks
 from shoprank.models.encoder import load_tokenizer
 
 # An optional column carried through tokenization and scoring, to line results up with inputs.
@@ -152,11 +153,7 @@ def list_column(values: np.ndarray) -> np.ndarray:
 
 def _map(ds, tokenizer: type, kwargs: dict, batch_size: int):
     return ds.map_batches(
-        tokenizer,
-        fn_constructor_kwargs=kwargs,
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1),  # one tokenizer per Ray actor
+        **as_tasks(tokenizer, kwargs), batch_size=batch_size, batch_format="numpy"
     )
 
 
