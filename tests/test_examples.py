@@ -25,3 +25,28 @@ def test_val_users_are_the_first_by_a_hash_of_the_id(ray_local, tmp_path, tiny_s
     for shuffled in (valid, valid.random_shuffle(seed=1)):
         chosen = sorted(first_by_user_hash(shuffled, 10).unique("user_id"))
         assert chosen == sorted(sorted(everyone, key=lambda u: zlib.crc32(u.encode()))[:10])
+
+
+def test_a_task_builds_its_class_once_per_map_call_and_keeps_a_few():
+    """data.tasks: a worker builds each map call's instance once, whatever the batches."""
+    from shoprank.data import tasks
+
+    built = []
+
+    class Counter:
+        def __init__(self, name):
+            built.append(name)
+
+        def __call__(self, batch):
+            return batch + 1
+
+    first = tasks.as_tasks(Counter, {"name": "a"})
+    assert [first["fn"](b, **first["fn_kwargs"]) for b in (1, 2, 3)] == [2, 3, 4]
+    assert built == ["a"]
+    second = tasks.as_tasks(Counter, {"name": "a"})  # another map call: its own instance
+    second["fn"](0, **second["fn_kwargs"])
+    assert built == ["a", "a"]
+    for i in range(tasks._KEEP + 1):  # older instances go past a few
+        other = tasks.as_tasks(Counter, {"name": str(i)})
+        other["fn"](0, **other["fn_kwargs"])
+    assert len(tasks._BUILT) == tasks._KEEP and first["fn_kwargs"]["key"] not in tasks._BUILT

@@ -67,6 +67,11 @@ def test_ranker_scores_texts_as_it_scores_tokens(exports):
         offline = ranker.score_tokens(tensors).numpy().ravel()
     np.testing.assert_allclose(served, offline, rtol=1e-5, atol=1e-4)
     assert np.ptp(served) > 1e-3  # scores apart: the check above means something
+    # One group of 4 candidates in passes of 3 pairs: a pass boundary inside the group.
+    ranker.batch_size = 3
+    with torch.inference_mode():
+        grouped = ranker.score_tokens({k: v.reshape(1, 4, -1) for k, v in tensors.items()})
+    np.testing.assert_allclose(grouped.numpy().ravel(), offline, rtol=1e-5, atol=1e-4)
 
 
 def test_ranker_cut_shorter_scores_the_pairs_cut_at_that_length(exports):

@@ -198,14 +198,13 @@ class Ranker:
         """[B, G, L] token groups -> [B, G] fp32 logits, in passes of `batch_size` pairs (a
         validation batch holds a few groups of 100 candidates), each trimmed to its longest row."""
         b, g = batch["input_ids"].shape[:2]
-        flat = {k: batch[k].reshape(b * g, -1) for k in TOKEN_KEYS if k in batch}
+        flat = flatten_groups(batch)
         logits = []
         for start in range(0, b * g, self.batch_size):
             rows = {k: v[start : start + self.batch_size] for k, v in flat.items()}
             length = trimmed_length(rows["attention_mask"])
-            tensors = {k: v[:, :length].long() for k, v in rows.items()}
-            logits.append(self.model(**tensors).logits.float().view(-1))
-        return torch.cat(logits).view(b, g)
+            logits.append(self.model(**{k: v[:, :length] for k, v in rows.items()}).logits)
+        return torch.cat(logits).float().view(b, g)
 
     @torch.inference_mode()
     def score(self, contexts: list[str], items: list[str]) -> np.ndarray:
