@@ -127,3 +127,28 @@ def test_lora_zero_trains_and_checkpoints(ray_local, tmp_path, tiny_shop, tiny_m
     )
     assert np.allclose(np.sort(here.ravel()), np.sort(scores.ravel()), atol=1e-5)
     assert group_metrics(here, here_labels, probabilistic=True) == pytest.approx(again)
+
+
+def test_own_batches_repeat_whatever_the_blocks(ray_local):
+    """Each rank's micro-batches depend on the rows' order and the seed only: the same rows cut
+    into other blocks give the same batches, the ranks' batches are disjoint, and a short last
+    batch is dropped on every rank alike."""
+    import ray.data
+
+    from shoprank.train.loop import own_batches
+
+    rows = [{"row": i, "labels": [float(i % 3), 0.0]} for i in range(203)]
+
+    def batches(blocks: int, rank: int, seed: int = 7) -> list[list[int]]:
+        ds = ray.data.from_items(rows, override_num_blocks=blocks).materialize()
+        got = own_batches(ds.iterator(), 4, rank, 2, seed=seed, device="cpu")
+        return [b["row"].tolist() for b in got]
+
+    first = batches(1, 0)
+    assert batches(7, 0) == first  # other blocks, the same batches
+    second = batches(5, 1)
+    assert len(first) == len(second) == 203 // 8
+    assert all(len(b) == 4 for b in first + second)
+    seen = [r for b in first + second for r in b]
+    assert len(seen) == len(set(seen))  # no row twice in one epoch, on either rank
+    assert batches(1, 0, seed=8) != first  # another epoch's seed, another order

@@ -24,6 +24,10 @@ from shoprank.data import read
 
 
 def init_ray(num_cpus: int | None = None) -> None:
+    # Blocks leave every Ray Data step in the order they came in (else in the order their tasks
+    # finish), so that a run builds and reads the same training batches every time. Datasets
+    # take a copy of this context when they are created: it must be set before any read.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     if ray.is_initialized():
         return
     quiet()

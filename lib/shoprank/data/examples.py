@@ -18,6 +18,7 @@ and validation and test keep only their positives.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 
 import numpy as np
@@ -249,6 +250,23 @@ def example_groups(
     return grouped.map_groups(**builder, batch_format="pyarrow").materialize()
 
 
+def _group_order(seed: int):
+    """A stable pseudo-random order of groups, keyed by user and history length (unique per
+    group), so that a run trains on the same groups in the same order every time: Ray Data's
+    group order, and with it what a seeded shuffle returns, changes from run to run."""
+
+    def order(batch: pa.Table) -> pa.Array:
+        users = batch["user_id"].to_pylist()
+        lengths = pc.list_value_length(batch["history_ids"]).to_pylist()
+        keys = [
+            hashlib.blake2b(f"{seed}|{u}|{n}".encode(), digest_size=8).digest()
+            for u, n in zip(users, lengths, strict=True)
+        ]
+        return pa.array([int.from_bytes(k, "little", signed=True) for k in keys], pa.int64())
+
+    return order
+
+
 def first_by_user_hash(groups: ray.data.Dataset, n: int | None) -> ray.data.Dataset:
     """The first n groups in a stable order of users (the same users every run)."""
     if n is None:
@@ -266,9 +284,11 @@ def build_examples(
     for split in SPLITS:
         part = examples.filter(expr=col("split") == split)
         if split == "train":
-            part = part.random_shuffle(seed=seed)
+            part = part.add_column(_ORDER, _group_order(seed), batch_format="pyarrow")
+            part = part.sort(_ORDER)
             if cfg.max_train_positives:
                 part = part.limit(cfg.max_train_positives)
+            part = part.drop_columns([_ORDER])
         else:
             part = first_by_user_hash(part, cfg.val_users if split == "valid" else cfg.test_users)
         out[split] = part.materialize()
