@@ -11,7 +11,8 @@ import torch
 
 from conftest import make_export
 from shoprank.config import Config, DataConfig, ModelConfig
-from shoprank.data.text import render_context
+from shoprank.data.examples import ExampleBuilder
+from shoprank.data.text import history_texts, render_context
 from shoprank.data.tokenize import PairTokenizer, TowerTokenizer
 from shoprank.models.export_meta import METADATA, ExportError, read_export
 from shoprank.models.ranker import Ranker
@@ -31,6 +32,44 @@ def test_render_context_drops_unknown_items_before_taking_the_newest():
     assert render_context(["a", "a", "c", "a"], TEXTS, data) == "tea | red mug"
     every = DataConfig(history_len=2, repeat_positives="all")
     assert render_context(["a", "a", "c", "a"], TEXTS, every) == "red mug | red mug"
+
+
+def test_history_template_shortens_contexts_not_candidates():
+    """`data.history_template` renders the items of a context (training examples, evaluation and
+    serving all take `history_texts`); the candidates keep `item_template`."""
+    import pyarrow as pa
+
+    catalog = pa.table(
+        {
+            "item_id": ["a", "b", "c"],
+            "title": ["Red Mug", "Tea Tin", "Kettle"],
+            "category": ["Kitchen > Mugs", "Food > Tea", "Kitchen > Kettles"],
+            "brand": ["Acme", None, "Boil"],
+        }
+    )
+    data = DataConfig(history_template="{title}. {brand}.", history_len=5)
+    assert (
+        render_context(["b", "a"], history_texts(catalog, data), data)
+        == "Tea Tin. | Red Mug. Acme."
+    )
+    plain = DataConfig()
+    assert history_texts(catalog, plain)["a"] == "Red Mug. Kitchen > Mugs. Acme."
+    events = pa.table(
+        {
+            "user_id": ["u"] * 3,
+            "item_id": ["a", "b", "c"],
+            "event": ["click"] * 3,
+            "ts": pa.array([1, 2, 3], pa.int64()),
+        }
+    )
+    last = ExampleBuilder(
+        catalog, data.model_copy(update={"negatives": 0, "eval_candidates": 1}), seed=0
+    )(events)
+    group = last.to_pylist()[-1]  # predicting c from [b, a]
+    assert group["context"] == "Tea Tin. | Red Mug. Acme."
+    assert group["item_texts"][0] == "Kettle. Kitchen > Kettles. Boil."
+    with pytest.raises(ValueError, match="data.history_template=.*colour"):
+        history_texts(catalog, DataConfig(history_template="{colour}"))
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,9 @@ class DataConfig(Section):
     task: Literal["recommend", "search"] = "recommend"
     # Python format string over catalog columns; missing fields render as empty.
     item_template: str = "{title}. {category}. {brand}."
+    # How an item reads inside a context, as one of a user's history (None: as
+    # `item_template`): a shorter text fits more of the history into `model.max_length`.
+    history_template: str | None = None
     # Most recent items in a context, newest first.
     # (5 on the built-in shop: a longer history is cut by model.max_length anyway.)
     history_len: int = Field(5, ge=1)

@@ -31,7 +31,7 @@ from shoprank.config import DataConfig
 from shoprank.data.contract import POSITIVE_EVENTS, SPLITS
 from shoprank.data.sampling import sample_negatives, user_rng
 from shoprank.data.tasks import as_tasks
-from shoprank.data.text import render_context, render_items
+from shoprank.data.text import history_texts, render_context, render_items
 
 IMPRESSION = "impression"
 
@@ -65,7 +65,7 @@ class ExampleBuilder:
         self.seed = seed
         self.item_ids = catalog["item_id"].to_pylist()
         self.texts = render_items(catalog, cfg.item_template)
-        self.text_of = dict(zip(self.item_ids, self.texts, strict=True))
+        self.text_of = history_texts(catalog, cfg)  # as items read inside a context
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         # The catalog rows negatives are sampled from (None: all; data.negatives_from)
         self.pool = (

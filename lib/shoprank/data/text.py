@@ -18,13 +18,16 @@ def template_fields(template: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(template) if f]
 
 
-def render_items(catalog: pa.Table, template: str) -> list[str]:
-    """One text per catalog row; a missing field renders empty and leaves no dangling dots."""
+def render_items(
+    catalog: pa.Table, template: str, setting: str = "data.item_template"
+) -> list[str]:
+    """One text per catalog row; a missing field renders empty and leaves no dangling dots.
+    `setting` names the template in errors."""
     fields = template_fields(template)
     unknown = [f for f in fields if f not in catalog.column_names]
     if unknown:
         raise ValueError(
-            f"data.item_template={template!r} names {unknown}, which the catalog lacks; "
+            f"{setting}={template!r} names {unknown}, which the catalog lacks; "
             f"catalog columns are {catalog.column_names}"
         )
     columns = {f: catalog[f].to_pylist() for f in fields}
@@ -40,6 +43,16 @@ def render_items(catalog: pa.Table, template: str) -> list[str]:
     return texts
 
 
+def history_texts(catalog: pa.Table, data: DataConfig) -> dict[str, str]:
+    """Item id -> how the item reads inside a context (`data.history_template`, else its own
+    text): the mapping `render_context` takes."""
+    if data.history_template is None:
+        texts = render_items(catalog, data.item_template)
+    else:
+        texts = render_items(catalog, data.history_template, "data.history_template")
+    return dict(zip(catalog["item_id"].to_pylist(), texts, strict=True))
+
+
 def render_context(
     history_ids: Sequence[str],
     texts: Mapping[str, str],
@@ -47,7 +60,8 @@ def render_context(
     extra: str | None = None,
 ) -> str:
     """THE context a model reads for a history (item ids, newest first): in training examples,
-    evaluation and serving alike, with the model's own `data` settings.
+    evaluation and serving alike, with the model's own `data` settings; `texts` is
+    `history_texts` of the catalog.
 
     Ids without a text (items the catalog lacks) are dropped first, then the newest
     `history_len` are kept: training never saw an unknown item, so a history that holds one

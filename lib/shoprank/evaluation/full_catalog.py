@@ -24,7 +24,7 @@ import ray
 from shoprank.config import Config
 from shoprank.console import log
 from shoprank.data.load import counts_table
-from shoprank.data.text import render_context, render_items
+from shoprank.data.text import history_texts, render_context, render_items
 from shoprank.data.tokenize import KEY
 from shoprank.evaluation import metrics, report
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
@@ -110,7 +110,7 @@ def two_stage_ranks(
     # The ranker reads contexts the way it was trained: its own template and history length.
     rcfg = read_export(ranker_dir, kind="ranker").config
     texts = np.array(render_items(catalog, rcfg.data.item_template), dtype=object)
-    text_of = dict(zip(catalog["item_id"].to_pylist(), texts, strict=True))
+    text_of = history_texts(catalog, rcfg.data)
     block = candidates[users, :m]
     table = pa.table(
         {

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from shoprank.console import log
 from shoprank.data.read import resolve
-from shoprank.data.text import render_context, render_items
+from shoprank.data.text import history_texts, render_context, render_items
 from shoprank.data.validate import check_catalog, reason_counts, split_quarantine
 from shoprank.evaluation.metrics import top_n
 from shoprank.models.export_meta import ExportMeta, read_export
@@ -97,7 +97,8 @@ class RetrieverService:
             log(f"{name} v{version.version}: stage one = {describe(stage)}")
             if decision is not None:
                 log(f"{name} v{version.version}: {decision.summary()}")
-            return model, item_texts(catalog, model.meta), stage, decision
+            # (how items read inside a context: the index holds the items' own texts)
+            return model, history_texts(catalog, model.meta.data), stage, decision
 
         self.models = Following(registry, name, load, alias)
 
@@ -185,19 +186,20 @@ class RankerService:
         def load(folder: str, version) -> tuple[Ranker, dict[str, str], ExportMeta, str]:
             meta = read_export(folder, kind="ranker")
             ranker = Ranker.from_export(folder, precision, max_length=max_length)
-            return ranker, item_texts(catalog, meta), meta, rerank.weights_digest(folder)
+            texts = (item_texts(catalog, meta), history_texts(catalog, meta.data))
+            return ranker, texts, meta, rerank.weights_digest(folder)
 
         self.models = Following(registry, name, load, alias)
 
     def score_many(self, requests: list[tuple]) -> list[dict]:
         """Requests (history, context, extra, item ids) scored in one forward pass; each gets
         its scores in its own item order (None for ids the catalog lacks)."""
-        (model, texts, meta, weights), version = self.models.current()
+        (model, (texts, history_of), meta, weights), version = self.models.current()
         sep = meta.data.history_separator
         contexts, items, known_per = [], [], []
         for history, context, extra, item_ids in requests:
             if context is None:  # a history, rendered as the ranker was trained
-                context = render_context(history, texts, meta.data, extra)
+                context = render_context(history, history_of, meta.data, extra)
             elif extra:
                 context = f"{context}{sep}{extra}"
             known = [i for i in item_ids if i in texts]
