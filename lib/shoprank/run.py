@@ -71,6 +71,8 @@ def output_dir(cfg: Config) -> Path:
 def start(args: argparse.Namespace, with_ray: bool = True) -> Run:
     """Load, print and save the resolved config; start or join Ray; the run's context."""
     cfg = load_config(args.config, args.overrides)
+    if not cfg.train.use_gpu:  # as in the workers: else DeepSpeed warns on import (export)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     run = Run(cfg, output_dir(cfg))
     (run.out / "config.yaml").write_text(cfg.to_yaml())
     changed = "\n".join(f"  {k}: {v}" for k, v in differences(cfg).items()) or "  (none)"
