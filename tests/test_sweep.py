@@ -154,6 +154,7 @@ def test_sweep_stops_a_trial_registers_the_winner(
         # trial with lr 1e-9 cannot, so ASHA must stop it before its last validation.
         "train.metric=logloss",
         "train.metric_mode=min",
+        "train.loss=bce",  # (the listwise default leaves the logits' level, and logloss, alone)
         "data.val_users=16",
         "data.test_users=12",
         "data.eval_candidates=10",
