@@ -267,12 +267,15 @@ def _group_order(seed: int):
     return order
 
 
+def _first_by(groups: ray.data.Dataset, order, n: int | None) -> ray.data.Dataset:
+    """The groups sorted by `order` (a batch -> int64 keys function), the first n of them."""
+    groups = groups.add_column(_ORDER, order, batch_format="pyarrow").sort(_ORDER)
+    return (groups.limit(n) if n is not None else groups).drop_columns([_ORDER])
+
+
 def first_by_user_hash(groups: ray.data.Dataset, n: int | None) -> ray.data.Dataset:
     """The first n groups in a stable order of users (the same users every run)."""
-    if n is None:
-        return groups
-    groups = groups.add_column(_ORDER, _user_order, batch_format="pyarrow")
-    return groups.sort(_ORDER).limit(n).drop_columns([_ORDER])
+    return groups if n is None else _first_by(groups, _user_order, n)
 
 
 def build_examples(
@@ -284,11 +287,7 @@ def build_examples(
     for split in SPLITS:
         part = examples.filter(expr=col("split") == split)
         if split == "train":
-            part = part.add_column(_ORDER, _group_order(seed), batch_format="pyarrow")
-            part = part.sort(_ORDER)
-            if cfg.max_train_positives:
-                part = part.limit(cfg.max_train_positives)
-            part = part.drop_columns([_ORDER])
+            part = _first_by(part, _group_order(seed), cfg.max_train_positives or None)
         else:
             part = first_by_user_hash(part, cfg.val_users if split == "valid" else cfg.test_users)
         out[split] = part.materialize()
