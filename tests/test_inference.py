@@ -72,6 +72,40 @@ def test_history_template_shortens_contexts_not_candidates():
         history_texts(catalog, DataConfig(history_template="{colour}"))
 
 
+def test_price_band_reads_price_against_the_items_category():
+    """`{price_band}`: fifths of the price within each category, in words; ties share a band,
+    no price renders nothing, and a subset would band differently (so callers render all)."""
+    import pyarrow as pa
+
+    from shoprank.data.text import render_items
+
+    catalog = pa.table(
+        {
+            "item_id": [f"i{k}" for k in range(9)],
+            "title": ["Pencil"] * 5 + ["Microscope"] * 3 + ["Loupe"],
+            "category": ["Office"] * 5 + ["Lab"] * 3 + [None],
+            "price": [1.0, 2.0, 3.0, 4.0, 12.0, 12.0, 300.0, None, 5.0],
+        }
+    )
+    texts = render_items(catalog, "{title}. {price_band}.")
+    assert texts[:5] == [
+        "Pencil. bargain.",
+        "Pencil. budget.",
+        "Pencil. mid-range.",
+        "Pencil. upscale.",
+        "Pencil. luxury.",  # $12 is dear for a pencil...
+    ]
+    assert texts[5:] == [
+        "Microscope. budget.",
+        "Microscope. upscale.",
+        "Microscope.",
+        "Loupe. mid-range.",
+    ]
+    assert render_items(catalog.slice(0, 2), "{price_band}") == ["budget", "upscale"]
+    with pytest.raises(ValueError, match="price_band.*computed from"):
+        render_items(catalog.drop_columns(["price"]), "{title}. {price_band}.")
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, tiny_model_dir, tiny_shop):
     from conftest import shop_overrides

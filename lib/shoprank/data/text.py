@@ -6,7 +6,9 @@ import re
 import string
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from shoprank.config import DataConfig
 
@@ -18,19 +20,67 @@ def template_fields(template: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(template) if f]
 
 
+PRICE_BANDS = ("bargain", "budget", "mid-range", "upscale", "luxury")
+
+
+def price_bands(catalog: pa.Table) -> list[str | None]:
+    """Each item's price against the others of its category, in words (fifths: the cheapest
+    fifth "bargain" ... the dearest "luxury"); None without a price.
+
+    A shopper's taste for cheap or dear items holds across kinds, but digits do not say it:
+    $12 is dear for a pencil and cheap for a microscope. In words the model can match the
+    history's band to the candidate's. Computed over the whole catalog given, so render the
+    full catalog and take rows from the result, not the other way round.
+    """
+    price = catalog["price"].to_numpy(zero_copy_only=False).astype(np.float64)
+    category = pc.fill_null(catalog["category"], "").to_numpy(zero_copy_only=False)
+    known = np.isfinite(price)
+    bands: list[str | None] = [None] * len(price)
+    keys, group = np.unique(category, return_inverse=True)
+    for g in range(len(keys)):
+        rows = np.flatnonzero((group == g) & known)
+        if len(rows) == 0:
+            continue
+        # Mid-ranks (ties share one), as a fraction in (0, 1): one item alone is mid-range.
+        order = np.argsort(price[rows], kind="stable")
+        ranks = np.empty(len(rows))
+        ranks[order] = np.arange(len(rows))
+        _, inverse, counts = np.unique(price[rows], return_inverse=True, return_counts=True)
+        mean_rank = np.bincount(inverse, weights=ranks) / counts
+        fraction = (mean_rank[inverse] + 0.5) / len(rows)
+        idx = np.minimum((fraction * len(PRICE_BANDS)).astype(int), len(PRICE_BANDS) - 1)
+        for r, i in zip(rows, idx, strict=True):
+            bands[r] = PRICE_BANDS[i]
+    return bands
+
+
+# Template fields computed from the catalog rather than read from one of its columns.
+DERIVED_FIELDS = {"price_band": (("price", "category"), price_bands)}
+
+
 def render_items(
     catalog: pa.Table, template: str, setting: str = "data.item_template"
 ) -> list[str]:
     """One text per catalog row; a missing field renders empty and leaves no dangling dots.
-    `setting` names the template in errors."""
+    `setting` names the template in errors. Fields are catalog columns or `DERIVED_FIELDS`,
+    which read the whole table given (render the full catalog, then take rows)."""
     fields = template_fields(template)
-    unknown = [f for f in fields if f not in catalog.column_names]
+    unknown = [
+        f
+        for f in fields
+        if f not in catalog.column_names
+        and not (f in DERIVED_FIELDS and set(DERIVED_FIELDS[f][0]) <= set(catalog.column_names))
+    ]
     if unknown:
         raise ValueError(
             f"{setting}={template!r} names {unknown}, which the catalog lacks; "
-            f"catalog columns are {catalog.column_names}"
+            f"catalog columns are {catalog.column_names}, and {sorted(DERIVED_FIELDS)} "
+            f"computed from them ({', '.join(f'{k}: {v[0]}' for k, v in DERIVED_FIELDS.items())})"
         )
-    columns = {f: catalog[f].to_pylist() for f in fields}
+    columns = {
+        f: catalog[f].to_pylist() if f in catalog.column_names else DERIVED_FIELDS[f][1](catalog)
+        for f in fields
+    }
     texts = []
     for i in range(catalog.num_rows):
         values = {f: "" if columns[f][i] is None else str(columns[f][i]) for f in fields}

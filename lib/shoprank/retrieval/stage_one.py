@@ -122,7 +122,8 @@ class StageOne:
         # Only the signals the blend was chosen with are computed, at start-up and per request.
         baselines: dict = {}
         if "tfidf" in weights:
-            texts = render_items(catalog.take([served[i] for i in ids]), meta.data.item_template)
+            every = render_items(catalog, meta.data.item_template)  # (derived fields: all rows)
+            texts = [every[served[i]] for i in ids]
             baselines["tfidf"] = TfidfHistory(decay).fit(ids, texts)
         if "popularity" in weights and (folder / "popularity.npy").exists():
             baselines["popularity"] = Popularity.from_counts(
