@@ -36,6 +36,13 @@ def test_bad_values_name_the_field(override, needle):
         load_config(None, [override])
 
 
+def test_unquoted_text_override_says_how_to_quote_it():
+    with pytest.raises(ConfigError, match=r"data\.item_template=\{title\}.*quote a text"):
+        load_config(None, ["data.item_template={title}. {brand}."])
+    quoted = load_config(None, ['data.item_template="{title}. {brand}."'])
+    assert quoted.data.item_template == "{title}. {brand}."
+
+
 def test_renamed_key_of_older_exports_still_loads():
     # Exports written before the rename carry eval.tfidf_decay in their saved config.
     from shoprank.config import Config

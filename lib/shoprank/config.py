@@ -464,7 +464,13 @@ def _set_path(tree: dict, dotted: str, raw: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}={raw}: '{key}' is not a section")
     # YAML parsing gives numbers, booleans, null and lists their natural types.
-    node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"override {dotted}={raw}: not a YAML value ({str(e).splitlines()[0]}); quote a "
+            f"text with spaces, braces or colons: '{dotted}=\"{raw}\"'"
+        ) from None
 
 
 def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
