@@ -8,7 +8,10 @@ each timed from loading the model to the last embedding:
 `plain-sorted-N` (one process, `Encoder.embed`: length-sorted sub-batches of N, each trimmed to
 its longest row) for several N, and `embed_catalog` (`retrieval.embed.embed_catalog`, what
 jobs/embed.py and evaluation run: in process for a catalog up to index.embed_in_process_below
-items, else one Ray Data actor pool tokenizing and embedding). Writes
+items, else one Ray Data actor pool tokenizing and embedding). `--before DIR` adds an arm
+`embed_catalog@before`: the same function of an older checkout (DIR, e.g. a git worktree),
+on the same catalog in a process of its own with DIR/lib first on its path and its own copy
+of the config, so that old and new code are timed in the same rounds. Writes
 runs/bench-embed/bench_embed.{json,md}.
 """
 
@@ -16,11 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 
 from shoprank import run as runs
@@ -61,11 +69,46 @@ def plain_arm(spec: EncoderSpec, texts: list[str], sub_batch: int | None) -> dic
     return {"items_per_s": len(out) / seconds, "threads": threads}
 
 
+# Run by `--before`'s process, with the older checkout's lib/ on its path.
+BEFORE = """
+import json, sys
+import pyarrow.parquet as pq
+from shoprank import run as runs
+from shoprank.config import load_config
+from shoprank.models.retriever import EncoderSpec
+from shoprank.retrieval.embed import embed_catalog
+cfg = load_config(sys.argv[1], [])
+runs.init_ray()
+catalog = pq.read_table(sys.argv[2])
+_, seconds = embed_catalog(catalog, EncoderSpec.zero_shot(cfg), cfg)
+print("BEFORE " + json.dumps({"items_per_s": catalog.num_rows / seconds}))
+"""
+
+
+def before_arm(checkout: Path, config: str, catalog_file: str) -> float:
+    """items/s of `embed_catalog` as the checkout at `checkout` had it."""
+    env = {**os.environ, "PYTHONPATH": str(checkout / "lib")}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", BEFORE, str(checkout / config), catalog_file],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    lines = [x for x in done.stdout.splitlines() if x.startswith("BEFORE ")]
+    if done.returncode or not lines:
+        raise SystemExit(
+            f"--before {checkout}: the old embed_catalog failed:\n{done.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1].removeprefix("BEFORE "))["items_per_s"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--config", default="configs/amazon-retriever.yaml")
     parser.add_argument("--out", default="runs/bench-embed")
+    parser.add_argument("--before", type=Path, help="an older checkout to time in each round")
     cli = parser.parse_args()
     cfg = load_config(cli.config, [])
     runs.init_ray()
@@ -80,7 +123,14 @@ def main() -> None:
 
     arms: dict[str, list[float]] = {}
     threads: dict[str, int] = {}
+    scratch = tempfile.TemporaryDirectory()
+    catalog_file = str(Path(scratch.name) / "catalog.parquet")
+    pq.write_table(catalog, catalog_file)  # the validated catalog, for the --before process
     for r in range(cli.rounds):
+        if cli.before:  # its own Ray, while this one idles
+            arms.setdefault("embed_catalog@before", []).append(
+                before_arm(cli.before, cli.config, catalog_file)
+            )
         for name, sub in [("plain-padded", None), *((f"plain-sorted-{n}", n) for n in SUB_BATCHES)]:
             got = ray.get(plain_arm.options(num_cpus=cpus).remote(spec, texts, sub))
             arms.setdefault(name, []).append(got["items_per_s"])
@@ -97,7 +147,7 @@ def main() -> None:
         + ", ".join(f"{k} {v}" for k, v in threads.items())
         + f"; embed_catalog: in process up to {below} texts, else Ray Data with "
         f"eval.num_cpus={cfg.eval.num_cpus:g}), its sub-batch "
-        f"path: {sub}",
+        f"path: {sub}" + (f"; embed_catalog@before: {cli.before}" if cli.before else ""),
         "",
         "| arm | items/s (median) | range | vs plain-padded (median) | range |",
         "|---|---|---|---|---|",

@@ -9,7 +9,8 @@ and the real training loop (`train.loop.fit`) at 1 worker x 2 CPUs and 2 x 1 (Ze
 on the same fixed-shape tokens (every row max_length real tokens: no padding to save). With
 --real, both again on real Amazon tokens: the plain loop on rows padded to max_length, the
 pipeline trimming each batch to its longest row (the retriever's towers also in
-`retriever.length_buckets` passes of similar-length rows); beside them the data's padding
+`retriever.length_buckets` passes of similar-length rows), and the pipeline again with
+`train.group_by_length` (batches of rows of like length); beside them the data's padding
 ceiling (tokens at max_length over real tokens). Each arm warms up, then its steps are
 timed; each process records its setup (threads, LoRA targets, trainable parameters,
 dropout, attention, optimizer), and the bench refuses to compare arms whose setups differ. A
@@ -316,6 +317,11 @@ def main() -> None:
             layout = f"ray-{t.num_workers}x{t.cpus_per_worker:g}"
             layout += f"-z{t.zero_stage}" if t.num_workers > 1 else ""
             arms.append((task, "real", layout, base, real))
+            # The same layout with batches of rows of like length (`train.group_by_length`).
+            grouped = bench_config(
+                task, cli.steps, cli.warmup, extra=(*cli.set, "train.group_by_length=true")
+            )
+            arms.append((task, "real", f"{layout}-grouped", grouped, real))
 
     results: dict[str, list[dict]] = {}
     peaks = []

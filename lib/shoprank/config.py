@@ -207,6 +207,10 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = 2
     eval_batch_size: int = 200  # pairs per validation forward pass
     log_every_steps: int = 10
+    # Batches of rows of similar length (within each shuffle window, as transformers'
+    # group_by_length): each batch is trimmed to its longest row, so one long row no longer pads
+    # the rest. The batches' order stays shuffled; which rows share a batch changes.
+    group_by_length: bool = False
 
     @model_validator(mode="after")
     def _elastic_needs_stage_0(self) -> TrainConfig:
