@@ -127,10 +127,12 @@ def main() -> None:
     catalog_file = str(Path(scratch.name) / "catalog.parquet")
     pq.write_table(catalog, catalog_file)  # the validated catalog, for the --before process
     for r in range(cli.rounds):
-        if cli.before:  # its own Ray, while this one idles
+        if cli.before:  # its own Ray (its workers import its code): this one stops meanwhile
+            ray.shutdown()
             arms.setdefault("embed_catalog@before", []).append(
                 before_arm(cli.before, cli.config, catalog_file)
             )
+            runs.init_ray()
         for name, sub in [("plain-padded", None), *((f"plain-sorted-{n}", n) for n in SUB_BATCHES)]:
             got = ray.get(plain_arm.options(num_cpus=cpus).remote(spec, texts, sub))
             arms.setdefault(name, []).append(got["items_per_s"])
