@@ -3,16 +3,16 @@
     python jobs/bench_embed.py [--rounds 3] [--config configs/amazon-retriever.yaml]
 
 Arms, all on the config's catalog with the pretrained encoder in bf16, the same threads each,
-each timed from loading the model to the last embedding:
-`plain-padded` (one process, bf16 weights, batches of 64 padded to max_length: the plain peer),
-`plain-sorted-N` (one process, `Encoder.embed`: length-sorted sub-batches of N, each trimmed to
-its longest row) for several N, and `embed_catalog` (`retrieval.embed.embed_catalog`, what
-jobs/embed.py and evaluation run: in process for a catalog up to index.embed_in_process_below
-items, else one Ray Data actor pool tokenizing and embedding). `--before DIR` adds an arm
-`embed_catalog@before`: the same function of an older checkout (DIR, e.g. a git worktree),
-on the same catalog in a process of its own with DIR/lib first on its path and its own copy
-of the config, so that old and new code are timed in the same rounds. Writes
-runs/bench-embed/bench_embed.{json,md}.
+each in a fresh process (no arm profits from an earlier round's warm kernels) and timed from
+loading the model to the last embedding:
+`plain-padded` (bf16 weights, batches of 64 padded to max_length: the plain peer),
+`plain-sorted-N` (`Encoder.embed` with passes of N items) for several N, and `embed_catalog`
+(`retrieval.embed.embed_catalog`, what jobs/embed.py and evaluation run: in process for a
+catalog up to index.embed_in_process_below items, else one Ray Data actor pool tokenizing and
+embedding), run as `python -c` with this checkout's lib/ first on its path. `--before DIR`
+adds `embed_catalog@before`: the same function of an older checkout (DIR, e.g. a git
+worktree) with its own copy of the config, so that old and new code are timed in the same
+rounds. Writes runs/bench-embed/bench_embed.{json,md}.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from shoprank.models.retriever import EncoderSpec
 SUB_BATCHES = (16, 32, 64, 128)
 
 
-@ray.remote
+@ray.remote(max_calls=1)  # a fresh worker process each call
 def plain_arm(spec: EncoderSpec, texts: list[str], sub_batch: int | None) -> dict:
     """One process: `sub_batch` None pads every batch of 64 to max_length (no sorting)."""
     import torch
@@ -69,8 +69,8 @@ def plain_arm(spec: EncoderSpec, texts: list[str], sub_batch: int | None) -> dic
     return {"items_per_s": len(out) / seconds, "threads": threads}
 
 
-# Run by `--before`'s process, with the older checkout's lib/ on its path.
-BEFORE = """
+# Run in a process of its own, with a checkout's lib/ first on its path.
+FRESH = """
 import json, sys
 import pyarrow.parquet as pq
 from shoprank import run as runs
@@ -81,26 +81,25 @@ cfg = load_config(sys.argv[1], [])
 runs.init_ray()
 catalog = pq.read_table(sys.argv[2])
 _, seconds = embed_catalog(catalog, EncoderSpec.zero_shot(cfg), cfg)
-print("BEFORE " + json.dumps({"items_per_s": catalog.num_rows / seconds}))
+print("FRESH " + json.dumps({"items_per_s": catalog.num_rows / seconds}))
 """
 
 
-def before_arm(checkout: Path, config: str, catalog_file: str) -> float:
-    """items/s of `embed_catalog` as the checkout at `checkout` had it."""
+def fresh_arm(checkout: Path, config: str, catalog_file: str) -> float:
+    """items/s of `embed_catalog` as the checkout at `checkout` has it, in a new process."""
     env = {**os.environ, "PYTHONPATH": str(checkout / "lib")}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(
-        [sys.executable, "-c", BEFORE, str(checkout / config), catalog_file],
+        [sys.executable, "-c", FRESH, str(checkout / config), catalog_file],
         env=env,
         capture_output=True,
         text=True,
     )
-    lines = [x for x in done.stdout.splitlines() if x.startswith("BEFORE ")]
+    lines = [x for x in done.stdout.splitlines() if x.startswith("FRESH ")]
     if done.returncode or not lines:
-        raise SystemExit(
-            f"--before {checkout}: the old embed_catalog failed:\n{done.stderr[-3000:]}"
-        )
-    return json.loads(lines[-1].removeprefix("BEFORE "))["items_per_s"]
+        failed = done.stderr[-3000:]
+        raise SystemExit(f"{checkout}: embed_catalog failed:\n{failed}")
+    return json.loads(lines[-1].removeprefix("FRESH "))["items_per_s"]
 
 
 def main() -> None:
@@ -119,26 +118,25 @@ def main() -> None:
     cpus = int(cfg.eval.num_cpus)
     log(f"{len(texts)} catalog texts, max_length {spec.item_max_length}, {cpus} CPUs an arm")
 
-    from shoprank.retrieval.embed import embed_catalog
-
     arms: dict[str, list[float]] = {}
     threads: dict[str, int] = {}
     scratch = tempfile.TemporaryDirectory()
     catalog_file = str(Path(scratch.name) / "catalog.parquet")
     pq.write_table(catalog, catalog_file)  # the validated catalog, for the --before process
+    here = Path(__file__).resolve().parent.parent
+    checkouts = {"embed_catalog": here} | (
+        {"embed_catalog@before": cli.before} if cli.before else {}
+    )
     for r in range(cli.rounds):
-        if cli.before:  # its own Ray (its workers import its code): this one stops meanwhile
-            ray.shutdown()
-            arms.setdefault("embed_catalog@before", []).append(
-                before_arm(cli.before, cli.config, catalog_file)
-            )
-            runs.init_ray()
         for name, sub in [("plain-padded", None), *((f"plain-sorted-{n}", n) for n in SUB_BATCHES)]:
             got = ray.get(plain_arm.options(num_cpus=cpus).remote(spec, texts, sub))
             arms.setdefault(name, []).append(got["items_per_s"])
             threads[name] = got["threads"]
-        _, seconds = embed_catalog(catalog, spec, cfg)
-        arms.setdefault("embed_catalog", []).append(len(texts) / seconds)
+        # Each its own Ray (its workers import its code): this one stops meanwhile.
+        ray.shutdown()
+        for name, checkout in checkouts.items():
+            arms.setdefault(name, []).append(fresh_arm(checkout, cli.config, catalog_file))
+        runs.init_ray()
         log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in arms.items()))
 
     plain = arms["plain-padded"]
@@ -160,6 +158,15 @@ def main() -> None:
             f"| {name} | {statistics.median(rates):.0f} | {min(rates):.0f}-{max(rates):.0f} | "
             f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f} |"
         )
+    if cli.before:
+        ratios = [
+            a / b for a, b in zip(arms["embed_catalog"], arms["embed_catalog@before"], strict=True)
+        ]
+        lines += [
+            "",
+            "embed_catalog over embed_catalog@before, round by round: "
+            f"{statistics.median(ratios):.2f}x (median; {min(ratios):.2f}-{max(ratios):.2f})",
+        ]
     report = "\n".join(lines) + "\n"
     out = Path(cli.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -143,13 +143,15 @@ def encode(
                 rows = torch.cat([passes.pop()[0], rows])
             passes.append((rows, length))
         if len(passes) == 1:  # every row trimmed alike: one pass, in the given order
-            return _encode(encoder, input_ids, attention_mask, pooling, passes[0][1])
-        parts = [_encode(encoder, input_ids[r], attention_mask[r], pooling, n) for r, n in passes]
+            return encode_pass(encoder, input_ids, attention_mask, pooling, passes[0][1])
+        parts = [
+            encode_pass(encoder, input_ids[r], attention_mask[r], pooling, n) for r, n in passes
+        ]
         return torch.cat(parts)[torch.argsort(order)]
-    return _encode(encoder, input_ids, attention_mask, pooling, trimmed_length(attention_mask))
+    return encode_pass(encoder, input_ids, attention_mask, pooling, trimmed_length(attention_mask))
 
 
-def _encode(
+def encode_pass(
     encoder: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
