@@ -68,7 +68,11 @@ def test_shown_not_clicked_items_become_negatives():
 
     def groups(shown: bool, negatives: int = 3) -> list[dict]:
         cfg = DataConfig(
-            negatives=negatives, shown_negatives=shown, eval_candidates=5, item_template="{title}"
+            negatives=negatives,
+            shown_negatives=shown,
+            shown_share=1.0,  # every negative from the shown items while they last
+            eval_candidates=5,
+            item_template="{title}",
         )
         source = events if shown else events.filter(pc.not_equal(events["event"], "impression"))
         return ExampleBuilder(catalog, cfg, seed=0)(source).to_pylist()
@@ -83,7 +87,7 @@ def test_shown_not_clicked_items_become_negatives():
     wide = groups(shown=True, negatives=8)[0]["item_ids"][1:]
     assert {"I1", "I3", "I4", "I5"} <= set(wide) and not {"I0", "I2", "I7"} & set(wide)
     assert len(set(wide)) == 8
-    # Off (the default): sampled negatives only, as before.
+    # Off: sampled negatives only.
     plain = groups(shown=False)[0]["item_ids"][1:]
     assert len(set(plain) & {"I1", "I3", "I4", "I5"}) < 3
     # data.shown_share: at most that share of the negatives shown, the rest sampled.
@@ -164,6 +168,7 @@ def test_held_out_groups_can_be_judged_on_explored_answers_only():
             negatives=4,
             eval_candidates=5,
             shown_negatives=True,
+            shown_share=1.0,
             shown_candidates=True,
             explored_only=explored_only,
             item_template="{title}",
