@@ -6,13 +6,13 @@ Arms, all on the config's catalog with the pretrained encoder in bf16, the same 
 each in a fresh process (no arm profits from an earlier round's warm kernels) and timed from
 loading the model to the last embedding:
 `plain-padded` (bf16 weights, batches of 64 padded to max_length: the plain peer),
-`plain-sorted-N` (`Encoder.embed` with passes of N items) for several N, and `embed_catalog`
-(`retrieval.embed.embed_catalog`, what jobs/embed.py and evaluation run: in process for a
-catalog up to index.embed_in_process_below items, else one Ray Data actor pool tokenizing and
-embedding), run as `python -c` with this checkout's lib/ first on its path. `--before DIR`
-adds `embed_catalog@before`: the same function of an older checkout (DIR, e.g. a git
-worktree) with its own copy of the config, so that old and new code are timed in the same
-rounds. Writes runs/bench-embed/bench_embed.{json,md}.
+`plain-sorted-N` (`Encoder.embed`, passes of at most N x max_length tokens) for several N,
+and `embed_catalog` (`retrieval.embed.embed_catalog`, what jobs/embed.py and evaluation run:
+in process for a catalog up to index.embed_in_process_below items, else one Ray Data actor
+pool tokenizing and embedding), run as `python -c` with this checkout's lib/ first on its
+path. `--before DIR` adds `embed_catalog@before`: the same function of an older checkout
+(DIR, e.g. a git worktree) with its own copy of the config, so that old and new code are
+timed in the same rounds. Writes runs/bench-embed/bench_embed.{json,md}.
 """
 
 from __future__ import annotations

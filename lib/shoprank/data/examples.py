@@ -65,7 +65,7 @@ class ExampleBuilder:
         self.seed = seed
         self.item_ids = catalog["item_id"].to_pylist()
         self.texts = render_items(catalog, cfg.item_template)
-        self.text_of = history_texts(catalog, cfg)  # as items read inside a context
+        self.text_of = history_texts(catalog, cfg, self.texts)  # as read inside a context
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         # The catalog rows negatives are sampled from (None: all; data.negatives_from)
         self.pool = (

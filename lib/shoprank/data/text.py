@@ -7,6 +7,7 @@ import string
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -32,26 +33,19 @@ def price_bands(catalog: pa.Table) -> list[str | None]:
     history's band to the candidate's. Computed over the whole catalog given, so render the
     full catalog and take rows from the result, not the other way round.
     """
-    price = catalog["price"].to_numpy(zero_copy_only=False).astype(np.float64)
-    category = pc.fill_null(catalog["category"], "").to_numpy(zero_copy_only=False)
-    known = np.isfinite(price)
-    bands: list[str | None] = [None] * len(price)
-    keys, group = np.unique(category, return_inverse=True)
-    for g in range(len(keys)):
-        rows = np.flatnonzero((group == g) & known)
-        if len(rows) == 0:
-            continue
-        # Mid-ranks (ties share one), as a fraction in (0, 1): one item alone is mid-range.
-        order = np.argsort(price[rows], kind="stable")
-        ranks = np.empty(len(rows))
-        ranks[order] = np.arange(len(rows))
-        _, inverse, counts = np.unique(price[rows], return_inverse=True, return_counts=True)
-        mean_rank = np.bincount(inverse, weights=ranks) / counts
-        fraction = (mean_rank[inverse] + 0.5) / len(rows)
-        idx = np.minimum((fraction * len(PRICE_BANDS)).astype(int), len(PRICE_BANDS) - 1)
-        for r, i in zip(rows, idx, strict=True):
-            bands[r] = PRICE_BANDS[i]
-    return bands
+    frame = pd.DataFrame(
+        {
+            "category": pc.fill_null(catalog["category"], "").to_numpy(zero_copy_only=False),
+            "price": catalog["price"].to_numpy(zero_copy_only=False).astype(np.float64),
+        }
+    )
+    by_category = frame.groupby("category")["price"]
+    # Mid-ranks (ties share one) as a fraction in (0, 1): one item alone is mid-range.
+    fraction = (by_category.rank(method="average") - 0.5) / by_category.transform("count")
+    band = np.minimum(fraction.to_numpy() * len(PRICE_BANDS), len(PRICE_BANDS) - 1)
+    names = np.array(PRICE_BANDS, dtype=object)
+    known = np.isfinite(band)
+    return np.where(known, names[np.where(known, band, 0).astype(int)], None).tolist()
 
 
 # Template fields computed from the catalog rather than read from one of its columns.
@@ -93,13 +87,18 @@ def render_items(
     return texts
 
 
-def history_texts(catalog: pa.Table, data: DataConfig) -> dict[str, str]:
+def history_texts(
+    catalog: pa.Table, data: DataConfig, item_texts: list[str] | None = None
+) -> dict[str, str]:
     """Item id -> how the item reads inside a context (`data.history_template`, else its own
-    text): the mapping `render_context` takes."""
-    if data.history_template is None:
-        texts = render_items(catalog, data.item_template)
-    else:
+    text): the mapping `render_context` takes. `item_texts`: the catalog's `item_template`
+    texts where the caller has them already (not rendered again)."""
+    if data.history_template is not None:
         texts = render_items(catalog, data.history_template, "data.history_template")
+    elif item_texts is not None:
+        texts = item_texts
+    else:
+        texts = render_items(catalog, data.item_template)
     return dict(zip(catalog["item_id"].to_pylist(), texts, strict=True))
 
 

@@ -109,8 +109,9 @@ def two_stage_ranks(
         return {mix: stage_one.copy() for mix in cfg.eval.rerank_mix}, 0
     # The ranker reads contexts the way it was trained: its own template and history length.
     rcfg = read_export(ranker_dir, kind="ranker").config
-    texts = np.array(render_items(catalog, rcfg.data.item_template), dtype=object)
-    text_of = history_texts(catalog, rcfg.data)
+    rendered = render_items(catalog, rcfg.data.item_template)
+    texts = np.array(rendered, dtype=object)
+    text_of = history_texts(catalog, rcfg.data, rendered)
     block = candidates[users, :m]
     table = pa.table(
         {

@@ -54,10 +54,11 @@ def read_catalog(path: str) -> pa.Table:
     return good
 
 
-def item_texts(catalog: pa.Table, meta: ExportMeta) -> dict[str, str]:
-    """Item id -> text, rendered with the template the model was trained with."""
+def item_texts(catalog: pa.Table, meta: ExportMeta) -> tuple[dict[str, str], dict[str, str]]:
+    """Item id -> text, as the model was trained: (as a candidate, as read in a context)."""
+    rendered = render_items(catalog, meta.data.item_template)
     ids = catalog["item_id"].to_pylist()
-    return dict(zip(ids, render_items(catalog, meta.data.item_template), strict=True))
+    return dict(zip(ids, rendered, strict=True)), history_texts(catalog, meta.data, rendered)
 
 
 def from_args(args: AppArgs) -> tuple[RetrieverService, RankerService | None]:
@@ -183,11 +184,10 @@ class RankerService:
         precision: str = "bf16",
         max_length: int | None = None,
     ):
-        def load(folder: str, version) -> tuple[Ranker, dict[str, str], ExportMeta, str]:
+        def load(folder: str, version) -> tuple[Ranker, tuple[dict, dict], ExportMeta, str]:
             meta = read_export(folder, kind="ranker")
             ranker = Ranker.from_export(folder, precision, max_length=max_length)
-            texts = (item_texts(catalog, meta), history_texts(catalog, meta.data))
-            return ranker, texts, meta, rerank.weights_digest(folder)
+            return ranker, item_texts(catalog, meta), meta, rerank.weights_digest(folder)
 
         self.models = Following(registry, name, load, alias)
 
