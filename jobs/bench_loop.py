@@ -4,19 +4,19 @@ promote; the same app with the ranker frozen at day 0 serves the same visitors b
 
     python jobs/bench_loop.py [--days 6] [--out runs/bench-loop] [section.key=value ...]
 
-The shop: generate_shop's history for --seed-days days (its shoppers drawn for the whole
-period, so their tastes drift during the simulation) and a new brand's line arriving on the
-first simulated day, which shoppers take to day by day (data/synthetic.py: add_line). Stage
-one: the bundled MiniLM as a zero-shot retriever (never retrained); stage two: a ranker on
-MiniLM's first --layers layers, trained on the seed days (the day-0 model), reranking stage
-one's top 30 (rules: out of stock and already bought filtered). Two Serve applications in one
-Ray: `/looped` follows `production`, `/frozen` the `day0` alias. Each simulated day every
-visitor goes to both (paired: same visitor, same random numbers; lib/shoprank/loop/simulate.py),
-then the retraining runs on the looped arm's events (the seed days and what it served).
-Both apps show a share of answers (--explore) as k items drawn at random from the ranked head
-(--explore-top), in a random order, and the nightly gate judges candidate and production on
-those answers' clicks only (data.explored_only): on the others the shoppers' position bias
-favours whichever model ordered the list.
+The shop: generate_shop's history for --seed-days days (its shoppers drawn for the whole period, so
+their tastes drift during the simulation) and a new brand's line arriving on the first simulated
+day, which shoppers take to day by day (data/synthetic.py: add_line). Stage one: the bundled MiniLM
+as a zero-shot retriever (never retrained); stage two: a ranker on MiniLM's first --layers layers,
+trained on the seed days (the day-0 model), reranking stage one's top --retrieve-top (rules: out of
+stock and already bought filtered). Two Serve applications in one Ray: `/looped` follows
+`production`, `/frozen` the `day0` alias. Each simulated day every visitor goes to both (paired:
+same visitor, same random numbers; lib/shoprank/loop/simulate.py), then the retraining runs on the
+looped arm's events (the seed days and what it served). Both apps show a share of answers
+(--explore) as k items drawn at random from the ranked head (--explore-top), in a random order, and
+the nightly gate judges candidate and production on those answers' clicks only
+(data.explored_only): on the others the shoppers' position bias favours whichever model ordered the
+list.
 Overrides (`section.key=value`) apply to the retraining config (configs/retrain-synthetic.yaml).
 Writes bench.json, bench.md and loop.png to --out; each night's report under --out/runs/.
 """
@@ -74,6 +74,12 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=3, help="MiniLM layers of the ranker")
     p.add_argument("--initial-steps", type=int, default=120, help="the day-0 ranker's steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--retrieve-top",
+        type=int,
+        default=30,
+        help="stage one's candidates, all reranked (room for what the ranker learns)",
+    )
     p.add_argument(
         "--explore",
         type=float,
@@ -191,8 +197,8 @@ def main() -> None:
             "api_keys_file": str(out / "keys"),
             "poll_s": 1.0,
             "refresh_s": 3.0,
-            "retrieve_top": 30,
-            "rerank_top": 30,
+            "retrieve_top": cli.retrieve_top,
+            "rerank_top": cli.retrieve_top,
             "impressions_dir": str(arm.spool),
             "impressions_flush_s": 0.5,
             "feedback_ttl_s": 86_400.0,
