@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument(
         "--retrieve-top",
         type=int,
-        default=30,
+        default=100,
         help="stage one's candidates, all reranked (room for what the ranker learns)",
     )
     p.add_argument(
@@ -134,8 +134,13 @@ def main() -> None:
             "train.num_workers=1",
             "train.cpus_per_worker=2",
             "train.batch_size=16",
-            "train.lr=3e-5",  # nights: continued training, gentler than day 0's
-            "train.max_steps=60",
+            # The nights: production trained further with the day-0 recipe on the two newest
+            # days, negatives sampled among the items the log holds (none of the shown ones):
+            # the new line's share of clicks over its share of items is what a trend looks like.
+            "retrain.window_days=2",
+            "train.lr=1e-4",
+            "train.max_steps=120",
+            "data.shown_negatives=false",
             "train.epochs=10",
             "eval.num_cpus=2",
             f"registry.root={out / 'registry'}",
