@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("--days", type=int, default=5, help="simulated days")
     p.add_argument("--seed-days", type=int, default=7, help="days of history before them")
     p.add_argument("--items", type=int, default=1500)
-    p.add_argument("--users", type=int, default=300)
+    p.add_argument("--users", type=int, default=900)
     p.add_argument("--new-items", type=int, default=300, help="the new brand's line")
     p.add_argument("--trend", type=float, nargs=2, default=[0.8, 2.0], metavar=("PER_DAY", "MOST"))
     p.add_argument("--visit-rate", type=float, default=0.5, help="visits per shopper-day")
