@@ -2,7 +2,7 @@
 the live Serve app for N simulated days; each night jobs/retrain.py's retraining runs and may
 promote; the same app with the ranker frozen at day 0 serves the same visitors beside it.
 
-    python jobs/bench_loop.py [--days 6] [--out runs/bench-loop] [section.key=value ...]
+    python jobs/bench_loop.py [--days 5] [--out runs/bench-loop] [section.key=value ...]
 
 The shop: generate_shop's history for --seed-days days (its shoppers drawn for the whole period, so
 their tastes drift during the simulation) and a new brand's line arriving on the first simulated
