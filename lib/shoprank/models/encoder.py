@@ -91,7 +91,25 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         target_modules=[m for m in cfg.target_modules if m in names],
         modules_to_save=to_save,
     )
-    return get_peft_model(model, peft_cfg)
+    model = get_peft_model(model, peft_cfg)
+    keep_input_dtype(model)
+    return model
+
+
+def keep_input_dtype(model: nn.Module) -> None:
+    """Stop peft casting each adapter's input to the adapter's fp32 weights.
+
+    Under bf16 autocast (how shoprank trains) autocast casts a layer's input itself, so peft's
+    cast only copied every adapted layer's bf16 activations to fp32 and back, forward and
+    backward: the same values, bit for bit, at a cost that grows with the adapted layers (LoRA
+    on every Linear adapts the 1,536-wide FFN too). Without autocast every tensor is fp32 and
+    there is nothing to cast.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
