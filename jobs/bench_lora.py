@@ -4,7 +4,7 @@
 
 shoprank trains under bf16 autocast, which casts every layer's input itself; peft's default
 also copies each adapted layer's bf16 input to the adapter's fp32 weights first (and the
-gradient back), which `models.encoder.keep_input_dtype` turns off. Arms, interleaved in every
+gradient back), which `models.encoder.cast_adapter_inputs` turns off. Arms, interleaved in every
 round, one process: the ranker of configs/amazon.yaml with LoRA on every Linear and on query
 and value, each with peft's cast (`peft-cast`, the plain peer) and without (`shoprank`). A
 step is one micro batch of the default layout's worker (8 groups of 4 pairs, 128 tokens,
@@ -32,13 +32,10 @@ PAIRS, LENGTH = 32, 128
 
 def timed_steps(model, cast: bool, steps: int) -> tuple[float, float]:
     """pairs/s over `steps` steps after one warm-up step, and the last step's loss."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
+    from shoprank.models.encoder import cast_adapter_inputs
     from shoprank.models.ranker import ranker_loss
 
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = cast
+    cast_adapter_inputs(model, cast)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (PAIRS, LENGTH), generator=gen)
     labels = (torch.arange(PAIRS) % 4 == 0).float()

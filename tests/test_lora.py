@@ -1,5 +1,5 @@
 """LoRA under bf16 autocast: shoprank turns off peft's cast of each adapter's input to fp32
-(`encoder.keep_input_dtype`), a copy that autocast undoes; the numbers must not change."""
+(`encoder.cast_adapter_inputs`), a copy that autocast undoes; the numbers must not change."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from shoprank.config import LoraConfig, ModelConfig
-from shoprank.models.encoder import apply_lora, load_sequence_scorer
+from shoprank.models.encoder import apply_lora, cast_adapter_inputs, load_sequence_scorer
 
 
 def _logits_and_grads(model, ids, mask) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -33,8 +33,8 @@ def test_adapters_see_autocast_inputs_with_the_same_numbers(tiny_model_dir) -> N
     mask[3:, 17:] = 0
 
     ours, our_grads = _logits_and_grads(model, ids, mask)
-    for m in layers:
-        m.cast_input_dtype_enabled = True  # peft's own default
+    cast_adapter_inputs(model, True)  # peft's own default
+    assert all(m.cast_input_dtype_enabled for m in layers)
     theirs, their_grads = _logits_and_grads(model, ids, mask)
 
     assert torch.equal(ours, theirs)

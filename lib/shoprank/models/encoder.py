@@ -92,12 +92,13 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         modules_to_save=to_save,
     )
     model = get_peft_model(model, peft_cfg)
-    keep_input_dtype(model)
+    cast_adapter_inputs(model, False)
     return model
 
 
-def keep_input_dtype(model: nn.Module) -> None:
-    """Stop peft casting each adapter's input to the adapter's fp32 weights.
+def cast_adapter_inputs(model: nn.Module, enabled: bool) -> None:
+    """Whether peft casts each adapter's input to the adapter's fp32 weights (its default;
+    `apply_lora` turns it off).
 
     Under bf16 autocast (how shoprank trains) autocast casts a layer's input itself, so peft's
     cast only copied every adapted layer's bf16 activations to fp32 and back, forward and
@@ -109,7 +110,7 @@ def keep_input_dtype(model: nn.Module) -> None:
 
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False
+            module.cast_input_dtype_enabled = enabled
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
