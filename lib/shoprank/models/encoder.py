@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 
 from shoprank.config import LoraConfig, ModelConfig
 from shoprank.console import log
+from shoprank.models.heap import keep_heap
 
 
 def bundled_models() -> dict[str, Path]:
@@ -51,6 +52,7 @@ def load_encoder(cfg: ModelConfig, name_or_path: str | None = None) -> nn.Module
     BERT's pooler head is dropped: embeddings are pooled from the token states, and a pooler
     that gets no gradient would only confuse optimizers and LoRA's target matching.
     """
+    keep_heap()
     path = resolve_model_path(name_or_path or cfg.name)
     try:
         model = AutoModel.from_pretrained(path, add_pooling_layer=False, **_attn_kwargs(cfg))
@@ -62,6 +64,7 @@ def load_encoder(cfg: ModelConfig, name_or_path: str | None = None) -> nn.Module
 
 def load_sequence_scorer(name_or_path: str, cfg: ModelConfig) -> nn.Module:
     """A pretrained encoder with a one-logit head: the cross-encoder ranker's backbone."""
+    keep_heap()
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve_model_path(name_or_path), num_labels=1, **_attn_kwargs(cfg)
     )
