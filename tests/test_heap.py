@@ -34,4 +34,3 @@ def test_freed_activations_are_reused_not_faulted_in_again():
     # 10 x 32 MB fresh pages by default is ~80,000 faults of 4 KiB; kept, almost none.
     assert default > 20_000, default
     assert kept < default / 20, (kept, default)
-
