@@ -316,7 +316,10 @@ def main() -> None:
             t = base.train  # the config's own layout
             layout = f"ray-{t.num_workers}x{t.cpus_per_worker:g}"
             layout += f"-z{t.zero_stage}" if t.num_workers > 1 else ""
-            arms.append((task, "real", layout, base, real))
+            configured = layout + ("-grouped" if t.group_by_length else "")
+            arms.append((task, "real", configured, base, real))
+            if t.group_by_length:  # the config's layout already cuts batches of like length
+                continue
             # The same layout with batches of rows of like length (`train.group_by_length`).
             grouped = bench_config(
                 task, cli.steps, cli.warmup, extra=(*cli.set, "train.group_by_length=true")
