@@ -9,7 +9,8 @@ users, with every signal and without each in turn, and the set with the best val
 (eval.signal_selection: what jobs/blend.py ships); for the fine-tuned retriever also a fusion
 without its candidate-to-history features (eval.fusion_pairs); with --ranker, the shipped fine-tuned
 system's top eval.rerank_top reranked by the cross-encoder at the eval.rerank_mix chosen on
-valid. Writes <run>/ablation/ablation.md with a plot, and ablation.json.
+valid, and by a LambdaMART model over both scores fitted on valid (rounds cross-fitted).
+Writes <run>/ablation/ablation.md with a plot, and ablation.json.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import numpy as np
 from shoprank import run as runs
 from shoprank.console import log
 from shoprank.evaluation import ablation, metrics, report
-from shoprank.evaluation.full_catalog import two_stage_ranks
+from shoprank.evaluation.full_catalog import block_ranks, ranker_block
 from shoprank.models.retriever import EncoderSpec
+from shoprank.retrieval import rerank
 from shoprank.retrieval.embed import embed_catalog, embed_contexts, ensure_index
 from shoprank.retrieval.index import INDEX_DIR, read_embeddings
 
@@ -91,43 +93,65 @@ def main() -> None:
         rows[f"{name} encoder, signals chosen on valid ({label}): {stage}"] = systems[label].test[
             stage
         ]
-    chosen = None
+    chosen = stage_two = None
+    ranker_valid: dict[str, dict[str, float]] = {}
     if args.ranker:
         full = systems[shipped["fine-tuned"]]
-        reranked = {}
+        blocks, stage_one = {}, {}
         for split, data in fine.items():
             scores = ablation.final_scores(full, data)
             candidates = metrics.top_n(scores, cfg.eval.retrieve_top)
-            stage_one = metrics.target_ranks(scores, data.contexts.target)
-            reranked[split], _ = two_stage_ranks(
+            stage_one[split] = metrics.target_ranks(scores, data.contexts.target)
+            blocks[split] = ranker_block(
                 cfg,
                 args.ranker,
                 data.contexts,
                 candidates,
                 np.take_along_axis(scores, candidates, axis=1),
-                stage_one,
+                stage_one[split],
                 catalog,
             )
+
+        def mixed(split: str, mix: float) -> np.ndarray:
+            b = blocks[split]
+            return block_ranks(b, rerank.mixed(b.stage_one, b.scores, mix), stage_one[split])
+
         on_valid = {
-            mix: metrics.ranking_metrics(r, cfg.eval.ks)[cfg.train.metric]
-            for mix, r in reranked["valid"].items()
+            mix: metrics.ranking_metrics(mixed("valid", mix), cfg.eval.ks)[cfg.train.metric]
+            for mix in cfg.eval.rerank_mix
         }
+        log(f"ranker mixes on valid ({cfg.train.metric}): {on_valid}")
         chosen = max(on_valid, key=lambda w: (on_valid[w], -w))
         rows[f"fine-tuned encoder: fused + ranker (mix {chosen:g})"] = metrics.ranking_metrics(
-            reranked["test"][chosen], cfg.eval.ks
+            mixed("test", chosen), cfg.eval.ks
         )
+        ranker_valid[f"fine-tuned encoder: fused + ranker (mix {chosen:g})"] = (
+            metrics.ranking_metrics(mixed("valid", chosen), cfg.eval.ks)
+        )
+        # Stage two as a LambdaMART model over both scores, fitted on valid.
+        if len(blocks["valid"].users) < 2 * cfg.eval.fusion_folds:
+            log(f"too few valid users with their item in the top {cfg.eval.rerank_top} to fit")
+        else:
+            valid_ranks, test_ranks, stage_two = ablation.fit_rerank_fusion(
+                cfg, blocks["valid"], stage_one["valid"], blocks["test"], stage_one["test"]
+            )
+            label = f"fine-tuned encoder: fused + ranker, LambdaMART ({stage_two} rounds)"
+            rows[label] = metrics.ranking_metrics(test_ranks, cfg.eval.ks)
+            ranker_valid[label] = metrics.ranking_metrics(valid_ranks, cfg.eval.ks)
 
     # 4. Report.
     folder = run.out / "ablation"
     folder.mkdir(parents=True, exist_ok=True)
     columns = [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")]
     valid_rows = {f"{lb}: {st}": m for lb, s in systems.items() for st, m in s.valid.items()}
+    valid_rows |= ranker_valid
     record = {
         "test": rows,
         "valid": valid_rows,
         "weights": {label: s.weights for label, s in systems.items()},
         "fusion": {label: s.notes for label, s in systems.items()},
         "ranker_mix": chosen,
+        "stage_two_rounds": stage_two,
         "users": {s: len(d.contexts.target) for s, d in fine.items()},
     }
     (folder / "ablation.json").write_text(json.dumps(record, indent=2))

@@ -139,3 +139,40 @@ def test_pair_features_find_the_item_next_to_the_newest_one(tmp_path) -> None:
         fusion.Fusion.load(tmp_path).scores(signals, blended, history, pairs),
         model.scores(signals, blended, history, pairs),
     )
+
+
+def test_stage_two_lambdamart_learns_whom_to_trust() -> None:
+    """Stage one's scores of the block carry nothing; the ranker's find the target when its
+    raw score is high and carry nothing when it is low. Fitted on valid users, the model
+    puts unseen test users' targets first where the ranker is sure; users whose target is
+    outside the block keep their stage-one rank."""
+    from shoprank.config import Config
+    from shoprank.evaluation import ablation
+    from shoprank.evaluation.full_catalog import RankerBlock
+
+    cfg = Config.model_validate({"eval": {"fusion_rounds": [20, 40]}})
+    m = 10
+
+    def split(seed: int, users: int = 400) -> tuple[RankerBlock, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        where = rng.integers(0, m, users)
+        labels = np.zeros((users, m), np.float32)
+        labels[np.arange(users), where] = 1
+        sure = rng.random(users) < 0.5
+        scores = rng.normal(size=(users, m)).astype(np.float32)
+        scores[sure] += 4 * labels[sure] + 3  # sure: high scores, the target highest
+        block = RankerBlock(np.arange(users), scores, labels, rng.normal(size=(users, m)))
+        stage_one = np.concatenate([where, rng.integers(m, 500, 100)])  # 100 users outside
+        return block, stage_one
+
+    (valid, valid_ranks), (test, test_ranks) = split(0), split(1)
+    fitted_valid, fitted_test, rounds = ablation.fit_rerank_fusion(
+        cfg, valid, valid_ranks, test, test_ranks
+    )
+    assert rounds in (20, 40)
+    sure = test.scores.max(axis=1) > 3
+    assert (fitted_test[: len(sure)][sure] == 0).mean() > 0.9
+    assert np.array_equal(fitted_test[400:], test_ranks[400:])
+    before = metrics.ranking_metrics(test_ranks, [10])["ndcg@10"]
+    assert metrics.ranking_metrics(fitted_test, [10])["ndcg@10"] > before + 0.2
+    assert metrics.ranking_metrics(fitted_valid, [10])["ndcg@10"] > before + 0.2

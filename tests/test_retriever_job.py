@@ -191,6 +191,11 @@ def test_retriever_train_embed_and_two_stage_evaluate(
         "fine-tuned encoder, without retriever: fused",
     } <= set(rows)
     assert f"fine-tuned encoder: fused + ranker (mix {found['ranker_mix']:g})" in rows
+    # Stage two as a LambdaMART model over stage one's and the ranker's scores, fitted on valid.
+    lambdamart = (
+        f"fine-tuned encoder: fused + ranker, LambdaMART ({found['stage_two_rounds']} rounds)"
+    )
+    assert lambdamart in rows and lambdamart in found["valid"]
     assert "retriever" not in found["weights"]["fine-tuned encoder, without retriever"]
     # The fusion without its candidate-to-history features: same blend, no pair features.
     shipped = [r for r in rows if r.startswith("fine-tuned encoder, signals chosen on valid")]

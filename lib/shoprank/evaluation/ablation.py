@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shoprank.evaluation import metrics
-from shoprank.retrieval import blend
+from shoprank.evaluation.full_catalog import RankerBlock, block_ranks
+from shoprank.retrieval import blend, fusion
 from shoprank.retrieval.embed import Contexts
 from shoprank.retrieval.fusion import Fusion, Pairs
 from shoprank.retrieval.fusion import fit_for as fit_fusion
@@ -107,3 +108,45 @@ def final_scores(system: System, split: Signals) -> np.ndarray:
         return blended
     pairs = split.pairs if system.notes.get("pairs", True) else None
     return system.fusion.scores(s, blended, split.rows, pairs)
+
+
+def rerank_features(block: RankerBlock) -> np.ndarray:
+    """[n, m, 5] per candidate of the block: stage one's and the ranker's scores standardised
+    within it, their ranks in it, and the ranker's raw score (comparable across users)."""
+    s1, s2 = blend.standardize(block.stage_one), blend.standardize(block.scores)
+
+    def ranks(a: np.ndarray) -> np.ndarray:
+        return np.argsort(np.argsort(-a, axis=1), axis=1)
+
+    columns = (s1, ranks(block.stage_one), s2, ranks(block.scores), block.scores)
+    return np.stack([np.asarray(c, dtype=np.float32) for c in columns], axis=2)
+
+
+def fit_rerank_fusion(
+    cfg, valid: RankerBlock, valid_ranks: np.ndarray, test: RankerBlock, test_ranks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Stage two as a LambdaMART model over stage one's and the ranker's scores of the block,
+    instead of one fixed mix: it may trust the ranker where stage one is unsure. Rounds chosen
+    by cross-fitting on the valid users, the model fitted on all of them, applied to test.
+    Returns every valid user's cross-fitted rank, every test user's rank, and the rounds."""
+    x, y = rerank_features(valid), valid.labels > 0
+    params = fusion.lambdarank_params(15, 0.05, max(1, int(cfg.eval.num_cpus)), cfg.run.seed)
+    rounds = cfg.eval.fusion_rounds
+    by_rounds = {
+        r: block_ranks(valid, pred, valid_ranks)
+        for r, pred in fusion.cross_fit(
+            x, y, rounds, cfg.eval.fusion_folds, params, cfg.run.seed
+        ).items()
+    }
+    metric = cfg.train.metric
+
+    def value(r: int) -> float:
+        return metrics.ranking_metrics(by_rounds[r], cfg.eval.ks)[metric]
+
+    best = max(rounds, key=value)
+    model = fusion.train_booster(x, y, np.arange(len(y)), best, params)
+    if not len(test.users):
+        return by_rounds[best], test_ranks.copy(), best
+    xt = rerank_features(test)
+    pred = model.predict(xt.reshape(-1, xt.shape[2])).reshape(xt.shape[:2])
+    return by_rounds[best], block_ranks(test, pred, test_ranks), best

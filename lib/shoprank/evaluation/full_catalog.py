@@ -87,7 +87,18 @@ def baseline_ranks(
     return out
 
 
-def two_stage_ranks(
+@dataclass
+class RankerBlock:
+    """The cross-encoder's scores of the top `m` stage-one candidates, for the users whose
+    target sits among them (the others' ranks cannot change by reordering the block)."""
+
+    users: np.ndarray  # [n] indices into the split's users
+    scores: np.ndarray  # [n, m] ranker scores, stage one's order
+    labels: np.ndarray  # [n, m] 1 at the target
+    stage_one: np.ndarray  # [n, m] stage-one scores of the same candidates
+
+
+def ranker_block(
     cfg: Config,
     ranker_dir: str,
     contexts: Contexts,
@@ -95,18 +106,13 @@ def two_stage_ranks(
     candidate_scores: np.ndarray,
     stage_one: np.ndarray,
     catalog: pa.Table,
-) -> tuple[dict[float, np.ndarray], int]:
-    """Final ranks after the cross-encoder reorders the top `rerank_top` candidates.
-
-    The new order is ``(1 - mix) * z(stage-one score) + mix * z(ranker score)``, both
-    standardised within each user's block, for every mix in `eval.rerank_mix` (1 = the ranker
-    alone). Only users whose target sits in the block are scored (the others keep their
-    stage-one rank, which is >= the block size); returns {mix: ranks} and the users scored.
-    """
+) -> RankerBlock:
+    """Score the top `eval.rerank_top` candidates of every user whose target is among them."""
     m = min(cfg.eval.rerank_top or candidates.shape[1], candidates.shape[1])
     users = np.flatnonzero(stage_one < m)
     if not len(users):
-        return {mix: stage_one.copy() for mix in cfg.eval.rerank_mix}, 0
+        empty = np.zeros((0, m), np.float32)
+        return RankerBlock(users, empty, empty, empty)
     # The ranker reads contexts the way it was trained: its own template and history length.
     rcfg = read_export(ranker_dir, kind="ranker").config
     rendered = render_items(catalog, rcfg.data.item_template)
@@ -132,17 +138,46 @@ def two_stage_ranks(
         batch_size=max(1, cfg.train.eval_batch_size // m),
         in_process_below=cfg.eval.score_in_process_below,
     )
-    out = {}
-    for mix in cfg.eval.rerank_mix:
-        # Every scored group holds its target once: its rank is its place in the new order.
-        final = stage_one.copy()
-        final[keys] = metrics.grouped_ranks(
-            np.repeat(np.arange(len(scores)), m),
-            labels.ravel(),
-            rerank.mixed(candidate_scores[keys, :m], scores, mix).ravel(),
-        )
-        out[mix] = final
-    return out, len(users)
+    return RankerBlock(keys, scores, labels, candidate_scores[keys, :m])
+
+
+def block_ranks(block: RankerBlock, order_scores: np.ndarray, stage_one: np.ndarray) -> np.ndarray:
+    """Every user's final rank once `order_scores` [n, m] reorders the block's users' top m;
+    the other users keep their stage-one rank (>= m)."""
+    final = stage_one.copy()
+    n, m = block.scores.shape
+    final[block.users] = metrics.grouped_ranks(
+        np.repeat(np.arange(n), m), block.labels.ravel(), order_scores.ravel()
+    )
+    return final
+
+
+def two_stage_ranks(
+    cfg: Config,
+    ranker_dir: str,
+    contexts: Contexts,
+    candidates: np.ndarray,
+    candidate_scores: np.ndarray,
+    stage_one: np.ndarray,
+    catalog: pa.Table,
+) -> tuple[dict[float, np.ndarray], int]:
+    """Final ranks after the cross-encoder reorders the top `rerank_top` candidates.
+
+    The new order is ``(1 - mix) * z(stage-one score) + mix * z(ranker score)``, both
+    standardised within each user's block, for every mix in `eval.rerank_mix` (1 = the ranker
+    alone). Only users whose target sits in the block are scored (the others keep their
+    stage-one rank, which is >= the block size); returns {mix: ranks} and the users scored.
+    """
+    block = ranker_block(
+        cfg, ranker_dir, contexts, candidates, candidate_scores, stage_one, catalog
+    )
+    if not len(block.users):
+        return {mix: stage_one.copy() for mix in cfg.eval.rerank_mix}, 0
+    out = {
+        mix: block_ranks(block, rerank.mixed(block.stage_one, block.scores, mix), stage_one)
+        for mix in cfg.eval.rerank_mix
+    }
+    return out, len(block.users)
 
 
 def rank_all(

@@ -196,7 +196,7 @@ class Fusion:
         return cls(booster, int(meta["top"]), list(meta["features"]))
 
 
-def _params(leaves: int, learning_rate: float, threads: int, seed: int) -> dict:
+def lambdarank_params(leaves: int, learning_rate: float, threads: int, seed: int) -> dict:
     return {
         "objective": "lambdarank",
         "learning_rate": learning_rate,
@@ -211,7 +211,7 @@ def _params(leaves: int, learning_rate: float, threads: int, seed: int) -> dict:
     }
 
 
-def _train(x: np.ndarray, y: np.ndarray, users: np.ndarray, rounds: int, params: dict):
+def train_booster(x: np.ndarray, y: np.ndarray, users: np.ndarray, rounds: int, params: dict):
     """A booster on these users' groups; groups without their target teach nothing."""
     users = users[y[users].any(axis=1)]
     if not len(users):
@@ -219,6 +219,23 @@ def _train(x: np.ndarray, y: np.ndarray, users: np.ndarray, rounds: int, params:
     n, f = x.shape[1], x.shape[2]
     data = lgb.Dataset(x[users].reshape(-1, f), y[users].reshape(-1), group=np.full(len(users), n))
     return lgb.train(params, data, num_boost_round=rounds)
+
+
+def cross_fit(
+    x: np.ndarray, y: np.ndarray, rounds: Sequence[int], folds: int, params: dict, seed: int
+) -> dict[int, np.ndarray]:
+    """{rounds: [U, N] scores}, each user's from a booster trained on the other folds' users:
+    figures on the users a model was chosen on, without the model having seen them."""
+    fold = np.random.default_rng(seed).permutation(len(y)) % folds
+    out = {}
+    for r in rounds:
+        pred = np.zeros(y.shape)
+        for f in range(folds):
+            model = train_booster(x, y, np.flatnonzero(fold != f), r, params)
+            held = np.flatnonzero(fold == f)
+            pred[held] = model.predict(x[held].reshape(-1, x.shape[2])).reshape(len(held), -1)
+        out[r] = pred
+    return out
 
 
 def fused_ranks(order: np.ndarray, cand: np.ndarray, target: np.ndarray, blend_ranks: np.ndarray):
@@ -251,20 +268,14 @@ def fit(
     cand, x, names = features(signals, blended, history_rows, top, pairs)
     y = cand == np.asarray(target)[:, None]
     blend_ranks = metrics.target_ranks(blended, target)
-    params = _params(leaves, learning_rate, threads, seed)
-    fold = np.random.default_rng(seed).permutation(len(target)) % folds
+    params = lambdarank_params(leaves, learning_rate, threads, seed)
     table = {"blend": metrics.ranking_metrics(blend_ranks, ks)}
-    for r in rounds:
-        pred = np.zeros(y.shape)
-        for f in range(folds):
-            model = _train(x, y, np.flatnonzero(fold != f), r, params)
-            held = np.flatnonzero(fold == f)
-            pred[held] = model.predict(x[held].reshape(-1, x.shape[2])).reshape(len(held), -1)
+    for r, pred in cross_fit(x, y, rounds, folds, params, seed).items():
         order = np.argsort(-pred, axis=1, kind="stable")
         ranks = fused_ranks(order, cand, np.asarray(target), blend_ranks)
         table[f"fusion, {r} rounds"] = metrics.ranking_metrics(ranks, ks)
     best = max(rounds, key=lambda r: table[f"fusion, {r} rounds"][metric])
-    model = _train(x, y, np.arange(len(target)), best, params)
+    model = train_booster(x, y, np.arange(len(target)), best, params)
     gain = model.feature_importance("gain")
     gain = gain / max(gain.sum(), 1e-12)
     details = {
