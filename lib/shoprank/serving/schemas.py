@@ -139,7 +139,9 @@ class AppArgs(_Body):
     # (rerank.json: the count and mix chosen on valid, only if the ranker improved stage one
     # there; else none). A number forces the ranker's order on that many: not what was evaluated.
     rerank_top: int | None = Field(None, ge=1)
-    ranker_precision: str = "bf16"  # fp32, bf16 or int8 (models/ranker.py)
+    # The ranker's backend (models/ranker.py): torch fp32, bf16 or dynamic int8; ONNX Runtime
+    # fp32 or int8 (RESULTS.md: bf16 is the fastest on AMX CPUs, ONNX fp32 matches torch fp32).
+    ranker_precision: Literal["fp32", "bf16", "int8", "onnx", "onnx-int8"] = "bf16"
     # The ranker's pair length in tokens; None: as trained (its export's). Shorter is cheaper;
     # evaluate the same choice first (eval.ranker_max_length) to see what it costs.
     ranker_max_length: int | None = Field(None, ge=8)
