@@ -99,7 +99,12 @@ def main() -> None:
         full = systems[shipped["fine-tuned"]]
         blocks, stage_one = {}, {}
         for split, data in fine.items():
-            scores = ablation.final_scores(full, data)
+            # On valid, each user's stage one from the fusion that did not see them: the mix
+            # and stage two are chosen on stage-one scores as unseen users will get them.
+            if split == "valid":
+                scores = ablation.cross_fitted_scores(cfg, full, data)
+            else:
+                scores = ablation.final_scores(full, data)
             candidates = metrics.top_n(scores, cfg.eval.retrieve_top)
             stage_one[split] = metrics.target_ranks(scores, data.contexts.target)
             blocks[split] = ranker_block(

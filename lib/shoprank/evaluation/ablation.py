@@ -110,6 +110,20 @@ def final_scores(system: System, split: Signals) -> np.ndarray:
     return system.fusion.scores(s, blended, split.rows, pairs)
 
 
+def cross_fitted_scores(cfg, system: System, split: Signals) -> np.ndarray:
+    """The system's stage-one scores [users, items] for the users it was fitted on (valid),
+    each from the fusion model that did not see that user: what `final_scores` would give on
+    unseen users. (Without a fusion: the blend, whose weights were chosen on these users.)"""
+    s = {k: split.signals[k] for k in system.weights}
+    blended = blend.blend(s, system.weights)
+    if system.fusion is None:
+        return blended
+    pairs = split.pairs if system.notes.get("pairs", True) and cfg.eval.fusion_pairs else None
+    return fusion.cross_fitted_scores(
+        cfg, system.notes["rounds"], s, blended, split.rows, split.contexts.target, pairs
+    )
+
+
 def rerank_features(block: RankerBlock) -> np.ndarray:
     """[n, m, 5] per candidate of the block: stage one's and the ranker's scores standardised
     within it, their ranks in it, and the ranker's raw score (comparable across users)."""

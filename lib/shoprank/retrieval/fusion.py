@@ -142,6 +142,14 @@ def features(
     return cand, x, feature_names(names, pairs)
 
 
+def placed(blended: np.ndarray, cand: np.ndarray, fused: np.ndarray) -> np.ndarray:
+    """[U, items]: the candidates in the model's order, above the rest in the blend's."""
+    out = np.array(blended, dtype=np.float64)
+    lift = out.max(axis=1, keepdims=True) + 1.0 - fused.min(axis=1, keepdims=True)
+    np.put_along_axis(out, cand, fused + lift, axis=1)
+    return out
+
+
 @dataclass
 class Fusion:
     booster: lgb.Booster
@@ -167,10 +175,7 @@ class Fusion:
             )
         users, n, f = x.shape
         fused = self.booster.predict(x.reshape(-1, f), num_threads=1).reshape(users, n)
-        out = np.array(blended, dtype=np.float64)
-        lift = out.max(axis=1, keepdims=True) + 1.0 - fused.min(axis=1, keepdims=True)
-        np.put_along_axis(out, cand, fused + lift, axis=1)
-        return out
+        return placed(blended, cand, fused)
 
     def save(self, export_dir: str | Path, details: dict) -> Path:
         folder = Path(export_dir)
@@ -284,6 +289,25 @@ def fit(
         "feature_gain": {n: round(float(g), 4) for n, g in zip(names, gain, strict=True)},
     }
     return Fusion(model, top, names), details
+
+
+def cross_fitted_scores(
+    cfg,
+    rounds: int,
+    signals: dict[str, np.ndarray],
+    blended: np.ndarray,
+    history_rows,
+    target: np.ndarray,
+    pairs: Pairs | None = None,
+) -> np.ndarray:
+    """[U, items] scores of the users a fusion was fitted on, each user's from the model of
+    `fit_for`'s cross-fitting that did not see them (same folds, this many rounds): what a
+    choice made after stage one on these users (e.g. stage two's mix) must be made on."""
+    cand, x, _ = features(signals, blended, history_rows, cfg.eval.fusion_top, pairs)
+    y = cand == np.asarray(target)[:, None]
+    params = lambdarank_params(15, 0.05, max(1, int(cfg.eval.num_cpus)), cfg.run.seed)
+    pred = cross_fit(x, y, [rounds], cfg.eval.fusion_folds, params, cfg.run.seed)[rounds]
+    return placed(blended, cand, pred)
 
 
 def fit_for(
