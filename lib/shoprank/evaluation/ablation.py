@@ -144,7 +144,7 @@ def fit_rerank_fusion(
     by cross-fitting on the valid users, the model fitted on all of them, applied to test.
     Returns every valid user's cross-fitted rank, every test user's rank, and the rounds."""
     x, y = rerank_features(valid), valid.labels > 0
-    params = fusion.lambdarank_params(15, 0.05, max(1, int(cfg.eval.num_cpus)), cfg.run.seed)
+    params = fusion.params_for(cfg)
     rounds = cfg.eval.fusion_rounds
     by_rounds = {
         r: block_ranks(valid, pred, valid_ranks)

@@ -43,6 +43,9 @@ PAIR_FEATURES = {
 }
 SIMILAR_TO = 5
 _USERS_PER_CHUNK = 512
+# The boosted trees' shape and step: small trees, slow learning (`fit`'s defaults).
+LEAVES = 15
+LEARNING_RATE = 0.05
 
 
 @dataclass
@@ -226,6 +229,11 @@ def train_booster(x: np.ndarray, y: np.ndarray, users: np.ndarray, rounds: int, 
     return lgb.train(params, data, num_boost_round=rounds)
 
 
+def params_for(cfg) -> dict:
+    """`lambdarank_params` with `fit`'s default trees and the eval section's CPUs."""
+    return lambdarank_params(LEAVES, LEARNING_RATE, max(1, int(cfg.eval.num_cpus)), cfg.run.seed)
+
+
 def cross_fit(
     x: np.ndarray, y: np.ndarray, rounds: Sequence[int], folds: int, params: dict, seed: int
 ) -> dict[int, np.ndarray]:
@@ -262,8 +270,8 @@ def fit(
     seed: int,
     ks: Sequence[int] = (10, 50),
     metric: str = "ndcg@10",
-    leaves: int = 15,
-    learning_rate: float = 0.05,
+    leaves: int = LEAVES,
+    learning_rate: float = LEARNING_RATE,
     pairs: Pairs | None = None,
 ) -> tuple[Fusion, dict]:
     """Choose the rounds by `folds`-fold cross-fitting on these users, then fit on all of them.
@@ -305,8 +313,7 @@ def cross_fitted_scores(
     choice made after stage one on these users (e.g. stage two's mix) must be made on."""
     cand, x, _ = features(signals, blended, history_rows, cfg.eval.fusion_top, pairs)
     y = cand == np.asarray(target)[:, None]
-    params = lambdarank_params(15, 0.05, max(1, int(cfg.eval.num_cpus)), cfg.run.seed)
-    pred = cross_fit(x, y, [rounds], cfg.eval.fusion_folds, params, cfg.run.seed)[rounds]
+    pred = cross_fit(x, y, [rounds], cfg.eval.fusion_folds, params_for(cfg), cfg.run.seed)[rounds]
     return placed(blended, cand, pred)
 
 
