@@ -23,9 +23,8 @@ import numpy as np
 from shoprank import run as runs
 from shoprank.console import log
 from shoprank.evaluation import ablation, metrics, report
-from shoprank.evaluation.full_catalog import block_ranks, ranker_block
+from shoprank.evaluation.full_catalog import mixed_ranks, ranker_block
 from shoprank.models.retriever import EncoderSpec
-from shoprank.retrieval import rerank
 from shoprank.retrieval.embed import embed_catalog, embed_contexts, ensure_index
 from shoprank.retrieval.index import INDEX_DIR, read_embeddings
 
@@ -117,21 +116,18 @@ def main() -> None:
                 catalog,
             )
 
-        def mixed(split: str, mix: float) -> np.ndarray:
-            b = blocks[split]
-            return block_ranks(b, rerank.mixed(b.stage_one, b.scores, mix), stage_one[split])
-
+        mixed = {split: mixed_ranks(cfg, blocks[split], stage_one[split]) for split in blocks}
         on_valid = {
-            mix: metrics.ranking_metrics(mixed("valid", mix), cfg.eval.ks)[cfg.train.metric]
-            for mix in cfg.eval.rerank_mix
+            mix: metrics.ranking_metrics(ranks, cfg.eval.ks)[cfg.train.metric]
+            for mix, ranks in mixed["valid"].items()
         }
         log(f"ranker mixes on valid ({cfg.train.metric}): {on_valid}")
         chosen = max(on_valid, key=lambda w: (on_valid[w], -w))
         rows[f"fine-tuned encoder: fused + ranker (mix {chosen:g})"] = metrics.ranking_metrics(
-            mixed("test", chosen), cfg.eval.ks
+            mixed["test"][chosen], cfg.eval.ks
         )
         ranker_valid[f"fine-tuned encoder: fused + ranker (mix {chosen:g})"] = (
-            metrics.ranking_metrics(mixed("valid", chosen), cfg.eval.ks)
+            metrics.ranking_metrics(mixed["valid"][chosen], cfg.eval.ks)
         )
         # Stage two as a LambdaMART model over both scores, fitted on valid.
         if len(blocks["valid"].users) < 2 * cfg.eval.fusion_folds:

@@ -152,32 +152,15 @@ def block_ranks(block: RankerBlock, order_scores: np.ndarray, stage_one: np.ndar
     return final
 
 
-def two_stage_ranks(
-    cfg: Config,
-    ranker_dir: str,
-    contexts: Contexts,
-    candidates: np.ndarray,
-    candidate_scores: np.ndarray,
-    stage_one: np.ndarray,
-    catalog: pa.Table,
-) -> tuple[dict[float, np.ndarray], int]:
-    """Final ranks after the cross-encoder reorders the top `rerank_top` candidates.
-
-    The new order is ``(1 - mix) * z(stage-one score) + mix * z(ranker score)``, both
-    standardised within each user's block, for every mix in `eval.rerank_mix` (1 = the ranker
-    alone). Only users whose target sits in the block are scored (the others keep their
-    stage-one rank, which is >= the block size); returns {mix: ranks} and the users scored.
-    """
-    block = ranker_block(
-        cfg, ranker_dir, contexts, candidates, candidate_scores, stage_one, catalog
-    )
-    if not len(block.users):
-        return {mix: stage_one.copy() for mix in cfg.eval.rerank_mix}, 0
-    out = {
+def mixed_ranks(cfg: Config, block: RankerBlock, stage_one: np.ndarray) -> dict[float, np.ndarray]:
+    """Final ranks after the cross-encoder reorders the block, for every mix in
+    `eval.rerank_mix`: the order ``(1 - mix) * z(stage-one score) + mix * z(ranker score)``,
+    both standardised within each user's block (1 = the ranker alone). Users outside the block
+    keep their stage-one rank, which is >= the block size."""
+    return {
         mix: block_ranks(block, rerank.mixed(block.stage_one, block.scores, mix), stage_one)
         for mix in cfg.eval.rerank_mix
     }
-    return out, len(block.users)
 
 
 def rank_all(
@@ -246,10 +229,9 @@ def rank_all(
         if ranker_dir:
             started = time.perf_counter()
             name = (FUSED_TWO_STAGE if stage.fusion else BLEND_TWO_STAGE) if weights else TWO_STAGE
-            mixed, n = two_stage_ranks(
-                cfg, ranker_dir, contexts, candidates, scores, stage_one, catalog
-            )
-            for mix, ranks in mixed.items():
+            block = ranker_block(cfg, ranker_dir, contexts, candidates, scores, stage_one, catalog)
+            n = len(block.users)
+            for mix, ranks in mixed_ranks(cfg, block, stage_one).items():
                 out.ranks[name if mix == 1 else f"{name} (mix {mix:g})"] = ranks
             timed(name, started)
             m = min(cfg.eval.rerank_top or cfg.eval.retrieve_top, cfg.eval.retrieve_top)
