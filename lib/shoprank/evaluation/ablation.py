@@ -100,27 +100,29 @@ def valid_value(system: System, cfg) -> float:
     return system.valid.get("fused", system.valid["blend"])[cfg.train.metric]
 
 
+def _blended(system: System, split: Signals) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    s = {k: split.signals[k] for k in system.weights}
+    return s, blend.blend(s, system.weights)
+
+
 def final_scores(system: System, split: Signals) -> np.ndarray:
     """The system's stage-one scores [users, items] for a split's users."""
-    s = {k: split.signals[k] for k in system.weights}
-    blended = blend.blend(s, system.weights)
+    s, blended = _blended(system, split)
     if system.fusion is None:
         return blended
-    pairs = split.pairs if system.notes.get("pairs", True) else None
-    return system.fusion.scores(s, blended, split.rows, pairs)
+    return system.fusion.scores(s, blended, split.rows, split.pairs)
 
 
 def cross_fitted_scores(cfg, system: System, split: Signals) -> np.ndarray:
-    """The system's stage-one scores [users, items] for the users it was fitted on (valid),
-    each from the fusion model that did not see that user: what `final_scores` would give on
-    unseen users. (Without a fusion: the blend, whose weights were chosen on these users.)"""
-    s = {k: split.signals[k] for k in system.weights}
-    blended = blend.blend(s, system.weights)
+    """`final_scores` for the users the system was fitted on (valid), each user's from the
+    fusion fold that did not see them, as unseen users get them (the blend's weights stay those
+    chosen on all of them)."""
+    s, blended = _blended(system, split)
     if system.fusion is None:
         return blended
-    pairs = split.pairs if system.notes.get("pairs", True) and cfg.eval.fusion_pairs else None
-    return fusion.cross_fitted_scores(
-        cfg, system.notes["rounds"], s, blended, split.rows, split.contexts.target, pairs
+    target = split.contexts.target
+    return system.fusion.cross_fitted_scores(
+        cfg, system.notes["rounds"], s, blended, split.rows, target, split.pairs
     )
 
 
@@ -129,10 +131,13 @@ def rerank_features(block: RankerBlock) -> np.ndarray:
     within it, their ranks in it, and the ranker's raw score (comparable across users)."""
     s1, s2 = blend.standardize(block.stage_one), blend.standardize(block.scores)
 
-    def ranks(a: np.ndarray) -> np.ndarray:
-        return np.argsort(np.argsort(-a, axis=1), axis=1)
-
-    columns = (s1, ranks(block.stage_one), s2, ranks(block.scores), block.scores)
+    columns = (
+        s1,
+        fusion.row_ranks(block.stage_one),
+        s2,
+        fusion.row_ranks(block.scores),
+        block.scores,
+    )
     return np.stack([np.asarray(c, dtype=np.float32) for c in columns], axis=2)
 
 

@@ -107,6 +107,11 @@ def pair_columns(
     return [out[name] for name in names]
 
 
+def row_ranks(scores: np.ndarray) -> np.ndarray:
+    """Each entry's place within its row, 0 for the highest score."""
+    return np.argsort(np.argsort(-scores, axis=1), axis=1)
+
+
 def features(
     signals: dict[str, np.ndarray],
     blended: np.ndarray,
@@ -125,7 +130,7 @@ def features(
     cols = [np.take_along_axis(signals[s], cand, axis=1) for s in names]
     for s in _RANKED:
         if s in signals:
-            cols.append(np.argsort(np.argsort(-cols[names.index(s)], axis=1), axis=1))
+            cols.append(row_ranks(cols[names.index(s)]))
     cols.append(np.take_along_axis(blended, cand, axis=1))
     cols.append(np.broadcast_to(np.arange(n), (users, n)))
     position = np.full((users, n), ABSENT, dtype=np.float32)
@@ -168,6 +173,32 @@ class Fusion:
     ) -> np.ndarray:
         """[U, items] scores: the blend's top N in the model's order, above the rest of the
         catalog in the blend's order. `pairs` is needed when the model was fitted with it."""
+        cand, x = self._inputs(signals, blended, history_rows, pairs)
+        users, n, f = x.shape
+        fused = self.booster.predict(x.reshape(-1, f), num_threads=1).reshape(users, n)
+        return placed(blended, cand, fused)
+
+    def cross_fitted_scores(
+        self,
+        cfg,
+        rounds: int,
+        signals: dict[str, np.ndarray],
+        blended: np.ndarray,
+        history_rows: Sequence[Sequence[int]],
+        target: np.ndarray,
+        pairs: Pairs | None = None,
+    ) -> np.ndarray:
+        """`scores` for the users this model was fitted on (by `fit_for`), each user's from
+        the model of its cross-fitting that did not see them (same folds, `rounds` rounds):
+        what a choice made after stage one on these users (e.g. stage two's mix) must use."""
+        cand, x = self._inputs(signals, blended, history_rows, pairs)
+        y = cand == np.asarray(target)[:, None]
+        params = params_for(cfg)
+        pred = cross_fit(x, y, [rounds], cfg.eval.fusion_folds, params, cfg.run.seed)[rounds]
+        return placed(blended, cand, pred)
+
+    def _inputs(self, signals, blended, history_rows, pairs) -> tuple[np.ndarray, np.ndarray]:
+        """(candidates, features) as this model was fitted on them."""
         if not set(self.features) & set(PAIR_FEATURES):
             pairs = None  # fitted without them (eval.fusion_pairs=false, or an older export)
         cand, x, names = features(signals, blended, history_rows, self.top, pairs)
@@ -176,9 +207,7 @@ class Fusion:
                 f"the fusion model was fitted on features {self.features}, but these signals "
                 f"give {names}: fit it again (jobs/blend.py) with the same eval.baselines"
             )
-        users, n, f = x.shape
-        fused = self.booster.predict(x.reshape(-1, f), num_threads=1).reshape(users, n)
-        return placed(blended, cand, fused)
+        return cand, x
 
     def save(self, export_dir: str | Path, details: dict) -> Path:
         folder = Path(export_dir)
@@ -297,24 +326,6 @@ def fit(
         "feature_gain": {n: round(float(g), 4) for n, g in zip(names, gain, strict=True)},
     }
     return Fusion(model, top, names), details
-
-
-def cross_fitted_scores(
-    cfg,
-    rounds: int,
-    signals: dict[str, np.ndarray],
-    blended: np.ndarray,
-    history_rows,
-    target: np.ndarray,
-    pairs: Pairs | None = None,
-) -> np.ndarray:
-    """[U, items] scores of the users a fusion was fitted on, each user's from the model of
-    `fit_for`'s cross-fitting that did not see them (same folds, this many rounds): what a
-    choice made after stage one on these users (e.g. stage two's mix) must be made on."""
-    cand, x, _ = features(signals, blended, history_rows, cfg.eval.fusion_top, pairs)
-    y = cand == np.asarray(target)[:, None]
-    pred = cross_fit(x, y, [rounds], cfg.eval.fusion_folds, params_for(cfg), cfg.run.seed)[rounds]
-    return placed(blended, cand, pred)
 
 
 def fit_for(
