@@ -187,3 +187,43 @@ def test_stage_two_lambdamart_learns_whom_to_trust() -> None:
     before = metrics.ranking_metrics(test_ranks, [10])["ndcg@10"]
     assert metrics.ranking_metrics(fitted_test, [10])["ndcg@10"] > before + 0.2
     assert metrics.ranking_metrics(fitted_valid, [10])["ndcg@10"] > before + 0.2
+
+
+def test_stage_one_scores_the_users_its_fusion_saw_without_them() -> None:
+    """On valid, where the export's fusion was fitted, evaluation must not report the fitted
+    model's in-sample figure: each user is scored by a fold's model that did not see them."""
+    from shoprank.config import Config
+    from shoprank.retrieval.stage_one import StageOne
+
+    rng = np.random.default_rng(4)
+    users, n_items, dim = 500, 60, 8
+    items = rng.normal(size=(n_items, dim))
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    ids = [f"i{j}" for j in range(n_items)]
+    rows = [list(rng.choice(n_items, size=rng.integers(1, 5), replace=False)) for _ in range(users)]
+    contexts = np.stack([items[r].mean(axis=0) for r in rows]) + rng.normal(size=(users, dim))
+    taste = contexts @ items.T + rng.normal(scale=0.5, size=(users, n_items))
+    for u, r in enumerate(rows):
+        taste[u, r] = -np.inf  # the held-out item is never in the history
+    target = taste.argmax(axis=1)
+    histories = [[ids[j] for j in r] for r in rows]
+    cfg = Config.model_validate({"eval": {"fusion_top": 20, "fusion_rounds": [40]}})
+
+    stage = StageOne(ids, items, {"retriever": 1.0, "history": 0.5}, {}, 0.5)
+    by_stage = stage.stage_scores(contexts, histories)
+    signals = blend.signals(contexts, histories, items, ids, {}, 0.5)
+    stage.fusion, details = fusion.fit_for(
+        cfg, signals, by_stage["blend"], rows, target, blend.pairs(items, {})
+    )
+
+    def table(scores: np.ndarray) -> dict[str, float]:
+        return metrics.ranking_metrics(metrics.target_ranks(scores, target), [10])
+
+    held = table(stage.stage_scores(contexts, histories, (cfg, target))["fused"])
+    seen = table(stage.stage_scores(contexts, histories)["fused"])
+    cross_fitted = details["cross_fitted"]["fusion, 40 rounds"]
+    # The fit's own cross-fitted figure, again (ties aside: the fit breaks them by the blend's
+    # order, target_ranks against the model), and below the in-sample figure.
+    assert held["recall@10"] == pytest.approx(cross_fitted["recall@10"])
+    assert held["ndcg@10"] == pytest.approx(cross_fitted["ndcg@10"], abs=0.01)
+    assert seen["ndcg@10"] > held["ndcg@10"]

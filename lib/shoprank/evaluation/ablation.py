@@ -121,9 +121,7 @@ def cross_fitted_scores(cfg, system: System, split: Signals) -> np.ndarray:
     if system.fusion is None:
         return blended
     target = split.contexts.target
-    return system.fusion.cross_fitted_scores(
-        cfg, system.notes["rounds"], s, blended, split.rows, target, split.pairs
-    )
+    return system.fusion.cross_fitted_scores(cfg, s, blended, split.rows, target, split.pairs)
 
 
 def rerank_features(block: RankerBlock) -> np.ndarray:

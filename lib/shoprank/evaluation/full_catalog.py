@@ -207,7 +207,9 @@ def rank_all(
         weights = stage.weights
         if weights:
             started = time.perf_counter()
-            by_stage = stage.stage_scores(contexts.embedding, contexts.history_ids)
+            # The fusion was fitted on valid users: there each user gets a model without them.
+            held_out = (cfg, contexts.target) if cfg.eval.split == "valid" else None
+            by_stage = stage.stage_scores(contexts.embedding, contexts.history_ids, held_out)
             for name, scored in ((BLEND, by_stage["blend"]), (FUSED, by_stage.get("fused"))):
                 if scored is not None:
                     stage_one = out.ranks[name] = metrics.target_ranks(scored, contexts.target)
@@ -224,6 +226,13 @@ def rank_all(
                     f"Fused stage one (retrieval/fusion.py): a LightGBM LambdaMART model "
                     f"reorders the blend's top {stage.fusion.top} by the same signals, the "
                     "history position and length."
+                    + (
+                        f" On valid, where it was fitted, each user is scored by one of "
+                        f"{cfg.eval.fusion_folds} models fitted without them (cross-fitted), "
+                        "as unseen users are."
+                        if held_out
+                        else ""
+                    )
                 )
             out.notes.append(f"The last stage one's top {cfg.eval.retrieve_top} go to stage two.")
         if ranker_dir:

@@ -163,6 +163,7 @@ class Fusion:
     booster: lgb.Booster
     top: int
     features: list[str]
+    rounds: int  # boosting rounds, chosen by cross-fitting (`fit`)
 
     def scores(
         self,
@@ -181,7 +182,6 @@ class Fusion:
     def cross_fitted_scores(
         self,
         cfg,
-        rounds: int,
         signals: dict[str, np.ndarray],
         blended: np.ndarray,
         history_rows: Sequence[Sequence[int]],
@@ -189,12 +189,15 @@ class Fusion:
         pairs: Pairs | None = None,
     ) -> np.ndarray:
         """`scores` for the users this model was fitted on (by `fit_for`), each user's from
-        the model of its cross-fitting that did not see them (same folds, `rounds` rounds):
-        what a choice made after stage one on these users (e.g. stage two's mix) must use."""
+        the model of its cross-fitting that did not see them (same folds and rounds): what a
+        figure on these users, or a choice made after stage one on them (e.g. stage two's mix),
+        must use. On other users than it was fitted on, it is still honest: each user's scores
+        come from a model refitted on the others."""
         cand, x = self._inputs(signals, blended, history_rows, pairs)
         y = cand == np.asarray(target)[:, None]
         params = params_for(cfg)
-        pred = cross_fit(x, y, [rounds], cfg.eval.fusion_folds, params, cfg.run.seed)[rounds]
+        folds, seed = cfg.eval.fusion_folds, cfg.run.seed
+        pred = cross_fit(x, y, [self.rounds], folds, params, seed)[self.rounds]
         return placed(blended, cand, pred)
 
     def _inputs(self, signals, blended, history_rows, pairs) -> tuple[np.ndarray, np.ndarray]:
@@ -212,7 +215,7 @@ class Fusion:
     def save(self, export_dir: str | Path, details: dict) -> Path:
         folder = Path(export_dir)
         self.booster.save_model(str(folder / MODEL_FILE))
-        meta = {"top": self.top, "features": self.features, **details}
+        meta = {"top": self.top, "features": self.features, **details, "rounds": self.rounds}
         (folder / META_FILE).write_text(json.dumps(meta, indent=2))
         return folder / MODEL_FILE
 
@@ -230,7 +233,7 @@ class Fusion:
             return None
         meta = json.loads((folder / META_FILE).read_text())
         booster = lgb.Booster(model_file=str(folder / MODEL_FILE))
-        return cls(booster, int(meta["top"]), list(meta["features"]))
+        return cls(booster, int(meta["top"]), list(meta["features"]), int(meta["rounds"]))
 
 
 def lambdarank_params(leaves: int, learning_rate: float, threads: int, seed: int) -> dict:
@@ -325,7 +328,7 @@ def fit(
         "cross_fitted": table,
         "feature_gain": {n: round(float(g), 4) for n, g in zip(names, gain, strict=True)},
     }
-    return Fusion(model, top, names), details
+    return Fusion(model, top, names, best), details
 
 
 def fit_for(

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
+from shoprank.config import Config
 from shoprank.data.text import render_items
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
 from shoprank.models.export_meta import read_export
@@ -144,10 +145,18 @@ class StageOne:
         return by_stage.get("fused", by_stage["blend"])
 
     def stage_scores(
-        self, contexts: np.ndarray, histories: Sequence[Sequence[str]]
+        self,
+        contexts: np.ndarray,
+        histories: Sequence[Sequence[str]],
+        held_out: tuple[Config, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """{"blend": [users, items], and "fused" when the export has a fusion model}: the
-        evaluation reports both."""
+        evaluation reports both.
+
+        `held_out` = (config, each user's target) for the users the fusion was fitted on
+        (valid): each user's fused scores then come from a fusion model fitted without them,
+        so that a figure on valid, or stage two's mix chosen there, is not the fitted model's
+        in-sample score."""
         # An item the catalog lacks has no signal to give.
         histories = [[i for i in h if i in self._row] for h in histories]
         signals = blend.signals(
@@ -158,7 +167,13 @@ class StageOne:
         out = {"blend": blend.blend(signals, self.weights)}
         if self.fusion is not None:
             rows = [[self._row[i] for i in h] for h in histories]
-            out["fused"] = self.fusion.scores(signals, out["blend"], rows, self._pairs)
+            if held_out is None:
+                out["fused"] = self.fusion.scores(signals, out["blend"], rows, self._pairs)
+            else:
+                cfg, target = held_out
+                out["fused"] = self.fusion.cross_fitted_scores(
+                    cfg, signals, out["blend"], rows, target, self._pairs
+                )
         return out
 
 
