@@ -2,17 +2,19 @@
 
     python jobs/bench_embed.py [--rounds 3] [--config configs/amazon-retriever.yaml]
 
-Arms, all on the config's catalog with the pretrained encoder in bf16, the same threads each,
+Arms, all on the config's catalog with the pretrained encoder in the config's precision
+(train.precision; auto: bf16 where the CPU has it natively, else fp32), the same threads each,
 each in a fresh process (no arm profits from an earlier round's warm kernels) and timed from
 loading the model to the last embedding:
-`plain-padded` (bf16 weights, batches of 64 padded to max_length: the plain peer),
+`plain-padded` (weights in that precision, batches of 64 padded to max_length: the plain peer),
 `plain-sorted-N` (`Encoder.embed`, passes of at most N x max_length tokens) for several N,
 and `embed_catalog` (`retrieval.embed.embed_catalog`, what jobs/embed.py and evaluation run:
 in process for a catalog up to index.embed_in_process_below items, else one Ray Data actor
 pool tokenizing and embedding), run as `python -c` with this checkout's lib/ first on its
 path. `--before DIR` adds `embed_catalog@before`: the same function of an older checkout
 (DIR, e.g. a git worktree) with its own copy of the config, so that old and new code are
-timed in the same rounds. Writes runs/bench-embed/bench_embed.{json,md}.
+timed in the same rounds. The JSON and Markdown name the CPU, its kernels and the precision.
+Writes runs/bench-embed/bench_embed.{json,md}.
 """
 
 from __future__ import annotations
@@ -36,25 +38,26 @@ from shoprank.config import load_config
 from shoprank.console import log
 from shoprank.data.text import render_items
 from shoprank.models.retriever import EncoderSpec
+from shoprank.precision import describe, host_line
 
 SUB_BATCHES = (16, 32, 64, 128)
 
 
 @ray.remote(max_calls=1)  # a fresh worker process each call
-def plain_arm(spec: EncoderSpec, texts: list[str], sub_batch: int | None) -> dict:
+def plain_arm(spec: EncoderSpec, texts: list[str], sub_batch: int | None, bf16: bool) -> dict:
     """One process: `sub_batch` None pads every batch of 64 to max_length (no sorting)."""
     import torch
 
     from shoprank.data.tokenize import text_tokens
 
     started = time.perf_counter()  # with the model's load, as embed_catalog's time has it
-    encoder = spec.load(bf16=True)
+    encoder = spec.load(bf16=bf16)
     threads = torch.get_num_threads()
     if sub_batch is not None:
         encoder.pass_tokens = sub_batch * spec.item_max_length
         out = encoder.embed(texts, "item")
-    else:  # the plain peer: bf16 weights, fixed-size batches padded to max_length
-        model = encoder.model.to(torch.bfloat16)
+    else:  # the plain peer: the same weights, fixed-size batches padded to max_length
+        model = encoder.model
         parts = []
         with torch.inference_mode():
             for start in range(0, len(texts), 64):
@@ -116,7 +119,9 @@ def main() -> None:
     texts = render_items(catalog, cfg.data.item_template)
     spec = EncoderSpec.zero_shot(cfg)
     cpus = int(cfg.eval.num_cpus)
+    computed = "bf16" if cfg.train.bf16 else "fp32"
     log(f"{len(texts)} catalog texts, max_length {spec.item_max_length}, {cpus} CPUs an arm")
+    log(host_line(computed))
 
     arms: dict[str, list[float]] = {}
     threads: dict[str, int] = {}
@@ -129,7 +134,7 @@ def main() -> None:
     )
     for r in range(cli.rounds):
         for name, sub in [("plain-padded", None), *((f"plain-sorted-{n}", n) for n in SUB_BATCHES)]:
-            got = ray.get(plain_arm.options(num_cpus=cpus).remote(spec, texts, sub))
+            got = ray.get(plain_arm.options(num_cpus=cpus).remote(spec, texts, sub, cfg.train.bf16))
             arms.setdefault(name, []).append(got["items_per_s"])
             threads[name] = got["threads"]
         # Each its own Ray (its workers import its code): this one stops meanwhile.
@@ -143,6 +148,8 @@ def main() -> None:
     sub = f"{cfg.index.embed_pass_tokens} tokens a pass"
     below = getattr(cfg.index, "embed_in_process_below", 0)
     lines = [
+        host_line(computed),
+        "",
         f"{len(texts)} items, {cpus} CPUs an arm (torch threads: "
         + ", ".join(f"{k} {v}" for k, v in threads.items())
         + f"; embed_catalog: in process up to {below} texts, else Ray Data with "
@@ -170,7 +177,10 @@ def main() -> None:
     report = "\n".join(lines) + "\n"
     out = Path(cli.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_embed.json").write_text(json.dumps({"arms": arms, "threads": threads}, indent=2))
+    host = {**describe(), "precision": computed}
+    (out / "bench_embed.json").write_text(
+        json.dumps({"host": host, "arms": arms, "threads": threads}, indent=2)
+    )
     (out / "bench_embed.md").write_text(report)
     print(report)
     log(f"wrote {out / 'bench_embed.md'}")

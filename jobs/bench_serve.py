@@ -33,6 +33,7 @@ import yaml
 
 from shoprank.console import log
 from shoprank.evaluation import report
+from shoprank.precision import describe, host_line, resolve
 from shoprank.run import init_ray
 from shoprank.serving.features import ParquetFeatureStore
 from shoprank.serving.schemas import AppArgs
@@ -287,9 +288,16 @@ def main() -> None:
     # 3. Report: the median of each figure over rounds, and Serve over plain per round.
     setups = list(dict.fromkeys(r["setup"] for r in rows))
     matched = [{"serve": s, **x} for s in setups[:-1] for x in ratios(rows, s, setups[-1])]
+    # What the models computed in: the app's precisions resolved on this host, as it does.
+    computed = {
+        "ranker": resolve(args.ranker_precision) if args.ranker else None,
+        "retriever": resolve(args.retriever_precision),
+    }
+    host = {**describe(), "precision": computed}
     (out / "bench.json").write_text(
         json.dumps(
             {
+                "host": host,
                 "args": raw | {"api_keys_file": None},
                 "duration_s": cli.duration,
                 "rounds": cli.rounds,
@@ -302,6 +310,8 @@ def main() -> None:
     medians = median_rows(rows)
     header = "| setup | endpoint | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors "
     lines = [
+        host_line(", ".join(f"{k} {v}" for k, v in computed.items() if v)),
+        "",
         f"Medians over {cli.rounds} rounds of {cli.duration:g} s a row.",
         "",
         header + "| retrieve p50 ms | rank p50 ms (share of p50) | mean ranker batch "

@@ -4,7 +4,8 @@ PyTorch loop doing the same work, the arms interleaved over rounds (this machine
     python jobs/bench_train.py [--rounds 3] [--steps 12] [--tasks ranker retriever] [--real]
         [--set key=value ...]
 
-Arms, per task: `plain` (one process, the project's model builder, AdamW, bf16 autocast, no Ray)
+Arms, per task: `plain` (one process, the project's model builder, AdamW, the run's autocast
+(train.precision: bf16 where the CPU has it natively, else fp32), no Ray)
 and the real training loop (`train.loop.fit`) at 1 worker x 2 CPUs and 2 x 1 (ZeRO 0 and 2), all
 on the same fixed-shape tokens (every row max_length real tokens: no padding to save). With
 --real, both again on real Amazon tokens: the plain loop on rows padded to max_length, the
@@ -13,8 +14,10 @@ pipeline trimming each batch to its longest row (the retriever's towers also in
 `train.group_by_length` (batches of rows of like length); beside them the data's padding
 ceiling (tokens at max_length over real tokens). Each arm warms up, then its steps are
 timed; each process records its setup (threads, LoRA targets, trainable parameters,
-dropout, attention, optimizer), and the bench refuses to compare arms whose setups differ. A
-bf16 matmul per round gives the machine's peak. Writes runs/bench-train/bench_train.{json,md,png}.
+dropout, attention, optimizer, precision), and the bench refuses to compare arms whose setups
+differ. A matmul per round in the arms' precision gives the machine's peak; the JSON and the
+Markdown name the CPU, its kernels and the precision. Writes
+runs/bench-train/bench_train.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import ray
 from shoprank import run as runs
 from shoprank.config import Config, load_config
 from shoprank.console import log
+from shoprank.precision import describe, host_line
 
 # (One worker runs ZeRO stage 0 whatever train.zero_stage says: there is nothing to shard.)
 FIXED_ARMS = [("ray-1x2", 1, 0), ("ray-2x1-z0", 2, 0), ("ray-2x1-z2", 2, 2)]
@@ -172,7 +176,7 @@ def padding_ceiling(batches: list[dict[str, np.ndarray]], task: str) -> float:
 
 @ray.remote(num_cpus=CPUS)
 def plain_arm(cfg_json: dict, task: str, batches: list[dict], warmup: int, steps: int) -> dict:
-    """A plain loop in its own process: the same builder, optimizer, bf16 autocast and threads
+    """A plain loop in its own process: the same builder, optimizer, autocast and threads
     as the pipeline; no Ray Data, no DeepSpeed, no trimming (rows run at max_length)."""
     import torch
     import torch.nn.functional as F
@@ -261,10 +265,11 @@ def summary(records: list[dict]) -> dict:
     return out
 
 
-def peak_tflops() -> float:
+def peak_tflops(precision: str) -> float:
     import torch
 
-    a = torch.randn(1024, 1024, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(1024, 1024, dtype=dtype)
     torch.mm(a, a)
     started = time.perf_counter()
     for _ in range(20):
@@ -328,9 +333,11 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {}
     peaks = []
+    computed = "bf16" if arms[0][3].train.bf16 else "fp32"
+    log(host_line(computed))
     for round_ in range(cli.rounds):
-        peaks.append(peak_tflops())
-        log(f"round {round_ + 1}/{cli.rounds}: bf16 matmul peak {peaks[-1]:.2f} TFLOP/s")
+        peaks.append(peak_tflops(computed))
+        log(f"round {round_ + 1}/{cli.rounds}: {computed} matmul peak {peaks[-1]:.2f} TFLOP/s")
         for task, data, name, cfg, source in arms:
             if name == "plain":
                 got = ray.get(
@@ -345,9 +352,12 @@ def main() -> None:
             log(f"  {task} {data} {name}: {row['pairs_per_s']:.1f} pairs/s")
 
     check_setups(results)
-    report = tabulate(results, inputs, peaks)
+    report = tabulate(results, inputs, peaks, computed)
+    host = {**describe(), "precision": computed}
     (out / "bench_train.json").write_text(
-        json.dumps({"results": results, "inputs": inputs, "peak_tflops": peaks}, indent=2)
+        json.dumps(
+            {"host": host, "results": results, "inputs": inputs, "peak_tflops": peaks}, indent=2
+        )
     )
     (out / "bench_train.md").write_text(report)
     plot(results, out / "bench_train.png")
@@ -376,9 +386,11 @@ def check_setups(results: dict[str, list[dict]]) -> None:
                     raise SystemExit(f"{arm}: {s['workers']} x {s['threads']} threads, not {CPUS}")
 
 
-def tabulate(results: dict, inputs: dict, peaks: list[float]) -> str:
+def tabulate(results: dict, inputs: dict, peaks: list[float], computed: str) -> str:
     lines = [
-        f"bf16 matmul peak per round: {', '.join(f'{p:.2f}' for p in peaks)} TFLOP/s",
+        host_line(computed),
+        "",
+        f"{computed} matmul peak per round: {', '.join(f'{p:.2f}' for p in peaks)} TFLOP/s",
         "",
         "| task | tokens | arm | pairs/s (median) | range | vs plain (median) | range | data | "
         "forward | backward | optimizer |",

@@ -50,3 +50,54 @@ def test_precisions_agree_with_fp32(ranker_dir):
     assert next(load_for_inference(ranker_dir, "bf16").parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="fp16"):
         load_for_inference(ranker_dir, "fp16")
+
+
+def test_auto_follows_the_capability_check(monkeypatch):
+    """auto = bf16 only where bf16 is native; SHOPRANK_NATIVE_BF16 forces either answer."""
+    from shoprank import precision
+
+    monkeypatch.setenv(precision.ENV, "1")
+    assert precision.native_bf16() and precision.resolve("auto") == "bf16"
+    monkeypatch.setenv(precision.ENV, "0")
+    assert not precision.native_bf16() and precision.resolve("auto") == "fp32"
+    assert precision.resolve("fp32") == "fp32" and precision.resolve("onnx") == "onnx"
+    monkeypatch.setenv(precision.ENV, "maybe")
+    with pytest.raises(ValueError, match="SHOPRANK_NATIVE_BF16='maybe'"):
+        precision.native_bf16()
+
+
+def test_explicit_bf16_without_native_support_runs_and_says_so_once(monkeypatch, capsys):
+    from shoprank import precision
+
+    monkeypatch.setenv(precision.ENV, "0")
+    monkeypatch.setattr(precision, "_warned", set())
+    assert precision.resolve("bf16") == "bf16"
+    assert precision.resolve("bf16") == "bf16"
+    said = capsys.readouterr()
+    assert (said.out + said.err).count("emulated") == 1
+
+
+def test_train_precision_and_the_old_bf16_flag(monkeypatch):
+    from shoprank import precision
+    from shoprank.config import ConfigError, load_config
+
+    monkeypatch.setenv(precision.ENV, "0")
+    cfg = load_config(None, [])
+    assert cfg.train.precision == "auto" and not cfg.train.bf16
+    monkeypatch.setenv(precision.ENV, "1")
+    assert cfg.train.bf16
+    assert load_config(None, ["train.bf16=false"]).train.precision == "fp32"
+    assert load_config(None, ["train.bf16=true"]).train.precision == "bf16"
+    assert "bf16" not in load_config(None, []).model_dump()["train"]
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_config(None, ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match="train.bf16='yes please'"):
+        load_config(None, ["train.bf16='yes please'"])
+
+
+def test_auto_ranker_loads_at_the_resolved_precision(ranker_dir, monkeypatch):
+    from shoprank import precision
+
+    for native, dtype in (("0", torch.float32), ("1", torch.bfloat16)):
+        monkeypatch.setenv(precision.ENV, native)
+        assert next(load_for_inference(ranker_dir, "auto").parameters()).dtype == dtype

@@ -15,6 +15,7 @@ from shoprank.evaluation.scorers import (
     CrossEncoderScorer,
     ZeroShotScorer,
     collect_scores,
+    ranker_precision,
 )
 from shoprank.run import Run, output_dir
 from shoprank.train.export import export_model
@@ -67,7 +68,7 @@ def test_minilm_fine_tuned_beats_zero_shot(ray_local, tmp_path, tiny_shop):
         *collect_scores(
             test,
             CrossEncoderScorer,
-            {"model_dir": export, "precision": "bf16"},
+            {"model_dir": export, "precision": ranker_precision(cfg)},
             in_process_below=cfg.eval.score_in_process_below,
         )[:2],
         probabilistic=True,
@@ -80,7 +81,7 @@ def test_minilm_fine_tuned_beats_zero_shot(ray_local, tmp_path, tiny_shop):
                 "model": cfg.model,
                 "item_ids": data.catalog["item_id"].to_pylist(),
                 "item_texts": render_items(data.catalog, cfg.data.item_template),
-                "bf16": True,
+                "bf16": cfg.train.bf16,
             },
             in_process_below=cfg.eval.score_in_process_below,
         )[:2],

@@ -178,7 +178,10 @@ class TrainConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 2
-    bf16: bool = True
+    # auto: bf16 autocast where the device computes bf16 natively (an AMX or AVX512-BF16 CPU,
+    # most GPUs), else fp32 (lib/shoprank/precision.py). Embedding, the evaluation scorers and
+    # the loop simulation follow it. `train.bf16=true|false` is still read as bf16 | fp32.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     batch_size: int = Field(8, ge=1)  # groups per worker and micro step (x (1 + negatives) pairs)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)  # LoRA; full fine-tuning wants ~1e-4
@@ -213,6 +216,25 @@ class TrainConfig(Section):
     # group_by_length): each batch is trimmed to its longest row, so one long row no longer pads
     # the rest. The batches' order stays shuffled; which rows share a batch changes.
     group_by_length: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bf16_flag(cls, data: Any) -> Any:
+        """The old `bf16: true|false` (configs and exports written before `precision`)."""
+        if isinstance(data, dict) and "bf16" in data:
+            data = dict(data)
+            flag = data.pop("bf16")
+            if not isinstance(flag, bool):
+                raise ValueError(f"train.bf16={flag!r}: use true or false, or train.precision")
+            data.setdefault("precision", "bf16" if flag else "fp32")
+        return data
+
+    @property
+    def bf16(self) -> bool:
+        """Whether this run computes in bf16 on this host (`precision` resolved)."""
+        from shoprank.precision import resolve
+
+        return resolve(self.precision, "cuda" if self.use_gpu else "cpu") == "bf16"
 
     @model_validator(mode="after")
     def _elastic_needs_stage_0(self) -> TrainConfig:
@@ -281,10 +303,10 @@ class EvalConfig(Section):
     # Stage two's order: (1 - mix) z(stage one) + mix z(ranker), one report row per mix
     # (1 = the ranker alone); try several on valid, keep the best for test.
     rerank_mix: list[float] = [1.0]
-    # Weights the ranker scores with: fp32, bf16, int8 dynamic quantization (CPU), or ONNX
-    # Runtime fp32 / int8 (CPU); None = bf16 when train.bf16, else fp32. The serving app takes
-    # the same choice.
-    ranker_precision: Literal["fp32", "bf16", "int8", "onnx", "onnx-int8"] | None = None
+    # Weights the ranker scores with: auto (bf16 where native, else fp32), fp32, bf16, int8
+    # dynamic quantization (CPU), or ONNX Runtime fp32 / int8 (CPU); None = train.precision.
+    # The serving app takes the same choice (its ranker_precision), resolved by the same rule.
+    ranker_precision: Literal["auto", "fp32", "bf16", "int8", "onnx", "onnx-int8"] | None = None
     # The ranker's pair length in tokens; None = the length it was trained at (its export's).
     # Shorter pairs cost less (serving's ranker_max_length takes the same choice): measure the
     # quality it costs here before serving it.

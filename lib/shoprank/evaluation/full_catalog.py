@@ -28,7 +28,12 @@ from shoprank.data.text import history_texts, render_context, render_items
 from shoprank.data.tokenize import KEY
 from shoprank.evaluation import metrics, report
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
-from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_settings
+from shoprank.evaluation.scorers import (
+    CrossEncoderScorer,
+    collect_scores,
+    precision_words,
+    ranker_settings,
+)
 from shoprank.models.export_meta import read_export
 from shoprank.models.retriever import EncoderSpec
 from shoprank.retrieval import rerank
@@ -321,7 +326,7 @@ def evaluate(
         ("Training time", report.training_time(run.timing, run.steps) or "–"),
     ]
     title = f"shoprank retrieval: {cfg.run.name} ({split}, full catalog)"
-    path = report.write_report(folder, title, sections, images)
+    path = report.write_report(folder, title, sections, images, precision_words(cfg))
     report.print_table(table, columns)
     return table, str(path)
 

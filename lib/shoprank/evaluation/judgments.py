@@ -20,7 +20,12 @@ from shoprank.data.text import render_items
 from shoprank.data.tokenize import KEY
 from shoprank.evaluation import metrics, report
 from shoprank.evaluation.baselines import Popularity, TfidfHistory
-from shoprank.evaluation.scorers import CrossEncoderScorer, collect_scores, ranker_settings
+from shoprank.evaluation.scorers import (
+    CrossEncoderScorer,
+    collect_scores,
+    precision_words,
+    ranker_settings,
+)
 from shoprank.models.export_meta import read_export
 from shoprank.models.retriever import EncoderSpec
 from shoprank.retrieval.embed import embed_text_list
@@ -135,6 +140,8 @@ def evaluate(run: Run, model_dir: str | None) -> tuple[dict[str, dict[str, float
         ("Data quality", counts_table(data.counts)),
         ("Training time", report.training_time(run.timing, run.steps) or "–"),
     ]
-    path = report.write_report(folder, f"shoprank search: {cfg.run.name}", sections, images)
+    path = report.write_report(
+        folder, f"shoprank search: {cfg.run.name}", sections, images, precision_words(cfg)
+    )
     report.print_table(table, ["ndcg@10"])
     return table, str(path)

@@ -162,14 +162,20 @@ def write_report(
     title: str,
     sections: list[tuple[str, str]],
     images: dict[str, Path] | None = None,
+    computed: str | None = None,
 ) -> Path:
     """Write ``out_dir/report.md``: the sections in order, then the images (relative links).
 
     Images outside ``out_dir`` are linked by absolute path, so the link still resolves.
+    `computed` (the precisions the models ran in) adds a line naming the host's CPU.
     """
+    from shoprank.precision import host_line
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = [f"# {title}\n"]
+    if computed:
+        parts.append(f"Computed on: {host_line(computed)}.\n")
     for heading, body in sections:
         parts.append(f"## {heading}\n\n{body.strip()}\n")
     if images:

@@ -27,6 +27,7 @@ from shoprank.evaluation.scorers import (
     CrossEncoderScorer,
     ZeroShotScorer,
     collect_scores,
+    precision_words,
     ranker_settings,
 )
 from shoprank.run import Run
@@ -174,7 +175,9 @@ def evaluate(run: Run, model_dir: str) -> tuple[dict[str, dict[str, float]], str
         ("Data quality", counts_table(run.data.counts)),
         ("Training time", report.training_time(run.timing, run.steps) or "–"),
     ]
-    path = report.write_report(out, f"shoprank ranker: {cfg.run.name} ({split})", sections, images)
+    path = report.write_report(
+        out, f"shoprank ranker: {cfg.run.name} ({split})", sections, images, precision_words(cfg)
+    )
     report.print_table(table, COLUMNS)
     for line in fine_tuning.splitlines():
         log(line)

@@ -16,6 +16,7 @@ from shoprank.data.tokenize import KEY
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
 from shoprank.models.ranker import Ranker
 from shoprank.models.retriever import EncoderSpec
+from shoprank.precision import resolve
 
 
 def _scored(batch: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, np.ndarray]:
@@ -142,6 +143,13 @@ def ranker_settings(cfg: Config, model_dir: str) -> dict:
 
 
 def ranker_precision(cfg: Config) -> str:
-    """eval.ranker_precision, else bf16 weights when the run uses bf16 (docs/DESIGN.md: the fastest
-    batch scoring), else fp32."""
-    return cfg.eval.ranker_precision or ("bf16" if cfg.train.bf16 else "fp32")
+    """eval.ranker_precision, else train.precision, resolved on this host as the Serve app
+    resolves its own (auto: bf16 weights where bf16 is native, the fastest batch scoring)."""
+    return resolve(cfg.eval.ranker_precision or cfg.train.precision)
+
+
+def precision_words(cfg: Config) -> str:
+    """The precisions an evaluation computes in, for its report."""
+    encoder = "bf16" if cfg.train.bf16 else "fp32"
+    ranker = ranker_precision(cfg)
+    return f"encoders {encoder} (train.precision {cfg.train.precision}), ranker {ranker}"

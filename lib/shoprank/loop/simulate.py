@@ -367,7 +367,7 @@ def zero_shot_retriever(folder: Path, cfg, catalog: pa.Table, base: str = "minil
         "metrics": {},
     }
     (folder / METADATA).write_text(json.dumps(meta, indent=2))
-    encoder = EncoderSpec.from_export(str(folder)).load(bf16=True)
+    encoder = EncoderSpec.from_export(str(folder)).load(bf16=cfg.train.bf16)
     emb = encoder.embed(render_items(catalog, cfg.data.item_template), "item")
     ItemIndex.build(catalog["item_id"].to_pylist(), emb, {"kind": "flat"}, {}).save(
         folder / INDEX_DIR

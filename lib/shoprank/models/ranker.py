@@ -23,8 +23,9 @@ from shoprank.models.encoder import (
     trimmed_length,
 )
 from shoprank.models.export_meta import read_export
+from shoprank.precision import resolve
 
-PRECISIONS = ("fp32", "bf16", "int8", "onnx", "onnx-int8")
+PRECISIONS = ("auto", "fp32", "bf16", "int8", "onnx", "onnx-int8")
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -62,11 +63,13 @@ def ranker_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.
 def load_for_inference(model_dir: str, precision: str) -> nn.Module | OnnxRanker:
     """An exported ranker ready to score: fp32, bf16 weights (the fastest batch throughput on
     AMX CPUs and GPUs), int8 dynamic quantization of its linear layers (CPU), or the same
-    network in ONNX Runtime (fp32, or its own int8 dynamic quantization; CPU)."""
+    network in ONNX Runtime (fp32, or its own int8 dynamic quantization; CPU). auto: bf16 where
+    the device computes it natively, else fp32 (`shoprank.precision`)."""
     from transformers import AutoModelForSequenceClassification
 
     if precision not in PRECISIONS:
         raise ValueError(f"ranker precision {precision!r}: use one of {PRECISIONS}")
+    precision = resolve(precision)
     if precision.startswith("onnx"):
         return OnnxRanker.export(model_dir, quantize=precision == "onnx-int8")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -172,6 +175,7 @@ class Ranker:
     ):
         self.model, self.tokenizer = model, tokenizer
         self.max_length, self.batch_size = max_length, batch_size
+        self.precision = "fp32"  # what it computes in (from_export: the resolved choice)
 
     @classmethod
     def from_export(
@@ -186,9 +190,11 @@ class Ranker:
         meta = read_export(directory, kind="ranker")
         model = load_for_inference(directory, precision)
         # int8 and ONNX Runtime run on the CPU only; fp32 and bf16 go to a GPU if given.
-        if precision in ("fp32", "bf16") and torch.cuda.is_available():
+        if resolve(precision) in ("fp32", "bf16") and torch.cuda.is_available():
             model = model.to("cuda")
-        return cls(model, load_tokenizer(directory), max_length or meta.max_length, batch_size)
+        ranker = cls(model, load_tokenizer(directory), max_length or meta.max_length, batch_size)
+        ranker.precision = resolve(precision)
+        return ranker
 
     @property
     def device(self) -> torch.device:

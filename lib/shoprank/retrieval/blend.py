@@ -27,15 +27,17 @@ from shoprank.retrieval.fusion import Fusion, Pairs
 from shoprank.retrieval.fusion import fit_for as fusion_fit
 
 SIGNALS = ("retriever", "history", "covisit", "tfidf", "popularity")
+_USERS_PER_PRODUCT = 512  # float64 [users, items] blocks of inner_products
 FILE = "blend.json"
 
 
 def standardize(scores: np.ndarray) -> np.ndarray:
-    """Per-row z-score (float32); a constant row becomes zeros."""
+    """Per-row z-score (float32); a constant row becomes zeros. Moments in float64, so that a
+    row's z-scores are the same bits whichever rows share the call (see `inner_products`)."""
     scores = np.asarray(scores, dtype=np.float32)
-    mean = scores.mean(axis=1, keepdims=True)
-    std = scores.std(axis=1, keepdims=True)
-    return (scores - mean) / np.where(std > 0, std, 1.0)
+    mean = scores.mean(axis=1, keepdims=True, dtype=np.float64)
+    std = scores.std(axis=1, keepdims=True, dtype=np.float64)
+    return ((scores - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
 
 
 def history_vectors(
@@ -44,9 +46,23 @@ def history_vectors(
     """Unit-length ``sum_i decay**i * item_embedding(history[i])``, history newest first."""
     index = {item: j for j, item in enumerate(item_ids)}
     weights = history_weights(histories, index, decay)
-    out = np.asarray(weights @ items, dtype=np.float32)
+    out = np.asarray(weights @ items, dtype=np.float64)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
-    return out / np.where(norms > 0, norms, 1.0)
+    return (out / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def inner_products(vectors: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """[users, items] float32 inner products that do not depend on which other users share
+    the call: BLAS sums a product in an order set by the matrix shapes, so a batch of users
+    (evaluation) and one request (serving) differ in the last bits, which the fusion's trees can
+    turn into other orders. Summed in float64 and rounded to float32, both sides get the same
+    bits (unless a sum lies within ~1e-16 of a float32 rounding boundary)."""
+    out = np.empty((len(vectors), len(items)), dtype=np.float32)
+    wide = np.asarray(items, dtype=np.float64).T  # (StageOne keeps a float64 copy: no cast)
+    for lo in range(0, len(vectors), _USERS_PER_PRODUCT):
+        block = vectors[lo : lo + _USERS_PER_PRODUCT].astype(np.float64)
+        out[lo : lo + len(block)] = block @ wide
+    return out
 
 
 def signals(
@@ -63,8 +79,8 @@ def signals(
     vectors its index holds), rows in ``item_ids`` order; ``baselines`` as `fit_baselines`.
     """
     out = {
-        "retriever": contexts @ items.T,
-        "history": history_vectors(histories, items, item_ids, decay) @ items.T,
+        "retriever": inner_products(contexts, items),
+        "history": inner_products(history_vectors(histories, items, item_ids, decay), items),
     }
     for fitted in baselines.values():
         if isinstance(fitted, CoVisitation):

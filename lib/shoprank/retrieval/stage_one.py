@@ -83,6 +83,7 @@ class StageOne:
         self.fusion = fusion
         # Built once: scores() runs on the request path.
         self._row = {item: j for j, item in enumerate(item_ids)}
+        self._items64 = items.astype(np.float64) if weights else items  # inner_products
         self._pairs = blend.pairs(items, baselines)
 
     @property
@@ -160,7 +161,7 @@ class StageOne:
         # An item the catalog lacks has no signal to give.
         histories = [[i for i in h if i in self._row] for h in histories]
         signals = blend.signals(
-            contexts, histories, self.items, self.item_ids, self.baselines, self.decay
+            contexts, histories, self._items64, self.item_ids, self.baselines, self.decay
         )
         # A signal the blend was chosen without is no input of the fusion either.
         signals = {k: v for k, v in signals.items() if k in self.weights}

@@ -123,8 +123,7 @@ class ModelReplica:
         self.passes["requests"] += len(requests)
 
     def describe(self) -> dict:
-        weights = self.ranker.weights() if self.ranker else None
-        return {"retriever": self.retriever.describe(), "ranker_weights": weights}
+        return services.describe_models(self.retriever, self.ranker)
 
     def versions(self) -> dict[str, int | None]:
         return {
@@ -164,7 +163,7 @@ class Ingress:
 
         async def describe() -> dict:
             got = await models.describe.remote()
-            return stage_two_words(got["retriever"], args, got["ranker_weights"])
+            return stage_two_words(got, args)
 
         backends = Backends(
             retrieve=lambda *a: models.retrieve.remote(*a),
@@ -191,7 +190,7 @@ class OneReplica(ModelReplica):
 
         async def describe() -> dict:
             got = self.describe()
-            return stage_two_words(got["retriever"], args, got["ranker_weights"])
+            return stage_two_words(got, args)
 
         backends = Backends(
             retrieve=self.retrieve,

@@ -347,9 +347,10 @@ class Frontend:
         )
 
 
-def stage_two_words(retriever: dict, args: schemas.AppArgs, ranker_weights: str | None) -> dict:
-    """What /version says about the two stages: the retriever's stage one and its rerank
-    record, or why the ranker is not used."""
+def stage_two_words(models: dict, args: schemas.AppArgs) -> dict:
+    """What /version says about the two stages (the retriever's stage one and its rerank
+    record, or why the ranker is not used) and the precision each model computes in."""
+    retriever, ranker_weights = models["retriever"], models["ranker_weights"]
     recorded = retriever.get("rerank_weights")
     if ranker_weights is None:
         second = "no ranker deployed: stage one's order goes to the rules"
@@ -362,7 +363,11 @@ def stage_two_words(retriever: dict, args: schemas.AppArgs, ranker_weights: str 
         second = "no rerank: rerank.json was measured with another ranker than the one served"
     else:
         second = retriever["rerank"]
-    return {"stage_one": retriever["stage_one"], "stage_two": second}
+    return {
+        "stage_one": retriever["stage_one"],
+        "stage_two": second,
+        "precision": models["precision"],
+    }
 
 
 # -- routes ------------------------------------------------------------------------------------

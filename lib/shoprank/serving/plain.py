@@ -30,7 +30,7 @@ def create(args: AppArgs) -> FastAPI:
         return {"retriever": retriever.version(), "ranker": ranker.version() if ranker else None}
 
     async def describe() -> dict:
-        return stage_two_words(retriever.describe(), args, ranker.weights() if ranker else None)
+        return stage_two_words(services.describe_models(retriever, ranker), args)
 
     backends = Backends(
         retrieve=lambda *a: asyncio.to_thread(retriever.retrieve, *a),

@@ -139,15 +139,16 @@ class AppArgs(_Body):
     # (rerank.json: the count and mix chosen on valid, only if the ranker improved stage one
     # there; else none). A number forces the ranker's order on that many: not what was evaluated.
     rerank_top: int | None = Field(None, ge=1)
-    # The ranker's backend (models/ranker.py): torch fp32, bf16 or dynamic int8; ONNX Runtime
-    # fp32 or int8 (RESULTS.md: bf16 is the fastest on AMX CPUs, ONNX fp32 matches torch fp32).
-    ranker_precision: Literal["fp32", "bf16", "int8", "onnx", "onnx-int8"] = "bf16"
+    # The ranker's backend (models/ranker.py): auto (bf16 where the CPU or GPU computes it
+    # natively, else fp32: lib/shoprank/precision.py, the rule evaluation resolves by), torch
+    # fp32, bf16 or dynamic int8; ONNX Runtime fp32 or int8 (ONNX fp32 matches torch fp32).
+    ranker_precision: Literal["auto", "fp32", "bf16", "int8", "onnx", "onnx-int8"] = "auto"
     # The ranker's pair length in tokens; None: as trained (its export's). Shorter is cheaper;
     # evaluate the same choice first (eval.ranker_max_length) to see what it costs.
     ranker_max_length: int | None = Field(None, ge=8)
-    # The retriever's context tower: bf16 autocast (the fastest on AMX CPUs and GPUs) or fp32,
-    # as evaluation embeds with train.bf16.
-    retriever_precision: Literal["fp32", "bf16"] = "bf16"
+    # The retriever's context tower: auto (bf16 where native, else fp32), bf16 or fp32;
+    # evaluation embeds with train.precision, resolved by the same rule.
+    retriever_precision: Literal["auto", "fp32", "bf16"] = "auto"
     # torch threads per Models replica; None: the CPUs Ray gives the replica, rounded up.
     torch_threads: int | None = Field(None, ge=1)
     # "split": the routes (Ingress) and the models (Models) in deployments of their own, each

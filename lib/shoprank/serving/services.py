@@ -18,6 +18,8 @@ from shoprank.data.validate import check_catalog, reason_counts, split_quarantin
 from shoprank.evaluation.metrics import top_n
 from shoprank.models.export_meta import ExportMeta, read_export
 from shoprank.models.ranker import Ranker
+from shoprank.precision import describe as host_precision
+from shoprank.precision import resolve as resolve_precision
 from shoprank.retrieval import rerank
 from shoprank.retrieval.stage_one import StageOne
 from shoprank.serving.follow import Following, RetrieverModel
@@ -81,16 +83,29 @@ def from_args(args: AppArgs) -> tuple[RetrieverService, RankerService | None]:
     return retriever, ranker
 
 
+def describe_models(retriever: RetrieverService, ranker: RankerService | None) -> dict:
+    """The served models as /version words them: stage one, the ranker's weights, and the
+    precision each computes in on this host (resolved as evaluation resolves it)."""
+    computed = {"retriever": retriever.precision, "ranker": ranker.precision if ranker else None}
+    return {
+        "retriever": retriever.describe(),
+        "ranker_weights": ranker.weights() if ranker else None,
+        "precision": {**computed, **host_precision()},
+    }
+
+
 class RetrieverService:
     """Stage one: for a history, the export's own stage one (`retrieval.stage_one.StageOne`,
     the blend it was evaluated with, exact over the catalog); for a query, the retriever's
     index (search is evaluated on the bi-encoder alone)."""
 
     def __init__(
-        self, registry: str, name: str, alias: str, catalog: pa.Table, precision: str = "bf16"
+        self, registry: str, name: str, alias: str, catalog: pa.Table, precision: str = "auto"
     ):
+        self.precision = resolve_precision(precision)
+
         def load(folder: str, version) -> tuple:
-            model = RetrieverModel(folder, bf16=precision == "bf16")
+            model = RetrieverModel(folder, bf16=self.precision == "bf16")
             # Refused (the previous version keeps serving) when its index or signals do not
             # line up with the served catalog.
             stage = StageOne.from_export(folder, catalog)
@@ -181,9 +196,11 @@ class RankerService:
         name: str,
         alias: str,
         catalog: pa.Table,
-        precision: str = "bf16",
+        precision: str = "auto",
         max_length: int | None = None,
     ):
+        self.precision = resolve_precision(precision)
+
         def load(folder: str, version) -> tuple[Ranker, tuple[dict, dict], ExportMeta, str]:
             meta = read_export(folder, kind="ranker")
             ranker = Ranker.from_export(folder, precision, max_length=max_length)

@@ -18,6 +18,7 @@ from shoprank.data import read
 from shoprank.models.encoder import load_encoder, load_sequence_scorer, load_tokenizer
 from shoprank.models.export_meta import METADATA
 from shoprank.models.retriever import SETTINGS
+from shoprank.precision import describe
 from shoprank.train.loop import MODEL_DIR
 
 __all__ = ["METADATA", "code_version", "export_model", "export_run", "load_checkpoint_model"]
@@ -79,6 +80,8 @@ def export_model(checkpoint_dir: str, cfg: Config, out_dir: str, metadata: dict)
         meta["context_max_length"] = cfg.retriever.context_max_length
         meta["item_max_length"] = cfg.model.max_length
     meta.update({"config": cfg.model_dump(mode="json"), "code": code_version(), **metadata})
+    # What train.precision resolved to where the job ran (the host's check, for the record).
+    meta["precision"] = {"trained_in": "bf16" if cfg.train.bf16 else "fp32", **describe()}
     with open(os.path.join(out_dir, METADATA), "w") as f:
         json.dump(meta, f, indent=2, default=str)
     return out_dir

@@ -246,7 +246,8 @@ def deepspeed_config(cfg: TrainConfig, total_steps: int, world_size: int = 2) ->
         "gradient_accumulation_steps": grad_accum(cfg, world_size),
         "gradient_clipping": 1.0,
         "zero_optimization": zero,
-        # Autocast keeps fp32 master weights; on AMX CPUs and GPUs bf16 matmuls run far faster.
+        # Autocast keeps fp32 master weights; on AMX CPUs and GPUs bf16 matmuls run far faster
+        # (train.precision auto: only there, lib/shoprank/precision.py).
         "torch_autocast": {"enabled": cfg.bf16, "dtype": "bfloat16"},
         "scheduler": {
             "type": "WarmupDecayLR",
