@@ -33,7 +33,7 @@ import yaml
 
 from shoprank.console import log
 from shoprank.evaluation import report
-from shoprank.precision import describe, host_line, resolve
+from shoprank.precision import describe, host_line, ranker_backend, resolve
 from shoprank.run import init_ray
 from shoprank.serving.features import ParquetFeatureStore
 from shoprank.serving.schemas import AppArgs
@@ -290,7 +290,7 @@ def main() -> None:
     matched = [{"serve": s, **x} for s in setups[:-1] for x in ratios(rows, s, setups[-1])]
     # What the models computed in: the app's precisions resolved on this host, as it does.
     computed = {
-        "ranker": resolve(args.ranker_precision) if args.ranker else None,
+        "ranker": ranker_backend(args.ranker_precision) if args.ranker else None,
         "retriever": resolve(args.retriever_precision),
     }
     host = {**describe(), "precision": computed}

@@ -97,7 +97,11 @@ def test_train_precision_and_the_old_bf16_flag(monkeypatch):
 
 def test_auto_ranker_loads_at_the_resolved_precision(ranker_dir, monkeypatch):
     from shoprank import precision
+    from shoprank.models.ranker import OnnxRanker
 
-    for native, dtype in (("0", torch.float32), ("1", torch.bfloat16)):
-        monkeypatch.setenv(precision.ENV, native)
-        assert next(load_for_inference(ranker_dir, "auto").parameters()).dtype == dtype
+    monkeypatch.setenv(precision.ENV, "1")
+    assert next(load_for_inference(ranker_dir, "auto").parameters()).dtype == torch.bfloat16
+    monkeypatch.setenv(precision.ENV, "0")  # a CPU without native bf16: ONNX Runtime fp32
+    assert precision.ranker_backend("auto", "cpu") == "onnx"
+    assert isinstance(load_for_inference(ranker_dir, "auto"), OnnxRanker)
+    assert precision.ranker_backend("fp32") == "fp32"

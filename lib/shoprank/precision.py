@@ -103,6 +103,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def ranker_backend(choice: str, device: str | torch.device | None = None) -> str:
+    """The cross-encoder's backend for `choice`: auto = torch bf16 weights where bf16 is
+    native; on a CPU without it, ONNX Runtime fp32 (the same network, logits within 1e-4 of
+    torch fp32, tests/test_precision.py; its MLAS kernels scored 1.75x torch fp32's pairs/s on
+    an AVX2 host, where MKL takes its slow path on AMD CPUs); on a GPU without it, fp32.
+    Evaluation and the Serve app both resolve through here, so both score alike."""
+    if choice != "auto":
+        return resolve(choice, device)
+    if native_bf16(device):
+        return "bf16"
+    kind = torch.device(device).type if device is not None else _default_device()
+    return "onnx" if kind == "cpu" else "fp32"
+
+
 def describe() -> dict:
     """What reports, benches and /version record about the host's precision."""
     forced = _forced()

@@ -16,7 +16,7 @@ from shoprank.data.tokenize import KEY
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
 from shoprank.models.ranker import Ranker
 from shoprank.models.retriever import EncoderSpec
-from shoprank.precision import resolve
+from shoprank.precision import ranker_backend
 
 
 def _scored(batch: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, np.ndarray]:
@@ -144,8 +144,8 @@ def ranker_settings(cfg: Config, model_dir: str) -> dict:
 
 def ranker_precision(cfg: Config) -> str:
     """eval.ranker_precision, else train.precision, resolved on this host as the Serve app
-    resolves its own (auto: bf16 weights where bf16 is native, the fastest batch scoring)."""
-    return resolve(cfg.eval.ranker_precision or cfg.train.precision)
+    resolves its own (auto: bf16 weights where bf16 is native, else ONNX Runtime fp32)."""
+    return ranker_backend(cfg.eval.ranker_precision or cfg.train.precision)
 
 
 def precision_words(cfg: Config) -> str:

@@ -23,7 +23,7 @@ from shoprank.models.encoder import (
     trimmed_length,
 )
 from shoprank.models.export_meta import read_export
-from shoprank.precision import resolve
+from shoprank.precision import ranker_backend
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "onnx", "onnx-int8")
 
@@ -64,12 +64,12 @@ def load_for_inference(model_dir: str, precision: str) -> nn.Module | OnnxRanker
     """An exported ranker ready to score: fp32, bf16 weights (the fastest batch throughput on
     AMX CPUs and GPUs), int8 dynamic quantization of its linear layers (CPU), or the same
     network in ONNX Runtime (fp32, or its own int8 dynamic quantization; CPU). auto: bf16 where
-    the device computes it natively, else fp32 (`shoprank.precision`)."""
+    the device computes it natively, else ONNX Runtime fp32 on a CPU (precision.ranker_backend)."""
     from transformers import AutoModelForSequenceClassification
 
     if precision not in PRECISIONS:
         raise ValueError(f"ranker precision {precision!r}: use one of {PRECISIONS}")
-    precision = resolve(precision)
+    precision = ranker_backend(precision)
     if precision.startswith("onnx"):
         return OnnxRanker.export(model_dir, quantize=precision == "onnx-int8")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -190,10 +190,10 @@ class Ranker:
         meta = read_export(directory, kind="ranker")
         model = load_for_inference(directory, precision)
         # int8 and ONNX Runtime run on the CPU only; fp32 and bf16 go to a GPU if given.
-        if resolve(precision) in ("fp32", "bf16") and torch.cuda.is_available():
+        if ranker_backend(precision) in ("fp32", "bf16") and torch.cuda.is_available():
             model = model.to("cuda")
         ranker = cls(model, load_tokenizer(directory), max_length or meta.max_length, batch_size)
-        ranker.precision = resolve(precision)
+        ranker.precision = ranker_backend(precision)
         return ranker
 
     @property

@@ -140,7 +140,8 @@ class AppArgs(_Body):
     # there; else none). A number forces the ranker's order on that many: not what was evaluated.
     rerank_top: int | None = Field(None, ge=1)
     # The ranker's backend (models/ranker.py): auto (bf16 where the CPU or GPU computes it
-    # natively, else fp32: lib/shoprank/precision.py, the rule evaluation resolves by), torch
+    # natively, else ONNX Runtime fp32 on a CPU: lib/shoprank/precision.py, the rule
+    # evaluation resolves by), torch
     # fp32, bf16 or dynamic int8; ONNX Runtime fp32 or int8 (ONNX fp32 matches torch fp32).
     ranker_precision: Literal["auto", "fp32", "bf16", "int8", "onnx", "onnx-int8"] = "auto"
     # The ranker's pair length in tokens; None: as trained (its export's). Shorter is cheaper;

@@ -19,6 +19,7 @@ from shoprank.evaluation.metrics import top_n
 from shoprank.models.export_meta import ExportMeta, read_export
 from shoprank.models.ranker import Ranker
 from shoprank.precision import describe as host_precision
+from shoprank.precision import ranker_backend
 from shoprank.precision import resolve as resolve_precision
 from shoprank.retrieval import rerank
 from shoprank.retrieval.stage_one import StageOne
@@ -199,7 +200,7 @@ class RankerService:
         precision: str = "auto",
         max_length: int | None = None,
     ):
-        self.precision = resolve_precision(precision)
+        self.precision = ranker_backend(precision)
 
         def load(folder: str, version) -> tuple[Ranker, tuple[dict, dict], ExportMeta, str]:
             meta = read_export(folder, kind="ranker")
