@@ -4,6 +4,7 @@
     python jobs/prepare.py amazon ../shared/data/amazon-scientific [--out data/amazon-scientific]
     python jobs/prepare.py esci SRC_DIR [--out data/esci --locale us]
     python jobs/prepare.py wands SRC_DIR [--out data/wands --train-fraction 0.5]
+    python jobs/prepare.py homedepot ../shared/data/home-depot [--out data/home-depot]
 
 Writes catalog.parquet and events/dt=YYYY-MM-DD/ (plus judgments.parquet for search data) and
 prints a JSON summary. Validation happens in the jobs that read the data, so that bad rows are
@@ -16,6 +17,7 @@ import argparse
 import json
 
 from shoprank.data.amazon import import_amazon
+from shoprank.data.homedepot import import_homedepot
 from shoprank.data.search_sets import import_esci, import_wands
 from shoprank.data.synthetic import generate_shop
 
@@ -51,6 +53,16 @@ def main(argv: list[str] | None = None) -> dict:
     wands.add_argument("--out", default="data/wands")
     wands.add_argument("--train-fraction", type=float, default=0.5)
 
+    hd = sub.add_parser("homedepot", help="import the Home Depot search relevance file (search)")
+    hd.add_argument("src", help="folder with train.csv (latin-1), or the file itself")
+    hd.add_argument("--out", default="data/home-depot")
+    hd.add_argument(
+        "--min-click-gain",
+        type=float,
+        default=0.0,
+        help="a train-query pair becomes a training click when its gain is above this",
+    )
+
     args = parser.parse_args(argv)
     if args.source == "synthetic":
         summary = generate_shop(
@@ -65,8 +77,10 @@ def main(argv: list[str] | None = None) -> dict:
         summary = import_amazon(args.src, args.out)
     elif args.source == "esci":
         summary = import_esci(args.src, args.out, locale=args.locale)
-    else:
+    elif args.source == "wands":
         summary = import_wands(args.src, args.out, train_fraction=args.train_fraction)
+    else:
+        summary = import_homedepot(args.src, args.out, min_click_gain=args.min_click_gain)
     print(json.dumps(summary, indent=2))
     return summary
 

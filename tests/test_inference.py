@@ -216,8 +216,9 @@ def test_stage_one_from_an_export_scores_as_the_run_that_chose_its_weights(
     from shoprank.data.validate import check_catalog, split_quarantine
     from shoprank.evaluation.baselines import fit_baselines
     from shoprank.retrieval import blend
+    from shoprank.retrieval.blend import save_signals
     from shoprank.retrieval.index import INDEX_DIR, ItemIndex
-    from shoprank.retrieval.stage_one import StageOne, StageOneError, save_signals
+    from shoprank.retrieval.stage_one import StageOne, StageOneError
 
     catalog, _ = split_quarantine(check_catalog(pq.read_table(tiny_shop / "catalog.parquet")))
     ids = catalog["item_id"].to_pylist()

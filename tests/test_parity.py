@@ -33,9 +33,10 @@ def offline(ray_local, tmp_path_factory, tiny_shop, tiny_model_dir):
     from shoprank.evaluation.metrics import top_n
     from shoprank.models.retriever import EncoderSpec
     from shoprank.retrieval import blend
+    from shoprank.retrieval.blend import save_signals
     from shoprank.retrieval.embed import embed_contexts
     from shoprank.retrieval.index import INDEX_DIR, read_embeddings
-    from shoprank.retrieval.stage_one import for_evaluation, save_signals
+    from shoprank.retrieval.stage_one import for_evaluation
     from shoprank.run import Run
 
     tmp = tmp_path_factory.mktemp("parity")

@@ -164,12 +164,12 @@ class IndexConfig(Section):
     embed_batch_size: int = Field(256, ge=1)  # texts per Ray Data batch (one actor call)
     # Tokens a forward pass holds inside it (texts sorted by length, rows x max_length): 64
     # items of 64 tokens, 32 contexts of 128. On 2 cores bigger passes were slower, and so were
-    # passes of 16 items (jobs/bench_embed.py; RESULTS.md, "Catalog embedding throughput").
+    # passes of 16 items (bench/bench_embed.py; RESULTS.md, "Catalog embedding throughput").
     embed_pass_tokens: int = Field(4096, ge=1)
     embed_actors: int = Field(1, ge=1)
     # Text lists up to this many are embedded in the calling process: a Ray Data actor's start
     # (a process, torch, the model) costs more than embedding a few thousand texts
-    # (jobs/bench_embed.py); longer lists go to the actor pool, which scales out. 0: always Ray.
+    # (bench/bench_embed.py); longer lists go to the actor pool, which scales out. 0: always Ray.
     embed_in_process_below: int = Field(20_000, ge=0)
 
 

@@ -3,7 +3,7 @@ its resolved config (params), its metrics per logged step and per validation, an
 and export (artifacts).
 
 The driver logs, from what the run saved with its checkpoints: the loop's `StepRecord`s (the
-same records the console prints and jobs/bench_train.py reads) and its validation reports.
+same records the console prints and bench/bench_train.py reads) and its validation reports.
 Nothing is sent from inside Ray Train workers, so a restarted worker group, a resumed job or a
 retried trial logs each step once: a run is found again by its key (the run name, or the sweep
 and trial), and points already logged are not logged twice.

@@ -60,6 +60,13 @@ JUDGMENTS_SCHEMA = pa.schema(
     ]
 )
 JUDGMENTS_REQUIRED = ("query_id", "query", "item_id", "label")
+# Optional column: `split` in SPLITS, the split of the row's query where the source pins one
+# (the Home Depot importer keeps every judged pair, train queries' graded pairs included).
+# Type-checked and conformed when present, never added: without it every judged query is held
+# out, as ESCI, WANDS and the synthetic shop write them.
+JUDGMENTS_SPLIT_FIELD = pa.field("split", pa.string())
+# The judgments of a source that pins a split: the contract's columns, then `split`.
+SPLIT_JUDGMENTS_SCHEMA = pa.schema([*JUDGMENTS_SCHEMA, JUDGMENTS_SPLIT_FIELD])
 
 # ESCI letters to gains, as docs/DESIGN.md states them.
 ESCI_GAINS = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}

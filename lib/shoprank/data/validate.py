@@ -49,6 +49,7 @@ JUDGMENTS_REASONS = (
     "missing_item_id",
     "unknown_item",
     "bad_label",
+    "bad_split",
     "duplicate",
 )
 
@@ -131,19 +132,26 @@ def _rule(kind: str, name: str, target: pa.DataType) -> tuple[Callable[[pa.DataT
     raise AssertionError(f"no rule for {kind}.{name} ({target})")  # contract changed
 
 
+# Optional columns per kind: type-checked and conformed when present, left absent otherwise.
+_OPTIONAL_FIELDS = {
+    "events": contract.EVENTS_SERVED_FIELDS,
+    "judgments": (contract.JUDGMENTS_SPLIT_FIELD,),
+}
+
+
 def _typed_fields(kind: str) -> list[pa.Field]:
-    """The contract's columns, then (events) the optional served ones, checked when present."""
+    """The contract's columns, then the optional ones (served events, judgments' split),
+    checked when present."""
     target, _ = _SCHEMAS[kind]
-    served = contract.EVENTS_SERVED_FIELDS if kind == "events" else ()
-    return [*target, *served]
+    return [*target, *_OPTIONAL_FIELDS.get(kind, ())]
 
 
 def check_schema(schema: pa.Schema, kind: str) -> None:
     """Raise SchemaError naming the first missing required column or mistyped column.
 
     Extra columns are allowed; missing optional contract columns are allowed (filled with nulls
-    by the `check_*` functions); the served columns (contract.EVENTS_SERVED_FIELDS) are
-    type-checked when present and left absent when absent.
+    by the `check_*` functions); the served columns (contract.EVENTS_SERVED_FIELDS) and the
+    judgments' `split` are type-checked when present and left absent when absent.
     """
     if kind not in _SCHEMAS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
@@ -240,7 +248,7 @@ def _conform_label(col: pa.ChunkedArray) -> pa.Array:
 
 
 def _conform(table: pa.Table, kind: str) -> pa.Table:
-    """Contract columns first (cast, or all-null when absent), the served columns that are
+    """Contract columns first (cast, or all-null when absent), the optional columns that are
     present (cast), then the extra columns."""
     target, _ = _SCHEMAS[kind]
     n = table.num_rows
@@ -398,8 +406,9 @@ def check_events(batch: pa.Table, catalog_ids: pa.Array) -> pa.Table:
 def check_judgments(table: pa.Table, catalog_ids: pa.Array) -> pa.Table:
     """All rows, conformed (ESCI letters -> gains), with REASON.
 
-    A label is bad when null, unparsable, NaN, infinite or negative. A repeated
-    (query_id, item_id) pair is a duplicate: its first good row is kept.
+    A label is bad when null, unparsable, NaN, infinite or negative; a `split`, where the
+    column is present, when it is not one of contract.SPLITS. A repeated (query_id, item_id)
+    pair is a duplicate: its first good row is kept.
     """
     table = _as_table(table)
     check_schema(table.schema, "judgments")
@@ -416,6 +425,8 @@ def check_judgments(table: pa.Table, catalog_ids: pa.Array) -> pa.Table:
         ("unknown_item", _not_in(t.column("item_id"), _catalog_set(catalog_ids))),
         ("bad_label", bad_label),
     ]
+    if "split" in t.column_names:
+        checks.append(("bad_split", _not_in(t.column("split"), pa.array(contract.SPLITS))))
     return _with_reason(t, checks, "duplicate", JUDGMENT_KEY)
 
 

@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from shoprank.config import Config
@@ -119,7 +120,10 @@ def evaluate(run: Run, model_dir: str | None) -> tuple[dict[str, dict[str, float
             f"data.task=search is evaluated on judgments, but data.judgments={cfg.data.judgments!r}"
             " does not exist; point it at a judgments Parquet (jobs/prepare.py esci|wands)"
         )
-    table = score_judgments(cfg, data.catalog, data.judgments, model_dir, run.baselines)
+    judgments = data.judgments
+    if "split" in judgments.column_names:  # a source that pins each query's split: eval.split's
+        judgments = judgments.filter(pc.equal(judgments["split"], cfg.eval.split))
+    table = score_judgments(cfg, data.catalog, judgments, model_dir, run.baselines)
     folder = run.out / "report_search"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(table, indent=2))
@@ -130,7 +134,7 @@ def evaluate(run: Run, model_dir: str | None) -> tuple[dict[str, dict[str, float
         )
     n_queries = int(next(iter(table.values()))["queries"]) if table else 0
     protocol = (
-        f"{data.judgments.num_rows} judged (query, item) pairs over {n_queries} queries with a "
+        f"{judgments.num_rows} judged (query, item) pairs over {n_queries} queries with a "
         "positive gain; each query's judged items ordered by the model's score, NDCG@10 with "
         "the judged gains (tied scores share their gains)."
     )

@@ -262,3 +262,18 @@ def paired_interval(
         return float(d.mean()) if len(d) else float("nan"), float("inf")
     z = NormalDist().inv_cdf(0.5 + level / 2)
     return float(d.mean()), float(z * d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def paired_difference(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, level: float = 0.95
+) -> tuple[float, float]:
+    """(mean, half-width) of a - b over the same queries (or users), a normal interval at
+    `level`: whether two systems scored on one query set differ by more than the set's noise.
+    `paired_interval` does the same from two models' score matrices."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 1:
+        raise ValueError(f"a and b must be 1-D per-query values of equal length, got {d.shape}")
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else float("nan"), float("inf")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    return float(d.mean()), float(z * d.std(ddof=1) / np.sqrt(len(d)))

@@ -1,6 +1,6 @@
 """Retraining: production trained further on the days newer than its snapshot, judged on the
 newest day, promoted through the registry's gate (jobs/retrain.py runs it; so does every night
-of jobs/bench_loop.py).
+of bench/bench_loop.py).
 
 `retrain(cfg, out)`, in order:
 

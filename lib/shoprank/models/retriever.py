@@ -240,7 +240,7 @@ class EncoderSpec:
     def load(self, bf16: bool = False) -> Encoder:
         """The encoder this describes, ready to embed (on a GPU when the process has one).
         bf16: bf16 weights, no autocast (autocast re-casts the fp32 weights at every call:
-        15-30% slower on the CPU, jobs/bench_embed.py; cosine to fp32 above 0.9999)."""
+        15-30% slower on the CPU, bench/bench_embed.py; cosine to fp32 above 0.9999)."""
         model_cfg = ModelConfig(attn_implementation=self.attn_implementation, dropout=None)
         model = load_encoder(model_cfg, self.model).eval()
         if bf16:

@@ -13,22 +13,87 @@ blend the union of each signal's top N instead.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import optuna
+import pyarrow as pa
+import scipy.sparse as sp
 
 from shoprank.console import log
+from shoprank.data.text import render_items
 from shoprank.evaluation import metrics
 from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory, history_weights
 from shoprank.retrieval.fusion import Fusion, Pairs
 from shoprank.retrieval.fusion import fit_for as fusion_fit
 
 SIGNALS = ("retriever", "history", "covisit", "tfidf", "popularity")
+SIGNALS_DIR = "signals"  # beside a retriever export: the collaborative signals' statistics
 _USERS_PER_PRODUCT = 512  # float64 [users, items] blocks of inner_products
 FILE = "blend.json"
+
+
+class SignalsError(ValueError):
+    pass
+
+
+def catalog_digest(item_ids: Sequence[str]) -> str:
+    """Which catalog, in which order: saved signals and index rows must line up with it."""
+    return hashlib.sha256("\n".join(item_ids).encode()).hexdigest()[:16]
+
+
+def save_signals(export_dir: str | Path, baselines: dict, decay: float, fitted_on: str) -> Path:
+    """Popularity counts and the co-visitation matrix beside a retriever export."""
+    out = Path(export_dir) / SIGNALS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    info: dict = {"decay": decay, "fitted_on": fitted_on}
+    for fitted in baselines.values():
+        if isinstance(fitted, Popularity):
+            np.save(out / "popularity.npy", fitted.counts)
+            info["item_ids_sha256"] = catalog_digest(list(fitted.item_ids))
+        elif isinstance(fitted, CoVisitation):
+            sp.save_npz(out / "covisit.npz", fitted.counts())
+            info["covisit_window"] = fitted.window
+            info["item_ids_sha256"] = catalog_digest(fitted.item_ids)
+    (out / "signals.json").write_text(json.dumps(info, indent=2))
+    return out
+
+
+def load_signals(
+    export_dir: str | Path,
+    ids: list[str],
+    weights: dict[str, float],
+    catalog: pa.Table,
+    item_template: str,
+) -> tuple[dict, float]:
+    """(baselines, decay) of the signals `weights` name, for the index's items `ids`: the
+    saved statistics beside the export, TF-IDF refitted on the catalog's texts. Only these are
+    computed, at start-up and per request."""
+    folder = Path(export_dir) / SIGNALS_DIR
+    if not (folder / "signals.json").exists():
+        raise SignalsError(
+            f"{export_dir} has blend weights but no {SIGNALS_DIR}/: choose them again with "
+            f"jobs/blend.py --retriever {export_dir}, which saves the signals too"
+        )
+    info = json.loads((folder / "signals.json").read_text())
+    if info.get("item_ids_sha256", catalog_digest(ids)) != catalog_digest(ids):
+        raise SignalsError(f"{folder} was fitted on another catalog than the export's index")
+    decay = info["decay"]
+    baselines: dict = {}
+    if "tfidf" in weights:
+        served = {item: r for r, item in enumerate(catalog["item_id"].to_pylist())}
+        every = render_items(catalog, item_template)  # (derived fields: all rows)
+        baselines["tfidf"] = TfidfHistory(decay).fit(ids, [every[served[i]] for i in ids])
+    if "popularity" in weights and (folder / "popularity.npy").exists():
+        baselines["popularity"] = Popularity.from_counts(ids, np.load(folder / "popularity.npy"))
+    if "covisit" in weights and (folder / "covisit.npz").exists():
+        baselines["co-visitation"] = CoVisitation.from_counts(
+            ids, sp.load_npz(folder / "covisit.npz"), info["covisit_window"], decay
+        )
+    return baselines, decay
 
 
 def standardize(scores: np.ndarray) -> np.ndarray:
@@ -188,7 +253,6 @@ def fit(run, retriever_dir: str) -> dict:
     from shoprank.models.retriever import EncoderSpec
     from shoprank.retrieval.embed import embed_contexts, ensure_index
     from shoprank.retrieval.index import INDEX_DIR, read_embeddings
-    from shoprank.retrieval.stage_one import save_signals
 
     cfg, catalog, valid, baselines = run.cfg, run.data.catalog, run.examples["valid"], run.baselines
     ensure_index(retriever_dir, catalog, cfg)

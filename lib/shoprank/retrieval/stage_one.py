@@ -18,50 +18,21 @@ Scores are exact over the whole catalog: right for catalogs up to ~1e5 items.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import scipy.sparse as sp
 
 from shoprank.config import Config
-from shoprank.data.text import render_items
-from shoprank.evaluation.baselines import CoVisitation, Popularity, TfidfHistory
 from shoprank.models.export_meta import read_export
 from shoprank.retrieval import blend
 from shoprank.retrieval.fusion import Fusion
 from shoprank.retrieval.index import INDEX_DIR, read_embeddings
 
-SIGNALS_DIR = "signals"
-
 
 class StageOneError(ValueError):
     pass
-
-
-def catalog_digest(item_ids: Sequence[str]) -> str:
-    """Which catalog, in which order: saved signals and index rows must line up with it."""
-    return hashlib.sha256("\n".join(item_ids).encode()).hexdigest()[:16]
-
-
-def save_signals(export_dir: str | Path, baselines: dict, decay: float, fitted_on: str) -> Path:
-    """Popularity counts and the co-visitation matrix beside a retriever export."""
-    out = Path(export_dir) / SIGNALS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    info: dict = {"decay": decay, "fitted_on": fitted_on}
-    for fitted in baselines.values():
-        if isinstance(fitted, Popularity):
-            np.save(out / "popularity.npy", fitted.counts)
-            info["item_ids_sha256"] = catalog_digest(list(fitted.item_ids))
-        elif isinstance(fitted, CoVisitation):
-            sp.save_npz(out / "covisit.npz", fitted.counts())
-            info["covisit_window"] = fitted.window
-            info["item_ids_sha256"] = catalog_digest(fitted.item_ids)
-    (out / "signals.json").write_text(json.dumps(info, indent=2))
-    return out
 
 
 class StageOne:
@@ -111,30 +82,12 @@ class StageOne:
         weights = dict(weights) if weights else blend.load(retriever_dir)
         if not weights:
             return cls(ids, items, None, {}, 0.0)
-        folder = Path(retriever_dir) / SIGNALS_DIR
-        if not (folder / "signals.json").exists():
-            raise StageOneError(
-                f"{retriever_dir} has blend weights but no {SIGNALS_DIR}/: choose them again with "
-                f"jobs/blend.py --retriever {retriever_dir}, which saves the signals too"
+        try:
+            baselines, decay = blend.load_signals(
+                retriever_dir, ids, weights, catalog, meta.data.item_template
             )
-        info = json.loads((folder / "signals.json").read_text())
-        if info.get("item_ids_sha256", catalog_digest(ids)) != catalog_digest(ids):
-            raise StageOneError(f"{folder} was fitted on another catalog than {INDEX_DIR}/")
-        decay = info["decay"]
-        # Only the signals the blend was chosen with are computed, at start-up and per request.
-        baselines: dict = {}
-        if "tfidf" in weights:
-            every = render_items(catalog, meta.data.item_template)  # (derived fields: all rows)
-            texts = [every[served[i]] for i in ids]
-            baselines["tfidf"] = TfidfHistory(decay).fit(ids, texts)
-        if "popularity" in weights and (folder / "popularity.npy").exists():
-            baselines["popularity"] = Popularity.from_counts(
-                ids, np.load(folder / "popularity.npy")
-            )
-        if "covisit" in weights and (folder / "covisit.npz").exists():
-            baselines["co-visitation"] = CoVisitation.from_counts(
-                ids, sp.load_npz(folder / "covisit.npz"), info["covisit_window"], decay
-            )
+        except blend.SignalsError as err:
+            raise StageOneError(str(err)) from None
         return cls(ids, items, weights, baselines, decay, fusion)
 
     def scores(self, contexts: np.ndarray, histories: Sequence[Sequence[str]]) -> np.ndarray:
@@ -184,7 +137,7 @@ def for_evaluation(
     """What evaluation ranks with: the export's own stage one (its saved signals, exactly what
     the Serve app serves), `weights` (eval.blend_weights) overriding its blend. An export from
     before signals were saved gets the run's baselines, fitted the same way."""
-    if (Path(retriever_dir) / SIGNALS_DIR / "signals.json").exists():
+    if (Path(retriever_dir) / blend.SIGNALS_DIR / "signals.json").exists():
         return StageOne.from_export(retriever_dir, catalog, weights)
     ids, items = read_embeddings(Path(retriever_dir) / INDEX_DIR)
     if ids != catalog["item_id"].to_pylist():

@@ -84,7 +84,7 @@ class ModelReplica:
             description="(context, item) pairs scored in one ranker forward pass.",
             boundaries=[1, 10, 50, 100, 200, 500, 1000, 2000, 5000],
         )
-        self.passes = {"batches": 0, "requests": 0}  # the same, for jobs/bench_serve.py
+        self.passes = {"batches": 0, "requests": 0}  # the same, for bench/bench_serve.py
         self.retrieve_batch = Coalescer(self.retriever.retrieve_many, self.torch_thread)
         if self.ranker is not None:
             self.score_batch = Coalescer(

@@ -199,7 +199,7 @@ class TrainState:
 
 def work_signature(model: nn.Module, optimizer, cfg: Config, workers: int) -> dict:
     """What a training process computes with: two runs with the same signature do the same work
-    (jobs/bench_train.py refuses to compare runs whose signatures differ)."""
+    (bench/bench_train.py refuses to compare runs whose signatures differ)."""
     targets = {
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
@@ -223,7 +223,7 @@ def work_signature(model: nn.Module, optimizer, cfg: Config, workers: int) -> di
 
 def zero_stage(cfg: TrainConfig, world_size: int) -> int:
     """`train.zero_stage`, except on one worker: there is nothing to shard across, and ZeRO's
-    partitioning bookkeeping cost the retriever 15-20% of its steps (jobs/bench_train.py)."""
+    partitioning bookkeeping cost the retriever 15-20% of its steps (bench/bench_train.py)."""
     return cfg.zero_stage if world_size > 1 else 0
 
 

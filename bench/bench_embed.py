@@ -1,6 +1,6 @@
 """Catalog embedding throughput: the project's Ray Data path against a plain loop, interleaved.
 
-    python jobs/bench_embed.py [--rounds 3] [--config configs/amazon-retriever.yaml]
+    python bench/bench_embed.py [--rounds 3] [--config configs/amazon-retriever.yaml]
 
 Arms, all on the config's catalog with the pretrained encoder in the config's precision
 (train.precision; auto: bf16 where the CPU has it natively, else fp32), the same threads each,

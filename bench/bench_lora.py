@@ -1,6 +1,6 @@
 """LoRA training steps with and without peft's cast of each adapter's input to fp32.
 
-    python jobs/bench_lora.py [--rounds 3] [--steps 6] [--threads 1]
+    python bench/bench_lora.py [--rounds 3] [--steps 6] [--threads 1]
 
 shoprank trains under bf16 autocast, which casts every layer's input itself; peft's default
 also copies each adapted layer's bf16 input to the adapter's fp32 weights first (and the

@@ -2,7 +2,7 @@
 the live Serve app for N simulated days; each night jobs/retrain.py's retraining runs and may
 promote; the same app with the ranker frozen at day 0 serves the same visitors beside it.
 
-    python jobs/bench_loop.py [--days 5] [--out runs/bench-loop] [section.key=value ...]
+    python bench/bench_loop.py [--days 5] [--out runs/bench-loop] [section.key=value ...]
 
 The shop: generate_shop's history for --seed-days days (its shoppers drawn for the whole period, so
 their tastes drift during the simulation) and a new brand's line arriving on the first simulated
@@ -258,7 +258,7 @@ def main() -> None:
             )
 
     # 6. Report: the table by day, the paired margin, the plot.
-    command = " ".join(["python jobs/bench_loop.py", *sys.argv[1:]])
+    command = " ".join(["python bench/bench_loop.py", *sys.argv[1:]])
     extra = {"command": command, "wall_s": round(time.perf_counter() - started, 1)}
     extra["day0"] = {"metrics": day0.metrics, "seconds": day0.seconds}
     print(write_results(out, days, nights, visits, promotions, extra), flush=True)

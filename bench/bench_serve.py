@@ -2,7 +2,7 @@
 concurrencies, Ray Serve with the ranker's batching on and off, against the same routes and
 models in one plain FastAPI + torch process.
 
-    python jobs/bench_serve.py [--config serve/config.yaml] [--duration 20] [--rounds 3]
+    python bench/bench_serve.py [--config serve/config.yaml] [--duration 20] [--rounds 3]
         [--concurrency 1 4 16 64] [--layouts split one] [--out runs/bench-serve] [key=value ...]
 
 Both run at once and are measured in turn, every setup once a round, so that the machine's

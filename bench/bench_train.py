@@ -1,7 +1,7 @@
 """Training throughput: the project's pipeline (Ray Data -> Ray Train + DeepSpeed) against a plain
 PyTorch loop doing the same work, the arms interleaved over rounds (this machine drifts).
 
-    python jobs/bench_train.py [--rounds 3] [--steps 12] [--tasks ranker retriever] [--real]
+    python bench/bench_train.py [--rounds 3] [--steps 12] [--tasks ranker retriever] [--real]
         [--set key=value ...]
 
 Arms, per task: `plain` (one process, the project's model builder, AdamW, the run's autocast
