@@ -183,6 +183,39 @@ def test_encoder_embeds_texts_as_it_embeds_tokens(exports):
     np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
 
 
+def test_a_context_embeds_to_the_same_bits_alone_or_in_a_batch(exports):
+    """Served = evaluated on any CPU: a context's vector does not depend on the texts embedded
+    with it (each is a pass of its own), nor do the stage-one products on the users beside it."""
+    from shoprank.retrieval.blend import inner_products, standardize
+
+    encoder = EncoderSpec.from_export(exports["retriever"]).load()
+    words = [
+        "red",
+        "blue",
+        "tea",
+        "mug",
+        "kettle",
+        "drill",
+        "saw",
+        "hammer",
+        "nail",
+        "glue",
+        "wood",
+        "pipe",
+        "lamp",
+    ]
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, int(rng.integers(1, 40)))) for _ in range(24)]
+    batch = encoder.embed(texts, "context")
+    alone = np.concatenate([encoder.embed([t], "context") for t in texts])
+    assert np.array_equal(batch, alone)
+    items = rng.standard_normal((300, batch.shape[1])).astype(np.float32)
+    together = standardize(inner_products(batch, items))
+    one_by_one = np.concatenate([standardize(inner_products(r[None], items)) for r in batch])
+    assert np.array_equal(together, one_by_one)
+    assert np.abs(inner_products(batch, items) - batch @ items.T).max() < 1e-5
+
+
 def test_read_export_names_what_is_wrong(tmp_path, exports):
     with pytest.raises(ExportError, match="not a shoprank export"):
         read_export(tmp_path)
