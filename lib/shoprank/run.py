@@ -78,6 +78,10 @@ def start(args: argparse.Namespace, with_ray: bool = True) -> Run:
     changed = "\n".join(f"  {k}: {v}" for k, v in differences(cfg).items()) or "  (none)"
     log(f"resolved config saved to {run.out / 'config.yaml'}; it differs from the defaults in:")
     print(changed, flush=True)
+    from shoprank.evaluation.scorers import precision_words
+    from shoprank.precision import host_line
+
+    log(f"precision: {host_line(precision_words(cfg))}")
     if with_ray:
         init_ray()
     return run
