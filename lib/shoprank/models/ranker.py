@@ -188,12 +188,13 @@ class Ranker:
         """`max_length`: pairs cut shorter than the export was trained with (cheaper, and its
         quality measured with eval.ranker_max_length); None = as trained."""
         meta = read_export(directory, kind="ranker")
-        model = load_for_inference(directory, precision)
+        backend = ranker_backend(precision)  # auto resolved once, here
+        model = load_for_inference(directory, backend)
         # int8 and ONNX Runtime run on the CPU only; fp32 and bf16 go to a GPU if given.
-        if ranker_backend(precision) in ("fp32", "bf16") and torch.cuda.is_available():
+        if backend in ("fp32", "bf16") and torch.cuda.is_available():
             model = model.to("cuda")
         ranker = cls(model, load_tokenizer(directory), max_length or meta.max_length, batch_size)
-        ranker.precision = ranker_backend(precision)
+        ranker.precision = backend
         return ranker
 
     @property
