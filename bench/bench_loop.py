@@ -95,6 +95,12 @@ def main() -> None:
     p.add_argument(
         "--no-gate", action="store_true", help="promote every candidate (what the gate is worth)"
     )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="model replicas of each app (feedback reaches any; 2 CPUs shared among them)",
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value for the retraining")
     cli = p.parse_intermixed_args()
     started = time.perf_counter()
@@ -110,7 +116,7 @@ def main() -> None:
     arms = {}
     for name in ("looped", "frozen"):
         shutil.copytree(seed_events, out / name / "shop")
-        arms[name] = Arm(name, "", out / name, out / f"{name}-spool")
+        arms[name] = Arm(name, "", out / name, out / f"{name}-spool", replicas=cli.replicas)
 
     # 2. The retraining config: configs/retrain-synthetic.yaml on this shop and registry.
     base = small_encoder(out / "ranker-base", cli.layers)
@@ -129,19 +135,14 @@ def main() -> None:
             "data.max_train_positives=null",
             f"model.name={base}",
             "model.max_length=64",
-            "lora.enabled=false",
             "retriever.context_max_length=128",
             "train.num_workers=1",
             "train.cpus_per_worker=2",
             "train.batch_size=16",
-            # The nights: production trained further with the day-0 recipe on the two newest
-            # days, negatives sampled among the items the log holds (none of the shown ones):
-            # the new line's share of clicks over its share of items is what a trend looks like.
-            "retrain.window_days=2",
-            "train.lr=1e-4",
-            "train.max_steps=120",
-            "data.shown_negatives=false",
-            "train.epochs=10",
+            # The nights: the config's recipe as it ships (production trained further at lr
+            # 1e-4 for 120 steps on the two newest days, negatives sampled among the items the
+            # log holds): the new line's share of clicks over its share of items is what a
+            # trend looks like. Only the shop's and the model's size differ here.
             "eval.num_cpus=2",
             f"registry.root={out / 'registry'}",
             f"registry.model={RANKER}",
@@ -206,12 +207,17 @@ def main() -> None:
             "rerank_top": cli.retrieve_top,
             "impressions_dir": str(arm.spool),
             "impressions_flush_s": 0.5,
-            "feedback_ttl_s": 86_400.0,
             "explore_share": cli.explore,
             "explore_top": cli.explore_top,
         }
         quiet = {"log_level": "WARNING", "enable_access_log": False}  # 2 apps x every request
-        serve.run(build_app(args), name=name, route_prefix=f"/{name}", logging_config=quiet)
+        replicas = {
+            "num_replicas": cli.replicas,
+            "ray_actor_options": {"num_cpus": 2.0 / cli.replicas},
+        }
+        serve.run(
+            build_app(args, replicas), name=name, route_prefix=f"/{name}", logging_config=quiet
+        )
         arm.url = f"http://127.0.0.1:{port}/{name}"
     shop = SimulatedShop(shoppers, key, cli.seed, cli.visit_rate, concurrency=16)
     up = time.perf_counter() - started
@@ -259,7 +265,13 @@ def main() -> None:
 
     # 6. Report: the table by day, the paired margin, the plot.
     command = " ".join(["python bench/bench_loop.py", *sys.argv[1:]])
-    extra = {"command": command, "wall_s": round(time.perf_counter() - started, 1)}
+    extra = {
+        "command": command,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "replicas": cli.replicas,
+        # /feedback's outcomes joined to their answers each night, whichever replica took them.
+        "feedback": {name: arm.feedback for name, arm in arms.items()},
+    }
     extra["day0"] = {"metrics": day0.metrics, "seconds": day0.seconds}
     print(write_results(out, days, nights, visits, promotions, extra), flush=True)
     serve.shutdown()

@@ -1,5 +1,6 @@
-"""The served-events log: impressions and feedback as events Parquet in `dt=` partitions, read
-back by the project's own readers and validator; every drop, loss and refusal counted; the
+"""The served-events log: impressions as events Parquet in `dt=` partitions, read back by the
+project's own readers and validator, and /feedback's outcome rows beside them (`_outcomes/`),
+joined to their answers where training data is built; every drop, loss and refusal counted; the
 request never fails because of the log."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 
 from conftest import serving_setup
 from shoprank.data import contract
+from shoprank.data.outcomes import join_logged, join_outcomes, read_parquet_folder
 from shoprank.data.validate import check_events, reason_counts, split_quarantine
 from shoprank.serving.impressions import (
     EventLog,
@@ -46,14 +48,22 @@ def test_rows_land_in_day_partitions_in_the_events_contract(tmp_path):
     before, after = new_request_id(MIDNIGHT - 5), new_request_id(MIDNIGHT + 5)
     logger.served(before, "u1", None, ["a", "b", "c"], V, now=MIDNIGHT - 5)
     logger.served(after, None, "red mug", ["c", "a"], V, now=MIDNIGHT + 5)
-    assert logger.feedback(before, "b", "click", now=MIDNIGHT + 6) == "stored"
+    assert logger.feedback(before, "b", "click", now=MIDNIGHT + 6) == "logged"
     assert logger.flush() == 6
     files = _parts(tmp_path / "log")
-    assert [f.split("/")[0] for f in files] == ["dt=2025-03-01", "dt=2025-03-02"]  # a file a day
-    assert all(f.split("/")[1].startswith("part-") and f.endswith(".parquet") for f in files)
+    # A file a day; the outcome apart, in the `_` folder that events readers skip.
+    assert [f.split("/")[0] for f in files] == ["_outcomes", "dt=2025-03-01", "dt=2025-03-02"]
+    assert files[0].startswith("_outcomes/dt=2025-03-02/part-")
+    assert all(f.split("/")[-1].startswith("part-") and f.endswith(".parquet") for f in files)
 
-    table = _read(tmp_path / "log").sort_by([("ts", "ascending"), ("position", "ascending")])
-    assert table.column_names == [*contract.SERVED_EVENTS_SCHEMA.names, "dt"]
+    impressions = _read(tmp_path / "log")
+    assert impressions.column_names == [*contract.SERVED_EVENTS_SCHEMA.names, "dt"]
+    outcomes = read_parquet_folder(str(tmp_path / "log" / "_outcomes"))
+    assert outcomes.schema == contract.OUTCOMES_SCHEMA
+    joined, counts = join_outcomes(impressions, outcomes)
+    assert counts["joined"] == 1 and sum(counts.values()) == 1
+    table = pa.concat_tables([impressions.drop_columns(["dt"]), joined])
+    table = table.sort_by([("ts", "ascending"), ("position", "ascending")])
     rows = table.to_pylist()
     assert [(r["user_id"], r["item_id"], r["event"], r["position"]) for r in rows] == [
         ("u1", "a", "impression", 0),
@@ -67,11 +77,11 @@ def test_rows_land_in_day_partitions_in_the_events_contract(tmp_path):
     assert {r["request_id"] for r in rows[:3]} == {before} == {rows[5]["request_id"]}
     assert {(r["retriever_version"], r["ranker_version"]) for r in rows} == {(4, None)}
     assert rows[0]["ts"] == datetime(2025, 3, 1, 23, 59, 55)  # naive UTC, as the contract says
-    assert [r["dt"] for r in rows] == ["2025-03-01"] * 3 + ["2025-03-02"] * 3
     good, bad = split_quarantine(check_events(table, pa.array(["a", "b", "c"])))
     assert reason_counts(bad) == {} and good.num_rows == 6
     info = logger.info()
-    assert (info["rows_written"], info["files_written"], info["buffered"]) == (6, 2, 0)
+    assert (info["rows_written"], info["files_written"], info["buffered"]) == (5, 2, 0)
+    assert (info["outcomes"]["rows_written"], info["outcomes"]["files_written"]) == (1, 1)
     logger.close()
 
 
@@ -106,40 +116,54 @@ def test_the_thread_flushes_by_rows_and_by_time(tmp_path):
 # -- feedback ----------------------------------------------------------------------------------
 
 
-def test_feedback_is_stored_once_and_every_other_outcome_counted(tmp_path):
-    logger = ImpressionLogger(str(tmp_path / "log"), flush_s=3600, answers=2, ttl_s=60)
+def test_any_replica_logs_feedback_and_the_join_decides_and_counts(tmp_path):
+    """Two replicas' logs (two loggers, one folder): feedback sent to the one that did not
+    answer is logged all the same; the join keeps every valid outcome once, with the answer's
+    user, position and versions, and counts the unknown, unserved, late and duplicate ones."""
+    root = str(tmp_path / "log")
+    one, two = ImpressionLogger(root, flush_s=3600), ImpressionLogger(root, flush_s=3600)
     t0 = 1_800_000_000.0
-    first, second, third = (new_request_id(t0 + i) for i in range(3))
-    logger.served(first, "u1", None, ["a", "b"], V, now=t0)
-    logger.served(second, "u2", "mug", ["c"], V, now=t0 + 1)
-    assert logger.feedback(first, "b", "click", now=t0 + 2) == "stored"
-    assert logger.feedback(first, "b", "click", now=t0 + 3) == "duplicate"
-    assert logger.feedback(first, "b", "purchase", now=t0 + 4) == "stored"  # another event
-    assert logger.feedback(first, "zzz", "click", now=t0 + 5) == "not_served"
-    assert logger.feedback(new_request_id(t0), "a", "click", now=t0 + 5) == "unknown_request"
-    assert logger.feedback("not-one-of-ours", "a", "click", now=t0 + 5) == "unknown_request"
-    # A third answer pushes the oldest out (size 2): its id is unknown now, and counted.
-    logger.served(third, "u3", None, ["d"], V, now=t0 + 6)
-    assert logger.feedback(first, "a", "click", now=t0 + 7) == "unknown_request"
-    # Past the TTL: late, whether the answer is still in the map or long gone.
-    assert logger.feedback(second, "c", "click", now=t0 + 62) == "late"
-    assert logger.feedback(new_request_id(t0 - 3600), "c", "click", now=t0 + 62) == "late"
+    first, second = new_request_id(t0), new_request_id(t0 + 1)
+    one.served(first, "u1", None, ["a", "b"], V, now=t0)
+    two.served(second, "u2", "mug", ["c"], {"retriever": 5, "ranker": 7}, now=t0 + 1)
+    sent = [
+        (two, first, "b", "click", t0 + 2),  # to the replica that did not answer
+        (one, first, "b", "click", t0 + 3),  # duplicate
+        (one, first, "b", "purchase", t0 + 4),  # another event: kept
+        (one, second, "c", "click", t0 + 5),  # the other way round
+        (two, first, "zzz", "click", t0 + 5),  # not_served
+        (one, new_request_id(t0), "a", "click", t0 + 5),  # unknown_request
+        (two, "not-one-of-ours", "a", "click", t0 + 5),  # unknown_request
+        (one, second, "c", "add_to_cart", t0 + 1 + 1801),  # late
+    ]
+    for replica, rid, item, event, at in sent:
+        assert replica.feedback(rid, item, event, now=at) == "logged"
     with pytest.raises(ValueError, match="event='impression'"):
-        logger.feedback(third, "d", "impression")
-    assert logger.flush() == 2 + 1 + 1 + 2  # impressions, and the two stored outcomes
-    info = logger.info()
-    assert info["feedback"] == {
-        "stored": 2,
-        "duplicate": 1,
-        "unknown_request": 3,
-        "late": 2,
-        "dropped": 0,
+        one.feedback(first, "a", "impression")
+    assert one.flush() + two.flush() == 3 + len(sent)
+    assert one.info()["feedback"] == {"logged": 5, "dropped": 0}
+    joined, counts = join_outcomes(
+        _read(tmp_path / "log"), read_parquet_folder(str(tmp_path / "log" / "_outcomes"))
+    )
+    assert counts == {
+        "invalid": 0,
+        "unknown_request": 2,
         "not_served": 1,
+        "late": 1,
+        "duplicate": 1,
+        "joined": 3,
     }
-    assert info["answers"]["evicted"] == 1
-    outcomes = _read(tmp_path / "log").filter(pads.field("event") != "impression")
-    assert sorted(outcomes["event"].to_pylist()) == ["click", "purchase"]
-    logger.close()
+    rows = [
+        (r["user_id"], r["item_id"], r["event"], r["position"], r["ranker_version"], r["query"])
+        for r in joined.to_pylist()
+    ]
+    assert rows == [
+        ("u1", "b", "click", 1, None, None),
+        ("u1", "b", "purchase", 1, None, None),
+        ("u2", "c", "click", 0, 7, "mug"),
+    ]
+    assert joined["ts"][0].as_py() == datetime.fromtimestamp(t0 + 2, UTC).replace(tzinfo=None)
+    one.close(), two.close()
 
 
 def test_pseudonyms_join_the_shops_pseudonymized_events(tmp_path, monkeypatch):
@@ -183,19 +207,22 @@ def test_pseudonyms_join_the_shops_pseudonymized_events(tmp_path, monkeypatch):
 
 def test_a_full_buffer_drops_rows_and_counts_them(tmp_path):
     logger = ImpressionLogger(str(tmp_path / "log"), flush_s=3600, flush_rows=5, max_rows=5)
+    logger.outcomes._writing.acquire()  # the outcomes' storage hangs: their buffer fills
     rid = new_request_id()
     logger.served(rid, "u1", None, ["a", "b", "c", "d"], V)  # 4 of 5
     logger.served(new_request_id(), "u2", None, ["a", "b"], V)  # would be 6: dropped
-    assert logger.feedback(rid, "a", "click") == "stored"  # the 5th row
-    assert logger.feedback(rid, "b", "click") == "dropped"  # full again
-    assert logger.feedback(rid, "b", "click") == "dropped"  # not a duplicate: never stored
+    got = [logger.feedback(rid, "b", "click") for _ in range(6)]
+    assert got == ["logged"] * 5 + ["dropped"]  # the outcomes' own buffer: 5 rows
     info = logger.info()
-    assert info["rows_dropped"] == 4 and info["buffered"] == 5
-    assert info["feedback"]["dropped"] == 2
+    assert info["rows_dropped"] == 2 and info["buffered"] == 4
+    assert info["feedback"] == {"logged": 5, "dropped": 1}
+    assert info["outcomes"]["rows_dropped"] == 1 and info["outcomes"]["buffered"] == 5
+    logger.outcomes._writing.release()
     logger.close()
-    assert logger.info()["shutdown_rows"] == 5 and len(_read(tmp_path / "log")) == 5
+    assert logger.info()["shutdown_rows"] == 4 and len(_read(tmp_path / "log")) == 4
+    assert len(read_parquet_folder(str(tmp_path / "log" / "_outcomes"))) == 5
     logger.served(new_request_id(), "u1", None, ["a"], V)  # after close: dropped, counted
-    assert logger.info()["rows_dropped"] == 5
+    assert logger.info()["rows_dropped"] == 3
 
 
 def test_failing_storage_is_counted_and_the_thread_lives_on(tmp_path, caplog):
@@ -272,15 +299,15 @@ def test_feedback_route(client):
     answer = c.post("/recommend", json={"user_id": "u8", "k": 3}).json()
     rid, item = answer["request_id"], answer["items"][2]["item_id"]
     body = {"request_id": rid, "item_id": item, "event": "add_to_cart"}
-    first = c.post("/feedback", json=body)
-    assert (first.status_code, first.json()) == (202, {"stored": True, "reason": None})
-    again = c.post("/feedback", json=body)
-    assert (again.status_code, again.json()) == (202, {"stored": False, "reason": "duplicate"})
-    unknown = c.post("/feedback", json={**body, "request_id": new_request_id()})
-    assert unknown.json() == {"stored": False, "reason": "unknown_request"}
-    foreign = c.post("/feedback", json={**body, "item_id": "not-in-that-answer"})
-    assert foreign.status_code == 422 and "not-in-that-answer" not in foreign.text
-    assert foreign.json()["detail"][0]["loc"] == ["body", "item_id"]
+    # Any well-formed outcome is logged; which belong to an answer the join decides.
+    for sent in [
+        body,
+        body,
+        {**body, "request_id": new_request_id()},
+        {**body, "item_id": "not-in-that-answer"},
+    ]:
+        got = c.post("/feedback", json=sent)
+        assert (got.status_code, got.json()) == (202, {"logged": True, "reason": None})
     for bad, field in [
         ({**body, "event": "impression"}, "event"),
         ({**body, "request_id": "x" * 36}, "request_id"),
@@ -292,11 +319,12 @@ def test_feedback_route(client):
         assert got.status_code == 422 and got.json()["detail"][0]["loc"] == ["body", field]
     assert c.post("/feedback", json=body, headers={"x-api-key": "wrong"}).status_code == 401
     counted = c.get("/version").json()["impressions"]
-    assert counted["feedback"]["stored"] == 1 and counted["feedback"]["duplicate"] == 1
-    assert counted["feedback"]["unknown_request"] == 1 and counted["feedback"]["not_served"] == 1
+    assert counted["feedback"] == {"logged": 4, "dropped": 0}
     _front().impressions.flush()
-    stored = _read(root).filter(pads.field("event") == "add_to_cart").to_pylist()
+    joined, counts = join_outcomes(_read(root), read_parquet_folder(str(root / "_outcomes")))
+    stored = joined.filter(pads.field("event") == "add_to_cart").to_pylist()
     assert [(r["user_id"], r["item_id"], r["position"]) for r in stored] == [("u8", item, 2)]
+    assert (counts["duplicate"], counts["unknown_request"], counts["not_served"]) == (1, 1, 1)
 
 
 def test_exploration_shows_the_head_in_a_random_order_flagged(client):
@@ -333,13 +361,14 @@ def test_exploration_shows_the_head_in_a_random_order_flagged(client):
     first = answers[0]
     item = first["items"][0]["item_id"]
     click = {"request_id": first["request_id"], "item_id": item, "event": "click"}
-    assert c.post("/feedback", json=click).json()["stored"] is True
+    assert c.post("/feedback", json=click).json()["logged"] is True
     front.impressions.flush()
     table = _read(root)
     for answer, flag in [(plain, False), (first, True), (explained, False), (deeper[0], True)]:
         mine = table.filter(pads.field("request_id") == answer["request_id"])
         assert set(mine["explored"].to_pylist()) == {flag}
-    clicked = table.filter(pads.field("event") == "click").to_pylist()
+    joined, _ = join_outcomes(table, read_parquet_folder(str(root / "_outcomes")))
+    clicked = joined.filter(pads.field("event") == "click").to_pylist()
     assert [(r["item_id"], r["position"], r["explored"]) for r in clicked] == [(item, 0, True)]
 
 
@@ -420,8 +449,9 @@ def test_a_failing_log_never_fails_a_request(tmp_path, tiny_shop, tiny_model_dir
 def test_training_reads_the_log_unchanged_and_impressions_are_never_positives(
     ray_local, tmp_path, tiny_shop
 ):
-    """The shop's events (no served columns) and the app's log in one events folder: the
-    training loader (Ray Data) validates both, and the training positives (`positive_events`,
+    """The shop's events (no served columns) and the app's log in one events folder, its
+    outcomes joined as a retraining joins them: the training loader (Ray Data) validates
+    both, skips `_outcomes/`, and the training positives (`positive_events`,
     then the `ExampleBuilder` that `build_examples` runs per user) are the clicks and purchases,
     never an impression."""
     import pyarrow.parquet as pq
@@ -450,9 +480,11 @@ def test_training_reads_the_log_unchanged_and_impressions_are_never_positives(
         rid = new_request_id(t + n)
         shown[rid] = items[10 + 5 * n : 15 + 5 * n]
         logger.served(rid, "u1", None, shown[rid], V, now=t + n)
-        assert logger.feedback(rid, shown[rid][n], "click", now=t + n + 0.5) == "stored"
+        assert logger.feedback(rid, shown[rid][n], "click", now=t + n + 0.5) == "logged"
     logger.close()
     clicked = [shown[rid][n] for n, rid in enumerate(shown)]
+    joined, counts = join_logged([str(events)], ["2025-03-02"], str(tmp_path / "joined"))
+    assert counts["joined"] == 4 == sum(counts.values())
 
     cfg = DataConfig(
         catalog=str(tiny_shop / "catalog.parquet"),
@@ -464,7 +496,7 @@ def test_training_reads_the_log_unchanged_and_impressions_are_never_positives(
         test_users=None,
         max_train_positives=None,
     )
-    data = load_validated(cfg, str(tmp_path / "quarantine"))
+    data = load_validated(cfg, str(tmp_path / "quarantine"), [str(events), *joined])
     assert data.counts["events"] == {"rows": 3 + 20 + 4, "bad": 0, "reasons": {}}
     rows = data.events.take_all()
     served = [r for r in rows if r.get("request_id") is not None]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import runpy
 import shutil
 import subprocess
@@ -406,7 +407,9 @@ def test_the_gate_compares_production_measured_on_the_same_data(tmp_path):
 def _served_copy(src: Path, dst: Path, day: str) -> None:
     """A shop day rewritten as the app's served-events log writes it: each session an answer
     with its request_id, the registry versions that made it, explored (as by an app whose
-    explore_share is 1: what configs/retrain-synthetic.yaml judges on)."""
+    explore_share is 1: what configs/retrain-synthetic.yaml judges on): its impressions as
+    events, its clicks, carts and purchases as /feedback's outcome rows in `_outcomes/`, for
+    the retraining to join."""
     table = pq.read_table(src / f"dt={day}" / "part-0.parquet")
     good = pc.and_(pc.is_valid(table["user_id"]), pc.is_valid(table["ts"]))
     table = table.filter(good)
@@ -426,8 +429,12 @@ def _served_copy(src: Path, dst: Path, day: str) -> None:
             "explored": pa.array(np.ones(n, dtype=bool)),
         }
     )
+    shown = pc.equal(served["event"], "impression")
     (dst / f"dt={day}").mkdir(parents=True)
-    pq.write_table(served, dst / f"dt={day}" / "part-1.parquet")
+    pq.write_table(served.filter(shown), dst / f"dt={day}" / "part-1.parquet")
+    outcomes = served.filter(pc.invert(shown)).select(["request_id", "item_id", "event", "ts"])
+    (dst / "_outcomes" / f"dt={day}").mkdir(parents=True)
+    pq.write_table(outcomes, dst / "_outcomes" / f"dt={day}" / "part-1.parquet")
 
 
 def _constant_ranker(folder: Path, tiny_model_dir: str, cfg) -> Path:
@@ -512,6 +519,8 @@ def test_retrain_job_end_to_end(
     assert promoted["candidate_value"] == v2.metrics["heldout_ndcg@10"] > 0
     assert registry.aliases("ranker")["production"] == 2
     assert "promoted ranker v2 to production: v2 heldout_ndcg@10=" in printed
+    joined = re.search(r"feedback: (\d+) of (\d+) outcomes joined", printed)
+    assert joined and 0 < int(joined[1]) < int(joined[2])  # (the shop's planted bad rows)
     assert "the half-width of the 95% paired interval of +" in printed  # retrain.confidence
     report = Path(v2.metadata["retrain"]["report"]).read_text()
     for section in (

@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
 from conftest import free_port, make_export, serving_setup
+from shoprank.data.outcomes import join_outcomes, read_parquet_folder
 
 pytestmark = pytest.mark.slow
 
@@ -99,19 +101,20 @@ def test_recommend_search_score(app, tiny_shop):
     assert isinstance(scored["scores"][0], float) and scored["scores"][1] is None
     assert scored["unknown_items"] == ["NOPE"]
 
-    # The answers were logged as impressions; feedback on one is stored beside them (the
-    # replica's thread writes every 0.5 s) and the served-events log reads as events.
+    # The answers were logged as impressions; feedback on one as an outcome row beside them
+    # (the replica's thread writes every 0.5 s); joined, the log reads as events.
     click = {"request_id": body["request_id"], "item_id": ids[3], "event": "click"}
-    assert post(url, "/feedback", click).json() == {"stored": True, "reason": None}
-    assert post(url, "/feedback", click).json() == {"stored": False, "reason": "duplicate"}
-    assert post(url, "/feedback", {**click, "item_id": "NOPE"}).status_code == 422
+    assert post(url, "/feedback", click).json() == {"logged": True, "reason": None}
     served = setup.tmp / "served"
     deadline = time.time() + 30
     while time.time() < deadline:
-        got = pads.dataset(served, partitioning="hive").to_table() if served.exists() else None
-        if got is not None and "click" in got["event"].to_pylist():
+        outcomes = read_parquet_folder(str(served / "_outcomes"))
+        if outcomes is not None:
             break
         time.sleep(0.25)
+    impressions = pads.dataset(served, partitioning="hive").to_table()
+    joined, _ = join_outcomes(impressions, outcomes)
+    got = pa.concat_tables([impressions.drop_columns(["dt"]), joined])
     mine = got.filter(pads.field("request_id") == body["request_id"]).to_pylist()
     assert sorted((r["event"], r["position"]) for r in mine if r["item_id"] == ids[3]) == [
         ("click", 3),
@@ -232,6 +235,61 @@ def test_hostile_requests_over_http(app):
         )
         assert client.delete(url + "/recommend", headers=headers).status_code == 405
         assert client.get(url + "/healthz").json() == {"status": "ok"}  # and it is still up
+
+
+@pytest.fixture(scope="module")
+def edge(app):
+    """The edge proxy (serving/edge.py) in front of the app's Serve proxy, on its own port."""
+    import uvicorn
+
+    from shoprank.serving.edge import create_edge
+
+    url, *_ = app
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_edge(url), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_the_edge_forwards_the_apps_routes_and_nothing_of_serves_own(app, edge):
+    """Serve's proxy lists every application at /-/routes to anyone; behind the edge only the
+    app's routes answer, each as the app answers it, hostile bodies included."""
+    from test_hardening import HOSTILE
+
+    url, *_ = app
+    assert httpx.get(url + "/-/routes").status_code == 200  # what the edge is for
+    headers = {"x-api-key": KEY, "content-type": "application/json"}
+    with httpx.Client(timeout=60) as client:
+        for path in ("/-/routes", "/-/healthz", "/-/anything", "/admin", "/healthz/../-/routes"):
+            got = client.get(edge + path)
+            assert got.status_code == 404 and "shoprank" not in got.text, path
+        assert client.get(edge + "/healthz").json() == {"status": "ok"}
+        proxied = client.get(edge + "/version", headers=headers)
+        assert proxied.status_code == 200
+        assert proxied.json()["ranker"] == get(url, "/version").json()["ranker"]
+        answer = client.post(edge + "/recommend", json={"user_id": "u1", "k": 3}, headers=headers)
+        assert answer.status_code == 200 and len(answer.json()["items"]) == 3
+        assert answer.headers["x-shoprank-replica"] and "server-timing" in answer.headers
+        assert client.post(edge + "/recommend", json={"user_id": "u1"}).status_code == 401
+        assert client.delete(edge + "/recommend", headers=headers).status_code == 405
+        for path, body, status, says in HOSTILE:
+            got = client.post(edge + path, content=body, headers=headers)
+            assert (got.status_code, path) == (status, path) and says in got.text, got.text
+
+        def chunks():
+            for _ in range(64):
+                yield b"x" * 16_384
+
+        chunked = client.post(edge + "/score", content=chunks(), headers=headers)
+        assert chunked.status_code == 413 and "limit" in chunked.text
 
 
 def test_fuzz_from_the_openapi_schema(app):

@@ -400,6 +400,10 @@ class RetrainConfig(Section):
     # days) or model.name, the pretrained base (a full retraining on the window, the recipe
     # production itself was trained with: give a window as long as its).
     start_from: Literal["production", "base"] = "production"
+    # The app's /feedback outcomes (<impressions_dir>/_outcomes/) are joined to their answers'
+    # impressions by request_id (data/outcomes.py); one later than this after its answer is
+    # counted late and left out.
+    late_after_s: float = Field(1_800.0, gt=0)
     # Earlier days read only for users' histories (the contexts), never trained on.
     history_days: int = Field(14, ge=0)
     # The newest day production was trained on, for a production version that does not record

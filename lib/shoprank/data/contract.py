@@ -47,6 +47,19 @@ EVENTS_SERVED_FIELDS = (
 )
 # What the app writes: the contract's columns, then the served ones.
 SERVED_EVENTS_SCHEMA = pa.schema([*EVENTS_SCHEMA, *EVENTS_SERVED_FIELDS])
+# What the app's POST /feedback writes, whichever replica takes it: one outcome of one item of one
+# answer. The rest of an event row (user, query, position, versions, exploration flag) comes
+# from the answer's impressions at the join by request_id (data/outcomes.py).
+OUTCOMES_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("event", pa.string(), nullable=False),  # click, add_to_cart or purchase
+        pa.field("ts", pa.timestamp("us")),
+    ]
+)
+# The folder of outcome rows inside an impressions folder: "_" keeps events readers out of it.
+OUTCOMES_DIR = "_outcomes"
 # Optional column: `split` in {"train", "valid", "test"} pins a dataset's published split
 # (the Amazon importer writes it); without it the leave-one-out split is derived from `ts`.
 SPLITS = ("train", "valid", "test")

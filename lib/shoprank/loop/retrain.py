@@ -51,6 +51,8 @@ from shoprank.data import read
 from shoprank.data.contract import SERVED_EVENTS_SCHEMA
 from shoprank.data.examples import example_groups, first_by_user_hash
 from shoprank.data.load import counts_table, load_validated
+from shoprank.data.outcomes import join_logged
+from shoprank.data.outcomes import summary as feedback_summary
 from shoprank.evaluation import report
 from shoprank.evaluation.baselines import fit_baselines, train_pairs
 from shoprank.evaluation.drift import count_events, drift_report
@@ -85,6 +87,8 @@ class Outcome:
     seconds: float = 0.0
     # The groups trained on and judged, and the gate's paired difference (gain, half_width).
     judged: dict = field(default_factory=dict)
+    # The app's /feedback outcomes: joined, and those left out by why (data/outcomes.py).
+    feedback: dict = field(default_factory=dict)
 
     def line(self) -> str:
         """The one line a scheduler's log needs."""
@@ -236,6 +240,11 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
     # Data: the days read, validated (bad rows quarantined and counted), split by day.
     phases = _Phases()
     dirs = [folder for d in read_days for folder in days[d]]
+    # /feedback's outcomes (any replica logged them) joined to their answers' impressions.
+    joined, feedback = join_logged(roots, read_days, str(run_dir / "feedback"), r.late_after_s)
+    (run_dir / "feedback.json").write_text(json.dumps(feedback, indent=2))
+    log(f"retrain {name}: {feedback_summary(feedback)}")
+    dirs += joined
     data = load_validated(cfg.data, str(run_dir / "quarantine"), events_from=dirs)
     log("data quality:\n" + counts_table(data.counts))
     events = data.events.map_batches(_uniform, batch_format="pyarrow")
@@ -377,6 +386,7 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
         str(run_dir / "report.md"),
         _since(started),
         judged,
+        feedback,
     )
     sections = [
         ("Decision", outcome.line()),
@@ -395,6 +405,7 @@ def _retrain(cfg: Config, out: Path, registry: Registry, name: str) -> Outcome:
         ("Newest day", report.metrics_table(table, COLUMNS)),
         *drift.sections,
         ("Data quality", counts_table(data.counts)),
+        ("Feedback", feedback_summary(feedback) + " (feedback.json)"),
         ("Training time", report.training_time(state.timing, state.steps) or "–"),
         ("Where the run's time went", phases.line()),
     ]

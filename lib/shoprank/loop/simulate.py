@@ -25,7 +25,7 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -37,6 +37,8 @@ import pyarrow.parquet as pq
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from shoprank.data.contract import OUTCOMES_DIR, OUTCOMES_SCHEMA
+from shoprank.data.outcomes import join_outcomes
 from shoprank.data.synthetic import DAY_S, Shoppers
 
 BASE = datetime(2024, 3, 1)  # the synthetic shop's first day (its day 0)
@@ -52,8 +54,9 @@ class Arm:
     url: str
     root: Path
     spool: Path
-    written: int = 0  # rows the app has written so far (its /version count)
+    replicas: int = 1  # the app's model replicas (each logs and refreshes on its own)
     closed_at: float = 0.0  # when the last day's rows were moved into place
+    feedback: dict = field(default_factory=dict)  # the outcomes' join counts, all days
 
     @property
     def served(self) -> Path:
@@ -65,19 +68,35 @@ class Arm:
         return r.json()
 
     def close_day(self, key: str, day: int, rows: int, timeout: float = 120) -> int:
-        """Wait until the app has written the day's `rows`, then move its files into the
-        day's partition, times shifted to the simulated day (order kept). Returns rows moved."""
+        """Wait until the app has written the day's `rows` (impressions and outcomes), join the
+        outcomes to their answers (`data/outcomes.py`, as a retraining does), then move both
+        into the day's partition, times shifted to the simulated day (order kept). Returns the
+        rows moved; the join's counts are kept in `self.feedback`."""
         deadline = time.time() + timeout
-        while self.version(key)["impressions"]["rows_written"] < self.written + rows:
+
+        def on_disk() -> list[Path]:
+            return sorted(self.spool.rglob("part-*.parquet"))
+
+        # Counted on disk, not from /version: each replica counts only its own rows.
+        while sum(pq.read_metadata(p).num_rows for p in on_disk()) < rows:
             if time.time() > deadline:
                 raise TimeoutError(f"{self.name}: the app did not write {rows} rows in {timeout} s")
             time.sleep(0.25)
-        self.written += rows
-        files = sorted(p for p in self.spool.rglob("part-*.parquet"))
-        tables = [pq.read_table(p, partitioning=None) for p in files]
-        if not tables:
+        files = on_disk()
+        outcome_files = [p for p in files if OUTCOMES_DIR in p.parts]
+        shown = [pq.read_table(p, partitioning=None) for p in files if p not in outcome_files]
+        if not shown:
             return 0
-        table = pa.concat_tables(tables)
+        impressions = pa.concat_tables(shown)
+        outcomes = [pq.read_table(p, partitioning=None) for p in outcome_files]
+        joined, counts = join_outcomes(
+            impressions,
+            pa.concat_tables(outcomes) if outcomes else OUTCOMES_SCHEMA.empty_table(),
+            late_after_s=DAY_S,
+        )
+        for k, v in counts.items():
+            self.feedback[k] = self.feedback.get(k, 0) + v
+        table = pa.concat_tables([impressions, joined.cast(impressions.schema)])
         first = pc.min(table["ts"]).as_py()
         start = BASE + timedelta(days=day, hours=9)  # the simulated day's traffic
         shift = pa.scalar(start - first, pa.duration("us"))
@@ -95,15 +114,19 @@ class Arm:
         return table.num_rows
 
     def wait_for(self, key: str, what: str, check, timeout: float = 120) -> dict:
-        """Poll /version until `check(version)` holds (a swapped model, a refreshed store)."""
+        """Poll /version until `check(version)` holds (a swapped model, a refreshed store) on
+        every one of the app's `replicas` (told apart by /version's `replica`)."""
         deadline = time.time() + timeout
+        done: dict[str, dict] = {}
         while True:
             got = self.version(key)
             if check(got):
-                return got
+                done[got.get("replica", "")] = got
+                if len(done) >= self.replicas:
+                    return got
             if time.time() > deadline:
                 raise TimeoutError(f"{self.name}: {what} did not happen in {timeout} s")
-            time.sleep(0.5)
+            time.sleep(0.1 if done else 0.5)
 
 
 @dataclass
@@ -120,7 +143,7 @@ class Visit:
     purchases: int
     ndcg: float
     versions: dict
-    stored: int  # feedback rows the app stored
+    logged: int  # feedback rows the app logged
     new_shown: int = 0  # items shown that arrived during the simulation (the new line)
     explored: bool = False  # the app showed this answer in a random order
 
@@ -180,13 +203,13 @@ class SimulatedShop:
         shown_ids = [i["item_id"] for i in answer["items"]]
         shown = np.array([self.row[i] for i in shown_ids], dtype=np.int64)
         outcome = self.shoppers.react(session, shown, rng)
-        stored = 0
+        logged = 0
         for event, done in zip(FEEDBACK, outcome, strict=True):
             for item in np.asarray(shown_ids)[done]:
                 body = {"request_id": answer["request_id"], "item_id": str(item), "event": event}
                 f = await http.post(f"{arm.url}/feedback", json=body, headers=headers)
                 f.raise_for_status()
-                stored += bool(f.json()["stored"])
+                logged += bool(f.json()["logged"])
         return Visit(
             arm.name,
             day,
@@ -198,7 +221,7 @@ class SimulatedShop:
             int(outcome[2].sum()),
             self.ndcg(session, shown),
             answer["version"],
-            stored,
+            logged,
             int((self.shoppers.arrival[shown] > 0).sum())
             if self.shoppers.arrival is not None
             else 0,
@@ -227,7 +250,7 @@ class SimulatedShop:
             ),
         )
         visits = asyncio.run(self._day(arm, day))
-        arm.close_day(self.key, day, sum(len(v.shown) + v.stored for v in visits))
+        arm.close_day(self.key, day, sum(len(v.shown) + v.logged for v in visits))
         return visits
 
 
@@ -451,6 +474,16 @@ def write_results(
         "",
         f"Plot: {plot.name}. Wall time {extra.get('wall_s', float('nan')) / 60:.1f} min.",
     ]
+    if extra.get("feedback"):
+        joined = "; ".join(
+            f"{arm}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+            for arm, counts in extra["feedback"].items()
+        )
+        lines += [
+            "",
+            f"Model replicas an app: {extra.get('replicas', 1)}. Feedback joined to its answers "
+            f"(all days): {joined}.",
+        ]
     text = "\n".join(lines) + "\n"
     (out / "bench.md").write_text(text)
     return text

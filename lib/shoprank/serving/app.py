@@ -212,13 +212,15 @@ Server = serve.deployment(
 )(serve.ingress(api)(OneReplica))
 
 
-def build_app(args: dict) -> serve.Application:
-    """The application `serve run serve/config.yaml` starts (its `args:` arrive here)."""
+def build_app(args: dict, deployment: dict | None = None) -> serve.Application:
+    """The application `serve run serve/config.yaml` starts (its `args:` arrive here).
+    `deployment`: Serve options of the model replica's deployment (`Server`, or `Models` when
+    split), as a config's `deployments:` entry gives them (autoscaling_config, ...)."""
     parsed = AppArgs.model_validate(args)
     registry = Registry(parsed.registry)
     for name in filter(None, (parsed.retriever, parsed.ranker)):
         registry.get(name, parsed.alias)  # fail here, with the registry's message
-    options = {}
+    options = dict(deployment or {})
     given = {k: getattr(parsed, k) for k in BATCHING if getattr(parsed, k) is not None}
     if given:  # (a wait of 0 is a choice, not a default)
         options["user_config"] = BATCHING | given

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response, Security
-from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyHeader
 
 from shoprank.console import redact
@@ -42,6 +42,9 @@ class Backends:
     score: Callable[..., Awaitable[dict]] | None  # (history, context, extra, item_ids)
     versions: Callable[[], Awaitable[dict[str, int | None]]]
     describe: Callable[[], Awaitable[dict]]  # the retriever's stage one, in words
+
+
+REPLICA_HEADER = "X-Shoprank-Replica"
 
 
 class _Metrics:
@@ -108,11 +111,15 @@ class Frontend:
                 flush_s=args.impressions_flush_s,
                 flush_rows=args.impressions_flush_rows,
                 max_rows=args.impressions_buffer_rows,
-                answers=args.feedback_requests,
-                ttl_s=args.feedback_ttl_s,
                 on_count=self.metrics.count if self.metrics else None,
             )
-        log.info(f"shoprank frontend up: {len(self.keys)} API keys, {n} catalog items")
+        # A random name for this replica (nothing about the host): which one answered, in the
+        # answers' REPLICA_HEADER, for load tests and debugging across replicas.
+        self.replica = uuid.uuid4().hex[:8]
+        log.info(
+            f"shoprank frontend up (replica {self.replica}): {len(self.keys)} API keys, "
+            f"{n} catalog items"
+        )
 
     def close(self) -> None:
         """Write the served-events log's buffer (shutdown: best effort, counted)."""
@@ -324,19 +331,8 @@ class Frontend:
                 404, "feedback is not logged by this app: set impressions_dir in the app's args"
             )
         outcome = self.impressions.feedback(body.request_id, body.item_id, body.event)
-        if outcome == "not_served":
-            raise RequestValidationError(
-                [
-                    {
-                        "loc": ("body", "item_id"),
-                        "msg": "this item was not in that answer: send the item_id of one of "
-                        "the items the request_id's answer listed",
-                        "type": "not_served",
-                    }
-                ]
-            )
-        stored = outcome == "stored"
-        return schemas.FeedbackResponse(stored=stored, reason=None if stored else outcome)
+        logged = outcome == "logged"
+        return schemas.FeedbackResponse(logged=logged, reason=None if logged else outcome)
 
     async def score(self, body: schemas.ScoreRequest) -> schemas.ScoreResponse:
         if self.backends.score is None:
@@ -437,6 +433,7 @@ async def version(request: Request) -> dict:
         **await front.backends.describe(),
         "names": {"retriever": front.args.retriever, "ranker": front.args.ranker},
         "alias": front.args.alias,
+        "replica": front.replica,
         "registry": redact(front.args.registry),
         "features": front.features.info(),
         "rules_error": front.rules.error,
@@ -450,7 +447,11 @@ async def version(request: Request) -> dict:
 
 def server_timing(response: Response, timings: dict[str, float]) -> None:
     """Each stage's milliseconds in the standard Server-Timing header (`retrieve;dur=12.3,
-    rank;dur=80.1`): what a client or the serving benchmark reads to see where time goes."""
+    rank;dur=80.1`): what a client or the serving benchmark reads to see where time goes;
+    and which replica answered (`REPLICA_HEADER`)."""
+    front = installed()
+    if front is not None:
+        response.headers[REPLICA_HEADER] = front.replica
     if timings:
         response.headers["Server-Timing"] = ", ".join(
             f"{stage};dur={ms:.1f}" for stage, ms in timings.items()
@@ -479,8 +480,9 @@ async def score(body: schemas.ScoreRequest, request: Request):
 
 
 @api.post("/feedback", response_model=schemas.FeedbackResponse, status_code=202, dependencies=KEY)
-async def feedback(body: schemas.FeedbackRequest, request: Request):
-    """What came of an item of an answer: stored once as an event row beside the answer's
-    impressions when this replica remembers the answer; otherwise counted, not stored (202
-    with `stored: false` and the reason). An item the answer did not list is a 422."""
-    return frontend(request).feedback(body)
+async def feedback(body: schemas.FeedbackRequest, request: Request, response: Response):
+    """What came of an item of an answer: logged as an outcome row by this replica, whichever
+    answered; joined to the answer (or counted and left out) where training data is built."""
+    front = frontend(request)
+    response.headers[REPLICA_HEADER] = front.replica
+    return front.feedback(body)

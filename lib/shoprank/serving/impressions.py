@@ -1,13 +1,20 @@
-"""What the app served and what came of it, logged as events so that retraining sees both.
+"""What the app served and what came of it, logged so that retraining sees both.
 
 Every `/recommend` and `/search` answer becomes impression rows (one per item shown: user, item,
 its 0-based position, the query or null, UTC time, the answer's `request_id`, the registry
-versions that made it, and `explored`: whether its order was random) and every `POST /feedback`
-about an answer this replica still remembers becomes one outcome row (click, add_to_cart or
-purchase, with that answer's user, position, versions and flag). All rows follow the events
-contract (`data/contract.py: SERVED_EVENTS_SCHEMA`) and land as
-`<impressions_dir>/dt=YYYY-MM-DD/part-<uuid>.parquet`, the day of each row's `ts`: the hive
-partitions that `data/read.py` and the training jobs read as any events folder.
+versions that made it, and `explored`: whether its order was random), in the events contract
+(`data/contract.py: SERVED_EVENTS_SCHEMA`), as files
+`<impressions_dir>/dt=YYYY-MM-DD/part-<uuid>.parquet`: the hive partitions that `data/read.py`
+and the training jobs read as any events folder.
+
+Every `POST /feedback` becomes one outcome row (`OUTCOMES_SCHEMA`: request_id, item_id, event,
+time) under `<impressions_dir>/_outcomes/dt=YYYY-MM-DD/`, written by whichever replica took it:
+no replica needs to remember the answer. Who the user was, the item's position, the versions
+and the exploration flag come from the answer's impressions when the two are joined by
+`request_id` where training data is built (`data/outcomes.py`), which also decides what a
+replica cannot: an unknown request, an item the answer did not show, a late or a duplicate
+outcome (each counted and left out). Readers of the impressions folder as events skip
+`_outcomes/` (pyarrow and Ray Data skip `_`-prefixed paths).
 
 The request path never waits on storage and never fails because of it: rows go to a bounded
 in-memory buffer that a background thread writes every `flush_s` seconds or `flush_rows` rows.
@@ -15,10 +22,6 @@ A full buffer drops the new rows and counts them; a failed write is logged once 
 succeeds again) and its rows counted as lost; the thread outlives any error. Closing (the app's
 shutdown, a Serve replica's `__del__`, interpreter exit) writes what is left, best effort, and
 counts it.
-
-The request map behind `/feedback` is per process: in Serve, each Ingress replica remembers the
-answers it gave. Feedback that reaches another replica finds no answer and is counted as
-`unknown_request`, not stored.
 
 Users: `log_user_ids: raw` writes the id the caller sent (the shop's own id); `pseudonym` writes
 `auth.hash_user` of it (HMAC under SHOPRANK_USER_HASH_KEY), and the shop must pseudonymize its
@@ -35,9 +38,8 @@ import os
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -46,7 +48,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from shoprank.console import redact
-from shoprank.data.contract import SERVED_EVENTS_SCHEMA
+from shoprank.data.contract import OUTCOMES_DIR, OUTCOMES_SCHEMA, SERVED_EVENTS_SCHEMA
 from shoprank.data.read import resolve
 from shoprank.serving.auth import USER_KEY_ENV, USER_KEY_FILE_ENV, hash_user
 
@@ -55,10 +57,10 @@ log = logging.getLogger("ray.serve")
 IMPRESSION = "impression"
 FEEDBACK_EVENTS = ("click", "add_to_cart", "purchase")
 ANONYMOUS = "anon-"  # user column of an answer nobody was named for: "anon-<request_id>"
-# Feedback outcomes: stored, or why not (the 202 answer's `reason`; "not_served" is a 422).
-FEEDBACK_OUTCOMES = ("stored", "duplicate", "unknown_request", "late", "dropped", "not_served")
+# What a replica decides about one /feedback: logged, or dropped (the buffer was full).
+FEEDBACK_OUTCOMES = ("logged", "dropped")
 
-Row = tuple  # the values of SERVED_EVENTS_SCHEMA, in its order
+Row = tuple  # the values of the log's schema, in its order
 
 
 # -- request ids -------------------------------------------------------------------------------
@@ -152,6 +154,7 @@ class EventLog:
     """Rows in a bounded buffer, written as `dt=` partitioned Parquet by a background thread.
 
     `on_count(name, n)` is called for rows written, dropped and lost (the app's Ray metrics).
+    Rows are tuples of `schema`'s values; its `ts` column picks each row's day.
     """
 
     def __init__(
@@ -161,9 +164,11 @@ class EventLog:
         flush_rows: int = 5_000,
         max_rows: int = 100_000,
         on_count: Callable[[str, int], None] | None = None,
+        schema: pa.Schema = SERVED_EVENTS_SCHEMA,
     ):
         self.where = redact(root)
         self.fs, self.root = resolve(root)
+        self.schema, self._ts = schema, schema.get_field_index("ts")
         self.flush_s, self.flush_rows, self.max_rows = flush_s, flush_rows, max_rows
         self.on_count = on_count
         self.counts: Counter[str] = Counter()
@@ -224,17 +229,14 @@ class EventLog:
     def _write(self, rows: list[Row]) -> int:
         days: dict[str, list[Row]] = {}
         for row in rows:
-            days.setdefault(row[2].strftime("%Y-%m-%d"), []).append(row)
+            days.setdefault(row[self._ts].strftime("%Y-%m-%d"), []).append(row)
         written = 0
         for day, part in sorted(days.items()):
             try:
                 columns = list(zip(*part, strict=True))
                 table = pa.Table.from_arrays(
-                    [
-                        pa.array(c, f.type)
-                        for c, f in zip(columns, SERVED_EVENTS_SCHEMA, strict=True)
-                    ],
-                    schema=SERVED_EVENTS_SCHEMA,
+                    [pa.array(c, f.type) for c, f in zip(columns, self.schema, strict=True)],
+                    schema=self.schema,
                 )
                 folder = f"{self.root}/dt={day}"
                 name = f"part-{uuid.uuid4().hex}.parquet"
@@ -326,63 +328,6 @@ class EventLog:
         }
 
 
-# -- answers remembered for their feedback -----------------------------------------------------
-
-
-@dataclass
-class Answer:
-    """One served answer, as its feedback needs it."""
-
-    user: str
-    query: str | None
-    positions: dict[str, int]  # item -> 0-based position shown
-    versions: tuple[int | None, int | None]  # (retriever, ranker)
-    at: float  # Unix time served
-    explored: bool = False  # served in a random order (the app's explore_share)
-    outcomes: set[tuple[str, str]] = field(default_factory=set)  # (item, event) stored
-
-
-class RecentAnswers:
-    """request_id -> Answer, at most `size` of them, each for `ttl_s` seconds (oldest out
-    first: insertion order is time order)."""
-
-    def __init__(self, size: int, ttl_s: float):
-        self.size, self.ttl_s = size, ttl_s
-        self._answers: OrderedDict[str, Answer] = OrderedDict()
-        self._lock = threading.Lock()
-        self.evicted = 0  # pushed out by `size` before their TTL
-
-    def _expire(self, now: float) -> None:
-        while self._answers:
-            first = next(iter(self._answers.values()))
-            if now - first.at <= self.ttl_s:
-                break
-            self._answers.popitem(last=False)
-
-    def remember(self, request_id: str, answer: Answer) -> None:
-        with self._lock:
-            self._expire(answer.at)
-            self._answers[request_id] = answer
-            while len(self._answers) > self.size:
-                self._answers.popitem(last=False)
-                self.evicted += 1
-
-    def find(self, request_id: str, now: float) -> Answer | str:
-        """The answer, or "late" (older than the TTL), or "unknown_request"."""
-        with self._lock:
-            self._expire(now)
-            answer = self._answers.get(request_id)
-        if answer is not None:
-            return answer
-        made = request_time(request_id)
-        if made is not None and now - made > self.ttl_s:
-            return "late"
-        return "unknown_request"
-
-    def __len__(self) -> int:
-        return len(self._answers)
-
-
 # -- what the frontend calls -------------------------------------------------------------------
 
 
@@ -401,8 +346,6 @@ class ImpressionLogger:
         flush_s: float = 10.0,
         flush_rows: int = 5_000,
         max_rows: int = 100_000,
-        answers: int = 10_000,
-        ttl_s: float = 1_800.0,
         on_count: Callable[[str, int], None] | None = None,
     ):
         if user_ids not in ("raw", "pseudonym"):
@@ -411,8 +354,12 @@ class ImpressionLogger:
             require_user_key()
         self.user_ids = user_ids
         self.log = EventLog(root, flush_s, flush_rows, max_rows, on_count)
-        self.answers = RecentAnswers(answers, ttl_s)
-        self._outcomes = threading.Lock()  # one check-and-store per (answer, item, event)
+        outcome_count = None
+        if on_count is not None:
+            outcome_count = lambda name, n: on_count(f"outcome_{name}", n)  # noqa: E731
+        self.outcomes = EventLog(
+            outcomes_root(root), flush_s, flush_rows, max_rows, outcome_count, OUTCOMES_SCHEMA
+        )
 
     def user(self, user_id: str | None, request_id: str) -> str:
         if not user_id:
@@ -429,11 +376,10 @@ class ImpressionLogger:
         now: float | None = None,
         explored: bool = False,
     ) -> None:
-        """Log one answer's impressions and remember it for feedback; never raises.
-        `explored`: the answer's order was random (exploration), flagged on every row."""
+        """Log one answer's impressions; never raises. `explored`: the answer's order was
+        random (exploration), flagged on every row."""
         try:
-            now = time.time() if now is None else now
-            ts = _utc(now)
+            ts = _utc(time.time() if now is None else now)
             user = self.user(user_id, request_id)
             v = (versions.get("retriever"), versions.get("ranker"))
             rows = [
@@ -442,44 +388,18 @@ class ImpressionLogger:
             ]
             if rows:
                 self.log.add(rows)
-                positions = {item: pos for pos, item in enumerate(item_ids)}
-                answer = Answer(user, query, positions, v, now, explored)
-                self.answers.remember(request_id, answer)
         except Exception as err:  # noqa: BLE001 - logging must never fail the answer
             self.log.count("log_errors")
             self.log.failed("impressions", err)
 
     def feedback(self, request_id: str, item_id: str, event: str, now: float | None = None) -> str:
-        """One outcome: "stored", or why not (see FEEDBACK_OUTCOMES); every outcome counted."""
+        """One outcome row: "logged", or "dropped" (the buffer was full); counted either way.
+        Whether it belongs to an answer is decided at the join (`data/outcomes.py`)."""
         if event not in FEEDBACK_EVENTS:
             raise ValueError(f"event={event!r}: expected one of {', '.join(FEEDBACK_EVENTS)}")
-        now = time.time() if now is None else now
-        found = self.answers.find(request_id, now)
-        if isinstance(found, str):
-            outcome = found
-        elif item_id not in found.positions:
-            outcome = "not_served"
-        else:
-            row = (
-                found.user,
-                item_id,
-                _utc(now),
-                event,
-                found.query,
-                None,
-                found.positions[item_id],
-                request_id,
-                *found.versions,
-                found.explored,
-            )
-            with self._outcomes:
-                if (item_id, event) in found.outcomes:
-                    outcome = "duplicate"
-                elif self.log.add([row]):
-                    outcome = "stored"
-                    found.outcomes.add((item_id, event))
-                else:
-                    outcome = "dropped"
+        ts = _utc(time.time() if now is None else now)
+        logged = self.outcomes.add([(request_id, item_id, event, ts)])
+        outcome = "logged" if logged else "dropped"
         self.log.count(f"feedback_{outcome}")
         return outcome
 
@@ -493,19 +413,19 @@ class ImpressionLogger:
             "user_ids": self.user_ids,
             "log_errors": log_errors,
             "feedback": feedback,
-            "answers": {
-                "remembered": len(self.answers),
-                "evicted": self.answers.evicted,
-                "size": self.answers.size,
-                "ttl_s": self.answers.ttl_s,
-            },
+            "outcomes": self.outcomes.info(),
         }
 
     def flush(self) -> int:
-        return self.log.flush()
+        return self.log.flush() + self.outcomes.flush()
 
     def close(self) -> int:
-        return self.log.close()
+        return self.log.close() + self.outcomes.close()
+
+
+def outcomes_root(impressions_dir: str) -> str:
+    """Where the /feedback outcome rows of an impressions folder go."""
+    return f"{impressions_dir.rstrip('/')}/{OUTCOMES_DIR}"
 
 
 def main() -> None:

@@ -104,11 +104,11 @@ class FeedbackRequest(_Body):
 
 
 class FeedbackResponse(BaseModel):
-    # false: counted, not stored, and `reason` says why: "duplicate" (this request, item and
-    # event were stored already), "unknown_request" (this replica never gave that answer, or
-    # forgot it: see feedback_requests), "late" (the answer is older than feedback_ttl_s),
-    # "dropped" (the log's buffer was full).
-    stored: bool
+    # true: written as an outcome row by whichever replica took it; whether it belongs to an
+    # answer (its request_id served, the item shown, not late, not a duplicate) is decided
+    # where training data is built (data/outcomes.py), which counts the rest. false: `reason`
+    # is "dropped" (the log's buffer was full; counted in /version).
+    logged: bool
     reason: str | None = None
 
 
@@ -162,9 +162,11 @@ class AppArgs(_Body):
     # 1 = no batching.
     max_batch_size: int | None = Field(None, ge=1)
     batch_wait_timeout_s: float | None = Field(None, ge=0)
-    # Served-events log (serving/impressions.py): every answer's impressions and /feedback's
-    # outcomes as events Parquet under <impressions_dir>/dt=YYYY-MM-DD/. None: off (and
-    # /feedback answers 404). A local folder or a pyarrow filesystem URI.
+    # Served-events log (serving/impressions.py): every answer's impressions as events Parquet
+    # under <impressions_dir>/dt=YYYY-MM-DD/, /feedback's outcome rows under
+    # <impressions_dir>/_outcomes/dt=YYYY-MM-DD/ (joined to the impressions by request_id where
+    # training data is built). None: off (and /feedback answers 404). A local folder or a
+    # pyarrow filesystem URI.
     impressions_dir: str | None = None
     # The user column: "raw" (the id the caller sent: the shop's own) or "pseudonym"
     # (auth.hash_user under SHOPRANK_USER_HASH_KEY, which the app then requires; the shop's
@@ -174,9 +176,6 @@ class AppArgs(_Body):
     impressions_flush_rows: int = Field(5_000, ge=1)  # ... or once it holds this many rows
     # Rows held at most while storage is slow or failing; more are dropped (and counted).
     impressions_buffer_rows: int = Field(100_000, ge=1)
-    # The answers each Ingress replica remembers for /feedback, and for how long.
-    feedback_requests: int = Field(10_000, ge=1)
-    feedback_ttl_s: float = Field(1_800.0, gt=0)
     # Exploration: this share of answers (not explain=true, not rules=false: those ask for the
     # models' own order) shows k items drawn at random from the ranked list's first
     # `explore_top` (None: its first k), in a random order, flagged `explored` in the log.
