@@ -211,10 +211,13 @@ def main() -> None:
             "explore_top": cli.explore_top,
         }
         quiet = {"log_level": "WARNING", "enable_access_log": False}  # 2 apps x every request
-        replicas = {
-            "num_replicas": cli.replicas,
-            "ray_actor_options": {"num_cpus": 2.0 / cli.replicas},
-        }
+        replicas = None
+        if cli.replicas > 1:  # the routes (and the log) in every model replica: layout "one"
+            args["layout"] = "one"
+            replicas = {
+                "num_replicas": cli.replicas,
+                "ray_actor_options": {"num_cpus": 2.0 / cli.replicas},
+            }
         serve.run(
             build_app(args, replicas), name=name, route_prefix=f"/{name}", logging_config=quiet
         )
@@ -269,8 +272,10 @@ def main() -> None:
         "command": command,
         "wall_s": round(time.perf_counter() - started, 1),
         "replicas": cli.replicas,
-        # /feedback's outcomes joined to their answers each night, whichever replica took them.
+        # /feedback's outcomes joined to their answers each night, whichever replica took them,
+        # against the feedback the app said it logged.
         "feedback": {name: arm.feedback for name, arm in arms.items()},
+        "feedback_logged": {name: sum(v.logged for v in visits[name]) for name in arms},
     }
     extra["day0"] = {"metrics": day0.metrics, "seconds": day0.seconds}
     print(write_results(out, days, nights, visits, promotions, extra), flush=True)

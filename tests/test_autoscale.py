@@ -33,17 +33,18 @@ def test_replicas_scale_up_and_down_under_load_and_nothing_is_lost(
     from ray import serve
 
     from shoprank.serving.app import build_app
+    from shoprank.serving.features import ParquetFeatureStore
     from shoprank.serving.load import ClosedLoop, running_replicas, scale_cycle
 
     setup = serving_setup(tmp_path, tiny_shop, tiny_model_dir, KEY)
     served = tmp_path / "served"
-    args = {**setup.args, "ranker_precision": "fp32", "poll_s": 5.0}
+    args = {**setup.args, "ranker_precision": "fp32", "poll_s": 5.0, "layout": "one"}
     args |= {"impressions_dir": str(served), "impressions_flush_s": 0.5, "torch_threads": 1}
     deployment = {"autoscaling_config": AUTOSCALING, "ray_actor_options": {"num_cpus": 0.5}}
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    events = pads.dataset(tiny_shop / "events", partitioning="hive").to_table(["user_id"])
-    users = sorted(set(events["user_id"].to_pylist()) - {None})[:40]
+    store = ParquetFeatureStore(str(tiny_shop / "events"), setup.catalog["item_id"], None)
+    users = store.users(40)  # (users with a history: the shop's planted bad ids are not)
     try:
         serve.run(build_app(args, deployment), name=APP, route_prefix="/")
         assert running_replicas(APP, DEPLOYMENT) == 1

@@ -481,8 +481,8 @@ def write_results(
         )
         lines += [
             "",
-            f"Model replicas an app: {extra.get('replicas', 1)}. Feedback joined to its answers "
-            f"(all days): {joined}.",
+            f"Model replicas an app: {extra.get('replicas', 1)}. Feedback the apps logged: "
+            f"{extra.get('feedback_logged')}; joined to its answers (all days): {joined}.",
         ]
     text = "\n".join(lines) + "\n"
     (out / "bench.md").write_text(text)
