@@ -39,7 +39,9 @@ def test_replicas_scale_up_and_down_under_load_and_nothing_is_lost(
     setup = serving_setup(tmp_path, tiny_shop, tiny_model_dir, KEY)
     served = tmp_path / "served"
     args = {**setup.args, "ranker_precision": "fp32", "poll_s": 5.0, "layout": "one"}
-    args |= {"impressions_dir": str(served), "impressions_flush_s": 0.5, "torch_threads": 1}
+    # Rows written only when a replica stops (or a buffer passes 5,000 rows): what is on disk
+    # after the scale-down is what the removed replica wrote on its way out.
+    args |= {"impressions_dir": str(served), "impressions_flush_s": 3600, "torch_threads": 1}
     deployment = {"autoscaling_config": AUTOSCALING, "ray_actor_options": {"num_cpus": 0.5}}
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -55,6 +57,7 @@ def test_replicas_scale_up_and_down_under_load_and_nothing_is_lost(
             cycle = scale_cycle(load, APP, DEPLOYMENT, high=8, low=1, replicas=2, hold_s=4)
         finally:
             load.stop()
+        on_exit = pads.dataset(served, partitioning="hive").to_table(["request_id"])
     finally:
         serve.shutdown()  # the last replica writes its buffer
 
@@ -73,6 +76,11 @@ def test_replicas_scale_up_and_down_under_load_and_nothing_is_lost(
     assert crossed > 0
     # Requests went on during the scale-down too.
     assert any(marks["load_down"] < s.t < marks["scaled_down"] for s in answers)
+    # The removed replica wrote its buffer as it went: every answer it gave is on disk.
+    survivor = {s.replica for s in answers if s.t > marks["scaled_down"]}
+    assert len(survivor) == 1
+    removed = {rid for rid, replica in answered_by.items() if replica not in survivor}
+    assert removed and set(on_exit["request_id"].to_pylist()) == removed
 
     impressions = pads.dataset(served, partitioning="hive").to_table()
     assert impressions.num_rows == sum(s.items for s in answers)

@@ -20,6 +20,8 @@ key, the JSON and the limits. Any reverse proxy with the same allow-list does th
 from __future__ import annotations
 
 import argparse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 from starlette.applications import Starlette
@@ -100,16 +102,21 @@ def create_edge(
             got = await client.send(sent, stream=True)
         except httpx.HTTPError:
             return JSONResponse({"detail": "the app is not reachable"}, 502)
-        drop = HOP_BY_HOP - {"content-length"}  # (the raw bytes go back as they came)
+        # The raw bytes go back as they came (their length too); uvicorn sets its own date
+        # and server.
+        drop = (HOP_BY_HOP - {"content-length"}) | {"date", "server"}
         back = {k: v for k, v in got.headers.items() if k.lower() not in drop}
         return StreamingResponse(
             got.aiter_raw(), got.status_code, headers=back, background=BackgroundTask(got.aclose)
         )
 
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        yield
+        await client.aclose()
+
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-    app = Starlette(routes=[Route("/{path:path}", forward, methods=methods)])
-    app.add_event_handler("shutdown", client.aclose)
-    return app
+    return Starlette(routes=[Route("/{path:path}", forward, methods=methods)], lifespan=lifespan)
 
 
 def main() -> None:
