@@ -67,8 +67,8 @@ Row = tuple  # the values of the log's schema, in its order
 
 
 def new_request_id(now: float | None = None) -> str:
-    """A UUIDv7: random, and carrying its own time, so feedback about an answer this replica
-    no longer remembers can still be told late (older than the TTL) from unknown."""
+    """A UUIDv7: random, and carrying its own time (`request_time`), so an id read anywhere
+    says when its answer was made."""
     ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
     value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
