@@ -132,7 +132,8 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     options = {"autoscaling_config": autoscaling, "ray_actor_options": {"num_cpus": cli.cpus}}
     try:
-        serve.run(build_app(raw, options), name=APP, route_prefix="/")
+        quiet = {"log_level": "WARNING", "enable_access_log": False}  # a line a request
+        serve.run(build_app(raw, options), name=APP, route_prefix="/", logging_config=quiet)
         url = f"http://127.0.0.1:{port}"
         load = ClosedLoop(url, key, users, max_clients=cli.clients).start(1)
         try:
@@ -164,7 +165,11 @@ def main() -> None:
         }
 
     result = {
-        "host": host_line(f"fp32 torch, {raw.get('ranker_precision')} ranker"),
+        "host": host_line(
+            "retriever "
+            + str(raw.get("retriever_precision", "auto"))
+            + (f", ranker {raw.get('ranker_precision', 'auto')}" if cli.ranker else ", no ranker")
+        ),
         "command": "python bench/bench_autoscale.py "
         + f"--clients {cli.clients} --max-replicas {cli.max_replicas} --target {cli.target} "
         f"--cpus {cli.cpus} --hold {cli.hold}",
