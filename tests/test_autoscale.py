@@ -77,7 +77,8 @@ def test_replicas_scale_up_and_down_under_load_and_nothing_is_lost(
     # Requests went on during the scale-down too.
     assert any(marks["load_down"] < s.t < marks["scaled_down"] for s in answers)
     # The removed replica wrote its buffer as it went: every answer it gave is on disk.
-    survivor = {s.replica for s in answers if s.t > marks["scaled_down"]}
+    # (a second's grace: the proxy learns of the stopping replica a moment after Serve counts it)
+    survivor = {s.replica for s in answers if s.t > marks["scaled_down"] + 1.0}
     assert len(survivor) == 1
     removed = {rid for rid, replica in answered_by.items() if replica not in survivor}
     assert removed and set(on_exit["request_id"].to_pylist()) == removed
