@@ -20,7 +20,6 @@ import argparse
 import json
 import secrets
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -38,16 +37,10 @@ from shoprank.precision import host_line
 from shoprank.registry import Registry
 from shoprank.run import init_ray
 from shoprank.serving.features import ParquetFeatureStore
-from shoprank.serving.load import ClosedLoop, scale_cycle, windows
+from shoprank.serving.load import ClosedLoop, free_port, scale_cycle, windows
 from shoprank.serving.services import read_catalog
 
 APP, DEPLOYMENT = "shoprank", "Server"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plot(timeline: list, rows: list[dict], marks: dict, path: Path) -> None:

@@ -10,6 +10,7 @@ hold and fall while the poller records Serve's replicas.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -71,7 +72,8 @@ class ClosedLoop:
         with self._lock:
             self.samples.append(sample)
 
-    async def _post(self, http: httpx.AsyncClient, route: str, body: dict) -> httpx.Response | None:
+    async def _post(self, http: httpx.AsyncClient, route: str, body: dict) -> dict | None:
+        """The answer's JSON (empty for a non-2xx), None when no answer came; recorded."""
         t0 = time.perf_counter()
         try:
             r = await http.post(f"{self.url}/{route}", json=body)
@@ -82,11 +84,10 @@ class ClosedLoop:
         ms = (time.perf_counter() - t0) * 1000
         got = r.json() if r.status_code < 300 else {}
         rid = got.get("request_id") or body.get("request_id")
+        replica = r.headers.get(REPLICA_HEADER)
         items = len(got.get("items", []))
-        sample = Sample(t0 - self.started, ms, route, r.status_code, r.headers.get(REPLICA_HEADER))
-        sample.request_id, sample.items = rid, items
-        self._record(sample)
-        return r
+        self._record(Sample(t0 - self.started, ms, route, r.status_code, replica, rid, items))
+        return got
 
     async def _client(self, http: httpx.AsyncClient, i: int) -> None:
         rng = np.random.default_rng(i)
@@ -95,10 +96,9 @@ class ClosedLoop:
                 await asyncio.sleep(0.05)
                 continue
             user = self.users[int(rng.integers(len(self.users)))]
-            r = await self._post(http, "recommend", {"user_id": user, "k": self.k})
-            if r is None or r.status_code != 200 or not r.json()["items"]:
+            answer = await self._post(http, "recommend", {"user_id": user, "k": self.k})
+            if not answer or not answer["items"]:
                 continue
-            answer = r.json()
             item = answer["items"][int(rng.integers(len(answer["items"])))]["item_id"]
             body = {"request_id": answer["request_id"], "item_id": item, "event": "click"}
             await self._post(http, "feedback", body)
@@ -111,9 +111,12 @@ class ClosedLoop:
         ) as http:
             await asyncio.gather(*(self._client(http, i) for i in range(self.max_clients)))
 
-    def snapshot(self) -> list[Sample]:
-        with self._lock:
-            return list(self.samples)
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for an app under load."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def running_replicas(app: str, deployment: str) -> int:
