@@ -135,6 +135,17 @@ def test_search_filters_and_explain(client):
     assert brands[:top_n] != got[:top_n]
     moved = [i for i in explained["items"] if any("diversity" in why for why in i["why"] or [])]
     assert moved and brand[moved[0]["item_id"]] == brands[top_n - 1]
+    # rules=false: the models' own order, no rule applied (the fixture's rules drop items out
+    # of stock; the diversity cap is still in the file), while request filters still apply.
+    unruled = c.post("/search", json={"query": "pens", "k": 50, "rules": False}).json()
+    in_stock = {r["item_id"]: r["in_stock"] for r in cat}
+    order = [i["item_id"] for i in unruled["items"]]
+    assert any(not in_stock[i] for i in order) and not unruled["explored"]
+    stocked = [i for i in order if in_stock[i]]
+    assert stocked == [i["item_id"] for i in plain][: len(stocked)]
+    capped = {"query": "pens", "k": 10, "rules": False, "filters": {"category": prefix}}
+    kept_unruled = c.post("/search", json=capped).json()["items"]
+    assert kept_unruled and all(category[i["item_id"]].startswith(prefix) for i in kept_unruled)
 
 
 def test_recommend_fallback_and_score_order(client):

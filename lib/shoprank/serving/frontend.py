@@ -284,7 +284,7 @@ class Frontend:
         self, body: schemas.SearchRequest, timings: dict[str, float] | None = None
     ) -> schemas.RankedResponse:
         f, col = body.filters, self.columns
-        explore = self.explores(body.explain)
+        explore = self.explores(body.explain or not body.rules)
         # Filters drop candidates after retrieval: fetch more so that k usually survive.
         n = self.args.retrieve_top * (FILTER_OVERFETCH if f.model_dump(exclude_none=True) else 1)
         started = time.perf_counter()
@@ -310,6 +310,7 @@ class Frontend:
             body.explain,
             context=body.query,
             decision=got["rerank"],
+            rules=body.rules,
             timings=timings,
         )
         if explore:

@@ -54,6 +54,9 @@ class SearchRequest(_Body):
     k: int = Field(10, ge=1, le=MAX_K)
     filters: SearchFilters = SearchFilters()
     explain: bool = False
+    # false: the models' own order (request filters still apply), no business rules: what the
+    # offline search evaluation measures.
+    rules: bool = True
 
     @field_validator("query")
     @classmethod
