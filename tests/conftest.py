@@ -13,6 +13,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's controller polls its workers every 2 s: a run's end, and each checkpoint the loop
 # waits to see committed, cost up to one poll. The tiny runs here are seconds long.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# ONNX exports of rankers are cached by their weights (models/ranker.py): one cache per session,
+# which every Ray worker and Serve replica of the session inherits, so that nothing exported by
+# an earlier run (or another version of the code) answers for this one.
+if "SHOPRANK_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["SHOPRANK_CACHE"] = tempfile.mkdtemp(prefix="shoprank-test-cache-")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

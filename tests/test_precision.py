@@ -4,8 +4,12 @@ jobs/evaluate.py, see RESULTS.md)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from shoprank.models.ranker import load_for_inference
 
@@ -105,3 +109,43 @@ def test_auto_ranker_loads_at_the_resolved_precision(ranker_dir, monkeypatch):
     assert precision.ranker_backend("auto", "cpu") == "onnx"
     assert isinstance(load_for_inference(ranker_dir, "auto"), OnnxRanker)
     assert precision.ranker_backend("fp32") == "fp32"
+
+
+def test_onnx_exports_are_cached_by_their_weights(ranker_dir, tmp_path, monkeypatch):
+    """A second load of the same folder (another scorer actor, a Serve replica) reads the first
+    load's export; changed weights get an export of their own; old exports are pruned."""
+    from shoprank.models import ranker as module
+
+    monkeypatch.setenv(module.CACHE_ENV, str(tmp_path / "cache"))
+    first = module.OnnxRanker.export(ranker_dir)
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    with monkeypatch.context() as m:
+        m.setattr(module, "_export_onnx", no_export)
+        again = module.OnnxRanker.export(ranker_dir)
+    assert again.path == first.path
+
+    changed = tmp_path / "changed"
+    shutil.copytree(ranker_dir, changed)
+    model = AutoModelForSequenceClassification.from_pretrained(changed)
+    with torch.no_grad():
+        model.classifier.bias.add_(1.0)
+    model.save_pretrained(changed)
+    other = module.OnnxRanker.export(str(changed))
+    assert other.path != first.path
+    tokens = {
+        "input_ids": torch.tensor([[101, 2000, 102, 2001, 102]]),
+        "token_type_ids": torch.tensor([[0, 0, 0, 1, 1]]),
+        "attention_mask": torch.ones(1, 5, dtype=torch.long),
+    }
+    shift = other(**tokens).logits - first(**tokens).logits
+    assert torch.allclose(shift, torch.ones_like(shift), atol=1e-5)  # its own weights
+    quantized = module.OnnxRanker.export(ranker_dir, quantize=True)
+    assert quantized.path not in (first.path, other.path)
+
+    cache = module.onnx_cache()
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 3
+    module._prune(cache, keep=1)
+    assert [p.name for p in cache.iterdir()] == [Path(quantized.path).parent.name]

@@ -7,6 +7,13 @@ ranking metrics, a softmax over each group with the positive first.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -83,13 +90,41 @@ def load_for_inference(model_dir: str, precision: str) -> nn.Module | OnnxRanker
     return model
 
 
+# Where ONNX exports of ranker folders are kept between processes, keyed by the folder's
+# weights (hashed): every scorer actor and Serve replica of the same export loads one file
+# instead of re-exporting (seconds of tracing each). Safe to delete; SHOPRANK_CACHE moves it.
+CACHE_ENV = "SHOPRANK_CACHE"
+ONNX_CACHE_KEEP = 16  # the most recently used exports kept; older ones are removed
+ONNX_EXPORT_VERSION = 1  # part of the key: raise it when _export_onnx changes what it writes
+
+
+def onnx_cache() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "shoprank") / "onnx"
+
+
+def onnx_key(model_dir: str, quantize: bool) -> str:
+    """A hash of what the export depends on: the folder's config and weight files' bytes, the
+    torch and onnxruntime versions, the exporter's version here and the quantization."""
+    import onnxruntime as ort
+
+    versions = f"{torch.__version__} {ort.__version__} {ONNX_EXPORT_VERSION} {quantize}"
+    digest = hashlib.sha256(versions.encode())
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.name == "config.json" or path.suffix in (".safetensors", ".bin"):
+            digest.update(path.name.encode())
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:32]
+
+
 class OnnxRanker:
     """The exported cross-encoder as an ONNX Runtime session, called like the transformers
     model it came from (`model(**tensors).logits`), so `Ranker` scores through it unchanged.
 
-    Exported at load time with torch's dynamo exporter (dynamic batch and length; the
-    TorchScript exporter froze the attention mask's padding logic to the example's shape), to a
-    temporary folder: registry folders stay read-only. ORT uses torch's thread count."""
+    Exported with torch's dynamo exporter (dynamic batch and length; the TorchScript exporter
+    froze the attention mask's padding logic to the example's shape) into the cache above, not
+    beside the weights: registry folders stay read-only. ORT uses torch's thread count."""
 
     device = torch.device("cpu")
 
@@ -102,56 +137,24 @@ class OnnxRanker:
         options.log_severity_level = 3  # errors only
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}
+        self.path = path
 
     @classmethod
     def export(cls, model_dir: str, quantize: bool = False) -> OnnxRanker:
-        import logging
-        import tempfile
-        import warnings
-        from pathlib import Path
-
-        from transformers import AutoModelForSequenceClassification
-
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, attn_implementation="eager"
-        ).eval()
-        example = {
-            "input_ids": torch.tensor([[101, 2000, 102, 2001, 102], [101, 2000, 102, 2001, 0]]),
-            "token_type_ids": torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 1, 0]]),
-            "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]),
-        }
-        batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=2)
-        out = Path(tempfile.mkdtemp(prefix="shoprank-onnx-")) / "ranker.onnx"
-        # The exporter's notes (dynamic-shape renames, torchvision ops it skips) and ORT's advice
-        # to pre-process before quantizing are not the user's business.
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        root = logging.getLogger()
-        level = root.level
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                model,
-                (),
-                kwargs=example,
-                input_names=list(example),
-                output_names=["logits"],
-                dynamic_shapes={k: {0: batch, 1: length} for k in example},
-                dynamo=True,
-                optimize=True,
-                verbose=False,
-            )
-        program.save(str(out))
-        if quantize:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantized = out.with_name("ranker-int8.onnx")
-            root.setLevel(logging.ERROR)
+        """The cached export of `model_dir` when there is one, else a new one, cached."""
+        cache = onnx_cache()
+        folder = cache / onnx_key(model_dir, quantize)
+        if not (folder / "ranker.onnx").exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache))
+            _export_onnx(model_dir, staging / "ranker.onnx", quantize)
             try:
-                quantize_dynamic(str(out), str(quantized), weight_type=QuantType.QInt8)
-            finally:
-                root.setLevel(level)
-            out = quantized
-        return cls(str(out))
+                staging.rename(folder)  # atomic; a process that got there first wins
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+            _prune(cache)
+        os.utime(folder)  # most recently used
+        return cls(str(folder / "ranker.onnx"))
 
     def __call__(self, **tensors: torch.Tensor) -> SimpleNamespace:
         feed = {k: v.numpy().astype(np.int64) for k, v in tensors.items() if k in self.inputs}
@@ -233,3 +236,55 @@ class Ranker:
             tensors = {k: torch.from_numpy(v).long().to(self.device) for k, v in tok.items()}
             out[rows] = self.model(**tensors).logits.float().view(-1).cpu().numpy()
         return out
+
+
+def _export_onnx(model_dir: str, out: Path, quantize: bool) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, attn_implementation="eager"
+    ).eval()
+    example = {
+        "input_ids": torch.tensor([[101, 2000, 102, 2001, 102], [101, 2000, 102, 2001, 0]]),
+        "token_type_ids": torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 1, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]),
+    }
+    batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=2)
+    # The exporter's notes (dynamic-shape renames, torchvision ops it skips) and ORT's advice to
+    # pre-process before quantizing are not the user's business.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    root = logging.getLogger()
+    level = root.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (),
+            kwargs=example,
+            input_names=list(example),
+            output_names=["logits"],
+            dynamic_shapes={k: {0: batch, 1: length} for k in example},
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+    if not quantize:
+        program.save(str(out))
+        return
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    plain = out.with_name("plain.onnx")
+    program.save(str(plain))
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(plain), str(out), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
+def _prune(cache: Path, keep: int = ONNX_CACHE_KEEP) -> None:
+    """Remove all but the `keep` most recently used exports."""
+    folders = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in folders[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
