@@ -6,8 +6,10 @@ import json
 import re
 import runpy
 import sys
+import zlib
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -166,3 +168,28 @@ def test_search_retriever_is_evaluated_on_judgments(
     assert json.loads((out / "export" / "shoprank.json").read_text())["kind"] == "retriever"
     assert not (out / "export" / "blend.json").exists()  # the blend is for recommendation
     assert "fine-tuned retriever" in capsys.readouterr().out
+
+    # The whole-catalog protocol needs judgments that pin each query's split: without one it
+    # says so; with one, every valid query ranks the whole catalog.
+    whole = [*args, "eval.protocol=full_catalog", "eval.split=valid"]
+    with pytest.raises(ValueError, match="needs judgments with a `split` column"):
+        run_job("evaluate.py", whole, monkeypatch)
+    judgments = pq.read_table(tiny_shop / "judgments.parquet")
+    queries = judgments["query_id"].to_pylist()
+    split = ["valid" if zlib.crc32(q.encode()) % 2 else "test" for q in queries]
+    pq.write_table(judgments.append_column("split", pa.array(split)), tmp_path / "split.parquet")
+    run_job("evaluate.py", [*whole, f"data.judgments={tmp_path / 'split.parquet'}"], monkeypatch)
+    printed = capsys.readouterr().out
+    got = json.loads((out / "report_search_catalog" / "metrics.json").read_text())
+    systems = {"bm25", "zero-shot", "fine-tuned", "bm25 + zero-shot", "bm25 + fine-tuned"}
+    assert got["split"] == "valid" and set(got["metrics"]) == systems
+    valid = {q for q, s in zip(queries, split, strict=True) if s == "valid"}
+    labels = judgments["label"].to_pylist()
+    counted = {q for q, s, g in zip(queries, split, labels, strict=True) if s == "valid" and g > 0}
+    for row in got["metrics"].values():
+        assert row["queries"] == len(counted) <= len(valid)
+        assert 0 <= row["ndcg@10"] <= 1 and 0 <= row["recall@100"] <= 1
+    assert "bm25 + fine-tuned - bm25 + zero-shot" in got["paired_95"]
+    md = (out / "report_search_catalog" / "report.md").read_text()
+    assert "(metrics.png)" in md and "Recall@100" in md
+    assert "bm25 + fine-tuned - bm25 + zero-shot:" in printed

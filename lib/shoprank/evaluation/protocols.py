@@ -3,7 +3,10 @@
 - `sampled` (a ranker recommending): each held-out positive among sampled candidates.
 - `full_catalog` (a retriever, or `eval.protocol=full_catalog`): every catalog item is a
   candidate; stage one retrieves, the ranker (when given) reranks.
-- `judgments` (`data.task=search`): NDCG@10 over graded (query, item) judgments.
+- `judgments` (`data.task=search`): NDCG@10 over each query's graded judged items.
+- `search_catalog` (`data.task=search eval.protocol=full_catalog`, judgments with a `split`):
+  every catalog item is a candidate for each held-out query; BM25, the zero-shot and the
+  fine-tuned bi-encoder, and each z-summed with BM25 (evaluation/search_catalog.py).
 
 Retraining (lib/shoprank/loop/retrain.py) has its own, time-based protocol,
 `evaluation/newest_day.py`: trained on the days before the newest, candidate and production
@@ -17,7 +20,12 @@ from dataclasses import dataclass
 from shoprank.config import Config
 from shoprank.run import Run
 
-PRIMARY = {"sampled": "ndcg@10", "full_catalog": "ndcg@10", "judgments": "ndcg@10"}
+PRIMARY = {
+    "sampled": "ndcg@10",
+    "full_catalog": "ndcg@10",
+    "judgments": "ndcg@10",
+    "search_catalog": "ndcg@10",
+}
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,7 @@ class Models:
 
 def protocol(cfg: Config) -> str:
     if cfg.data.task == "search":
-        return "judgments"
+        return "search_catalog" if cfg.eval.protocol == "full_catalog" else "judgments"
     if cfg.model.kind == "retriever" or cfg.eval.protocol == "full_catalog":
         return "full_catalog"
     return "sampled"
@@ -40,6 +48,10 @@ def protocol(cfg: Config) -> str:
 def evaluate(run: Run, models: Models) -> tuple[dict[str, dict[str, float]], str]:
     """Zero-shot vs fine-tuned vs baselines by the run's protocol; (table, report path)."""
     name = protocol(run.cfg)
+    if name == "search_catalog":
+        from shoprank.evaluation import search_catalog
+
+        return search_catalog.evaluate_run(run, models.retriever or models.model)
     if name == "judgments":
         from shoprank.evaluation import judgments
 

@@ -20,6 +20,7 @@ of MB whatever the number of queries.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -29,11 +30,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
+from shoprank.console import log
 from shoprank.evaluation.metrics import paired_difference
 
 if TYPE_CHECKING:  # torch and transformers load only when a bi-encoder is asked for
     from shoprank.models.retriever import Encoder
     from shoprank.retrieval.bm25 import BM25
+    from shoprank.run import Run
 
 K, RECALL_K = 10, 100
 
@@ -343,3 +346,102 @@ def markdown(
         lines.append(f"| {name} | " + " | ".join(f"{m:+.4f} ± {h:.4f}" for m, h in diff.values()))
         lines[-1] += " |"
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol inside a run: `data.task=search eval.protocol=full_catalog`
+
+
+def evaluate_run(run: Run, retriever_dir: str | None) -> tuple[dict[str, dict], str]:
+    """Whole-catalog search for a run: BM25 on the item texts, the zero-shot bi-encoder, the
+    fine-tuned one (a retriever export) and each bi-encoder z-summed with BM25, over the
+    `eval.split` queries of split-pinned judgments; report.md with paired 95% intervals."""
+    from shoprank.data.load import counts_table
+    from shoprank.data.text import render_items
+    from shoprank.evaluation import report
+    from shoprank.evaluation.scorers import precision_words
+    from shoprank.models.export_meta import read_export
+    from shoprank.models.retriever import EncoderSpec
+    from shoprank.retrieval.bm25 import BM25
+    from shoprank.retrieval.embed import embed_text_list
+
+    cfg, data = run.cfg, run.data
+    if data.judgments is None or "split" not in data.judgments.column_names:
+        raise ValueError(
+            f"data.task=search with eval.protocol=full_catalog needs judgments with a `split` "
+            f"column (data.judgments={cfg.data.judgments!r}); import with jobs/prepare.py "
+            "homedepot, or use eval.protocol=sampled (each query's judged items)"
+        )
+    if retriever_dir and read_export(retriever_dir).kind != "retriever":
+        raise ValueError(
+            f"{retriever_dir} is a ranker: the whole-catalog search protocol ranks the catalog "
+            "with a retriever export (model.kind=retriever)"
+        )
+    queries = search_set(data.catalog, data.judgments, cfg.eval.split)
+    texts = render_items(data.catalog, cfg.data.item_template)
+    log(
+        f"search over the whole catalog: {len(queries.queries)} {cfg.eval.split} queries, "
+        f"{queries.n_items} items"
+    )
+    scorers: dict[str, Scorer] = {"bm25": bm25_scorer(BM25(texts), queries.queries)}
+    labels = {"bm25": "BM25"}
+    specs = {}
+    if cfg.eval.zero_shot:
+        specs["zero-shot"] = EncoderSpec.zero_shot(cfg)
+    tuned = EncoderSpec.from_export(retriever_dir) if retriever_dir else None
+    if tuned is not None:
+        specs["fine-tuned"] = tuned
+    hybrids = {}
+    for name, spec in specs.items():
+        items = embed_text_list(texts, spec, "item", cfg)
+        contexts = embed_text_list(queries.queries, spec, "context", cfg)
+        scorers[name] = cosine_scorer(contexts, items)
+        hybrids[f"bm25 + {name}"] = ("bm25", name)
+        labels[name] = f"{name} bi-encoder" + (f" ({cfg.model.name})" if spec is not tuned else "")
+        labels[f"bm25 + {name}"] = f"BM25 + {name} (z-scores summed)"
+    per_query = evaluate(queries, scorers, hybrids, progress=True)
+    figures = {name: per_query[name].summary() for name in labels}
+    pairs = [(a, "bm25") for a in labels if a != "bm25"]
+    if "fine-tuned" in specs and "zero-shot" in specs:
+        pairs += [("fine-tuned", "zero-shot"), ("bm25 + fine-tuned", "bm25 + zero-shot")]
+    intervals = {f"{a} - {b}": paired(per_query[a], per_query[b]) for a, b in pairs}
+
+    folder = run.out / "report_search_catalog"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(
+        json.dumps({"split": cfg.eval.split, "metrics": figures, "paired_95": intervals}, indent=2)
+    )
+    shown = [f"ndcg@{K}", f"recall@{RECALL_K}"]
+    table = {labels[n]: {m: figures[n][m] for m in shown} for n in labels}
+    images = {"Whole-catalog search": report.bar_chart(table, shown, folder / "metrics.png")}
+    if run.history or run.steps:
+        images["Training"] = report.training_curve(
+            run.history, run.steps, ["val_ndcg@10"], folder / "training.png"
+        )
+    title = f"{cfg.eval.split}: {figures['bm25']['queries']} queries, {queries.n_items} items"
+    body = markdown(title, figures, intervals, labels).split("\n", 2)[2]  # its own heading off
+    protocol = (
+        "Each query with a gain > 0 ranks every catalog item (a stable sort of descending score, "
+        "ties in catalog order); NDCG@10 with linear gains and the ideal from the query's own "
+        "judgments, Recall@100 the share of its gain > 0 items in the top 100; judged NDCG@10 "
+        "orders only the query's judged items (queries with two grades or more). A hybrid sums "
+        "its systems' per-query z-scores over the whole catalog."
+    )
+    sections = [
+        ("Results", body),
+        ("Protocol", protocol),
+        ("Data quality", counts_table(data.counts)),
+        ("Training time", report.training_time(run.timing, run.steps) or "–"),
+    ]
+    path = report.write_report(
+        folder,
+        f"shoprank search, whole catalog: {cfg.run.name}",
+        sections,
+        images,
+        precision_words(cfg),
+    )
+    report.print_table(table, shown)
+    for name, diff in intervals.items():
+        mean, half = diff["ndcg"]
+        log(f"{name}: {mean:+.4f} ndcg@{K} ±{half:.4f} (95% paired interval)")
+    return figures, str(path)
