@@ -365,6 +365,7 @@ def test_model_replica_killed_under_load_is_replaced(app, tiny_shop):
     import os
     import signal
 
+    import ray
     from ray.util.state import list_actors
 
     url, _ = app
@@ -388,7 +389,10 @@ def test_model_replica_killed_under_load_is_replaced(app, tiny_shop):
                 answers.append((sent, time.time(), status))
 
     def replicas() -> list:
-        alive = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+        # This session's cluster by its address: another Ray on the host (a job, a bench) would
+        # leave the state API's own lookup ambiguous.
+        here = ray.get_runtime_context().gcs_address
+        alive = list_actors(address=here, filters=[("state", "=", "ALIVE")], limit=10_000)
         return [
             a
             for a in alive
