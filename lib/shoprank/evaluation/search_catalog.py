@@ -385,19 +385,21 @@ def evaluate_run(run: Run, retriever_dir: str | None) -> tuple[dict[str, dict], 
     )
     scorers: dict[str, Scorer] = {"bm25": bm25_scorer(BM25(texts), queries.queries)}
     labels = {"bm25": "BM25"}
-    specs = {}
+    specs = {}  # name -> (the encoder, its label)
     if cfg.eval.zero_shot:
-        specs["zero-shot"] = EncoderSpec.zero_shot(cfg)
-    tuned = EncoderSpec.from_export(retriever_dir) if retriever_dir else None
-    if tuned is not None:
-        specs["fine-tuned"] = tuned
+        specs["zero-shot"] = (
+            EncoderSpec.zero_shot(cfg),
+            f"zero-shot bi-encoder ({cfg.model.name})",
+        )
+    if retriever_dir:
+        specs["fine-tuned"] = (EncoderSpec.from_export(retriever_dir), "fine-tuned bi-encoder")
     hybrids = {}
-    for name, spec in specs.items():
+    for name, (spec, label) in specs.items():
         items = embed_text_list(texts, spec, "item", cfg)
         contexts = embed_text_list(queries.queries, spec, "context", cfg)
         scorers[name] = cosine_scorer(contexts, items)
         hybrids[f"bm25 + {name}"] = ("bm25", name)
-        labels[name] = f"{name} bi-encoder" + (f" ({cfg.model.name})" if spec is not tuned else "")
+        labels[name] = label
         labels[f"bm25 + {name}"] = f"BM25 + {name} (z-scores summed)"
     per_query = evaluate(queries, scorers, hybrids, progress=True)
     figures = {name: per_query[name].summary() for name in labels}

@@ -280,6 +280,7 @@ def _export_onnx(model_dir: str, out: Path, quantize: bool) -> None:
         quantize_dynamic(str(plain), str(out), weight_type=QuantType.QInt8)
     finally:
         root.setLevel(level)
+    plain.unlink()  # only the quantized file is served
 
 
 def _prune(cache: Path, keep: int = ONNX_CACHE_KEEP) -> None:
